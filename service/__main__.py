@@ -1,0 +1,23 @@
+"""``python -m service [--host H] [--port P]``: run the server with uvicorn on the committed artifacts."""
+
+import argparse
+
+import uvicorn
+
+from service.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings()
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--host", default=settings.host, help="bind address (default: %(default)s, SERVE_HOST)")
+    parser.add_argument("--port", type=int, default=settings.port, help="port (default: %(default)s, SERVE_PORT)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
+    args = parser.parse_args(argv)
+    # SIGTERM: uvicorn stops accepting, finishes in-flight requests, then runs the lifespan shutdown.
+    uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
+                timeout_graceful_shutdown=30, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

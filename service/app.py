@@ -1,0 +1,84 @@
+"""The FastAPI application: ``create_app()`` for tests and embedding, ``app`` for ``uvicorn service.app:app``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from service.batching import PredictionTimeoutError, QueueFullError
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware, configure_logging
+from service.models import PREDICTORS
+from service.models.base import InputError, Predictor
+from service.registry import ModelUnavailableError, Registry
+from service.routes import model_router, ops_router
+from service.settings import Settings
+
+log = logging.getLogger("service.app")
+
+DESCRIPTION = """Four PyTorch models from the classic course notes, trained offline and served with dynamic
+batching. Every input is validated: a bad request gets a 4xx whose message names the field and the rule.
+Operations: `/healthz`, `/readyz`, `/models`, `/metrics`."""
+
+
+def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field and rule; the offending input is not echoed (it may be huge or NaN)."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _error(status: int, headers: dict[str, str] | None = None):
+    def handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+    return handler
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "?")
+    log.exception("unhandled error", extra={"request_id": request_id})
+    return JSONResponse({"detail": f"internal error; quote request id {request_id} when reporting it"},
+                        status_code=500)
+
+
+def create_app(settings: Settings | None = None, predictors: list[type[Predictor]] | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_json, settings.log_level)
+    metrics = Metrics()
+    registry = Registry(predictors or PREDICTORS, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        registry.load_all()
+        registry.start()
+        yield
+        await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
+
+    app = FastAPI(title="Course models server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(InputError, _error(422))
+    app.add_exception_handler(ModelUnavailableError, _error(503))
+    app.add_exception_handler(QueueFullError, _error(503, {"Retry-After": "1"}))
+    app.add_exception_handler(PredictionTimeoutError, _error(504))
+    app.add_exception_handler(Exception, _unexpected)
+
+    app.include_router(ops_router(registry, public=settings.public_ops))
+    for entry in registry.entries.values():
+        app.include_router(model_router(entry, settings.max_batch_instances))
+
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+app = create_app()

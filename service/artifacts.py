@@ -1,0 +1,156 @@
+"""Versioned model artifacts: the manifest contract between training/ and service/.
+
+An artifact folder holds ``manifest.json`` plus the files it lists with their sha256. Readers go through
+:class:`Artifact`, which refuses any file whose bytes do not match the manifest, so nothing is unpickled
+or deserialised before its hash is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy
+import sklearn
+import torch
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, tampered with, or was written by libraries that cannot load it."""
+
+
+class Manifest(BaseModel):
+    name: str
+    version: str
+    created_at: str
+    git_commit: str
+    libraries: dict[str, str]
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, Any]
+    metrics_method: str = Field(description="How the metrics were measured (split, folds, rows).")
+    data: dict[str, str] = Field(description="sha256 of each training data file.")
+    files: dict[str, str] = Field(description="sha256 of each artifact file.")
+    extra: dict[str, Any] = {}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__.split("+")[0],
+        "scikit-learn": sklearn.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+def check_compatible(libraries: dict[str, str]) -> None:
+    """Refuse artifacts that the installed libraries cannot be trusted to load.
+
+    Pickled scikit-learn objects are only guaranteed to load in the same minor release; torch state
+    dicts load in the same major release at the same or a newer minor one.
+    """
+    have = library_versions()
+    wanted = libraries.get("scikit-learn")
+    if wanted and _major_minor(wanted) != _major_minor(have["scikit-learn"]):
+        raise ArtifactError(f"written with scikit-learn {wanted}, but {have['scikit-learn']} is installed; "
+                            "install the same minor version or retrain")
+    wanted = libraries.get("torch")
+    if wanted:
+        need, got = _major_minor(wanted), _major_minor(have["torch"])
+        if need[:1] != got[:1] or got < need:
+            raise ArtifactError(f"written with torch {wanted}, but {have['torch']} is installed; "
+                                "install a torch of the same major version, at least as new, or retrain")
+
+
+class Artifact:
+    """A verified artifact folder: every read checks the file's bytes against the manifest."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        path = folder / MANIFEST
+        if not path.is_file():
+            raise ArtifactError(f"no {MANIFEST} in {folder}; train it with `python -m training <model>`")
+        try:
+            self.manifest = Manifest.model_validate_json(path.read_bytes())
+        except ValueError as exc:
+            raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
+        check_compatible(self.manifest.libraries)
+        for name in self.manifest.files:
+            self.read(name)  # verify every file up front, so a broken artifact never half-loads
+
+    def read(self, name: str) -> bytes:
+        expected = self.manifest.files.get(name)
+        if expected is None:
+            raise ArtifactError(f"{name} is not listed in {self.folder / MANIFEST}")
+        path = self.folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing")
+        data = path.read_bytes()
+        if sha256_bytes(data) != expected:
+            raise ArtifactError(f"sha256 of {path} does not match the manifest; refusing to load it")
+        return data
+
+    def load_state_dict(self, name: str = "model.pt", device: str | torch.device = "cpu") -> dict:
+        return torch.load(io.BytesIO(self.read(name)), map_location=device, weights_only=True)
+
+    def load_joblib(self, name: str = "preprocessor.joblib") -> Any:
+        return joblib.load(io.BytesIO(self.read(name)))
+
+    def load_json(self, name: str) -> Any:
+        return json.loads(self.read(name))
+
+
+def write_artifact(folder: Path, *, name: str, hyperparameters: dict, metrics: dict, metrics_method: str,
+                   data_files: list[Path], extra: dict | None = None) -> Manifest:
+    """Hash every file already written to ``folder`` and write its manifest last."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    now = datetime.now(timezone.utc)
+    manifest = Manifest(
+        name=name,
+        version=now.strftime("%Y.%m.%d.%H%M%S"),
+        created_at=now.isoformat(timespec="seconds"),
+        git_commit=_git_commit(),
+        libraries=library_versions(),
+        hyperparameters=hyperparameters,
+        metrics=metrics,
+        metrics_method=metrics_method,
+        data={p.name: sha256_file(p) for p in data_files},
+        files=files,
+        extra=extra or {},
+    )
+    (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest

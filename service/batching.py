@@ -1,0 +1,129 @@
+"""Dynamic batching for one model, with Triton's default policy and a bounded queue.
+
+When the model is idle a request runs at once with whatever is queued, so low load adds no latency.
+While a forward pass runs, new arrivals queue up and form the next batch (up to ``max_batch_size``);
+``max_wait_ms`` > 0 additionally waits for a fuller batch. Model work runs on one worker thread per
+model under ``torch.inference_mode()``, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from service.settings import BatchPolicy
+
+
+class QueueFullError(RuntimeError):
+    """The model's queue is full: the caller should retry later (503 + Retry-After)."""
+
+
+class PredictionTimeoutError(RuntimeError):
+    """The request waited longer than its timeout (504)."""
+
+
+@dataclass
+class _Pending:
+    item: Any
+    future: asyncio.Future
+    batch_size: int = 0  # size of the forward pass this item ran in
+
+
+class Batcher:
+    def __init__(self, name: str, predict: Callable[[list], list], policy: BatchPolicy, *, max_queue: int,
+                 timeout_s: float, observe: Callable[[int, float, int], None] | None = None):
+        self.name, self.policy, self.max_queue, self.timeout_s = name, policy, max_queue, timeout_s
+        self._predict = predict
+        self._observe = observe or (lambda size, seconds, depth: None)
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Finish everything already queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, items: list, meta: dict | None = None) -> list:
+        """Queue ``items`` and wait for their outputs (in order); raises QueueFullError or PredictionTimeoutError.
+
+        ``meta["batch_size"]`` is set to the largest forward pass the items ran in.
+        """
+        if self._closing:
+            raise QueueFullError(f"{self.name} is shutting down")
+        if len(self._queue) + len(items) > self.max_queue:
+            raise QueueFullError(f"{self.name} queue is full ({len(self._queue)} of {self.max_queue} waiting)")
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(item, loop.create_future()) for item in items]
+        self._queue.extend(pending)
+        self._wakeup.set()
+        try:
+            outputs = list(await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), self.timeout_s))
+            if meta is not None:
+                meta["batch_size"] = max(p.batch_size for p in pending)
+            return outputs
+        except asyncio.TimeoutError:
+            raise PredictionTimeoutError(f"{self.name} did not answer within {self.timeout_s:g} s") from None
+        finally:  # free the slots of anything not yet taken (timeout, client gone)
+            for p in pending:
+                if not p.future.done():
+                    p.future.cancel()
+            if any(p.future.cancelled() for p in pending):
+                self._queue = deque(p for p in self._queue if not p.future.cancelled())
+
+    def _next_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while self._queue and len(batch) < self.policy.max_batch_size:
+            p = self._queue.popleft()
+            if not p.future.done():
+                batch.append(p)
+        return batch
+
+    def _run_batch(self, items: list) -> list:
+        with torch.inference_mode():
+            return self._predict(items)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.policy.max_wait_ms and len(self._queue) < self.policy.max_batch_size and not self._closing:
+                await asyncio.sleep(self.policy.max_wait_ms / 1000)
+            while (batch := self._next_batch()):
+                start = time.perf_counter()
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+                    if len(outputs) != len(batch):
+                        raise RuntimeError(f"{self.name} returned {len(outputs)} outputs for {len(batch)} inputs")
+                except Exception as exc:  # the whole batch failed: every caller hears why
+                    outputs = [exc] * len(batch)
+                self._observe(len(batch), time.perf_counter() - start, len(self._queue))
+                for p, out in zip(batch, outputs):
+                    p.batch_size = len(batch)
+                    if p.future.done():
+                        continue
+                    if isinstance(out, Exception):
+                        p.future.set_exception(out)
+                    else:
+                        p.future.set_result(out)
+            if self._closing and not self._queue:
+                return

@@ -1,0 +1,111 @@
+"""One pure-ASGI middleware for what every request needs: request id, body-size cap, metrics, access log.
+
+Pure ASGI (rather than Starlette's BaseHTTPMiddleware) keeps the per-request overhead small.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from service.metrics import Metrics
+
+log = logging.getLogger("service.access")
+
+
+async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class RequestContextMiddleware:
+    def __init__(self, app, *, metrics: Metrics, max_body_bytes: int):
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
+        status = 500
+        refused = False  # set once this middleware has answered 413 itself
+        too_large = {"detail": f"request body is larger than the limit of {self.max_body_bytes} bytes; "
+                               "send a smaller body (see SERVE_MAX_BODY_BYTES)"}
+
+        async def send_with_id(message):
+            nonlocal status
+            if refused:
+                return  # the app's own late answer to a refused body is dropped
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive():
+            nonlocal received, refused, status
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes and not refused:
+                refused, status = True, 413
+                await _send_json(send, 413, too_large, [id_header])
+                return {"type": "http.disconnect"}
+            return message
+
+        try:
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                status = 413  # refuse before reading a byte of the body
+                await _send_json(send, 413, too_large, [id_header])
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(label, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(label).observe(elapsed)
+            log.info("request", extra={"request_id": request_id, "method": scope["method"], "route": label,
+                                       "path": scope["path"], "status": status,
+                                       "latency_ms": round(elapsed * 1000, 2),
+                                       "batch_size": scope["state"].get("batch_size")})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the request fields the access log attaches."""
+
+    FIELDS = ("request_id", "method", "route", "path", "status", "latency_ms", "batch_size")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update({k: getattr(record, k) for k in self.FIELDS if getattr(record, k, None) is not None})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        fields = [f"{k}={getattr(record, k)}" for k in JsonFormatter.FIELDS if getattr(record, k, None) is not None]
+        return " ".join([line, *fields]) + (("\n" + self.formatException(record.exc_info)) if record.exc_info else "")
+
+
+def configure_logging(json_logs: bool, level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if json_logs else PlainFormatter())
+    root = logging.getLogger("service")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

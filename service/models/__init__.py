@@ -1,0 +1,7 @@
+"""The served models. Adding one means a module here, one in training/, and one line in PREDICTORS."""
+
+from service.models.base import Predictor
+from service.models.house_price import HousePrice
+from service.models.phone_price import PhonePrice
+
+PREDICTORS: list[type[Predictor]] = [PhonePrice, HousePrice]

@@ -1,0 +1,52 @@
+"""The one class every served model implements: load once, then predict a batch."""
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+from service.artifacts import Artifact
+
+
+class InputError(ValueError):
+    """An input that passed schema validation but cannot be predicted on; becomes a 422 for its caller."""
+
+
+class Predictor(ABC):
+    """A served model. Subclasses set the class attributes and write ``setup`` and ``predict``.
+
+    The server owns everything else: routes (``POST /{name}`` and ``POST /{name}/batch``), dynamic
+    batching on a worker thread under ``torch.inference_mode()``, metrics and health.
+    """
+
+    name: ClassVar[str]                   # URL path and metric label, e.g. "phone-price"
+    folder: ClassVar[str]                 # artifacts/<folder>/
+    Input: ClassVar[type[BaseModel]]      # one instance, validated at the edge
+    Output: ClassVar[type[BaseModel]]     # one prediction
+    summary: ClassVar[str]                # one line for the docs page
+    description: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.artifact: Artifact | None = None
+
+    def load(self, artifact: Artifact, device: torch.device) -> None:
+        """Called once at start-up by the registry, with the artifact already verified."""
+        self.artifact, self.device = artifact, device
+        self.setup(artifact, device)
+
+    @abstractmethod
+    def setup(self, artifact: Artifact, device: torch.device) -> None:
+        """Load weights and preprocessors from ``artifact`` onto ``device``."""
+
+    @abstractmethod
+    def predict(self, batch: list[Any]) -> list[BaseModel | Exception]:
+        """Preprocess a batch, run one forward pass, return one output (or InputError) per item, in order."""
+
+    def input_schema(self) -> dict:
+        """JSON schema of one input, for GET /models/{name}."""
+        return self.Input.model_json_schema()
+
+    def add_routes(self, router, submit) -> None:
+        """Hook for routes beyond the two standard ones; ``submit(items)`` runs items through the batcher."""

@@ -1,0 +1,98 @@
+"""Ames house sale price from the 79 Kaggle features: ColumnTransformer + MLP regressor on log price.
+
+The input schema is built from ``house_features.json`` (names, descriptions, allowed categories), which
+``python -m training house-price`` writes from the dataset's ``data_description.txt`` and ``train.csv``.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from service.models.tabular import TabularPredictor
+
+FEATURE_TABLE = Path(__file__).with_name("house_features.json")
+FEATURES: list[dict[str, Any]] = json.loads(FEATURE_TABLE.read_text())
+CATEGORICAL = [f["name"] for f in FEATURES if f["kind"] == "categorical"]
+NUMERIC = [f["name"] for f in FEATURES if f["kind"] == "numeric"]
+COLUMNS = [f["name"] for f in FEATURES]
+
+# Sensible bounds for numeric fields: physical limits, not the training range, so unusual but real
+# houses are still accepted.
+_YEARS = (1800, 2100)
+_BOUNDS = {"OverallQual": (1, 10), "OverallCond": (1, 10), "MoSold": (1, 12), "YrSold": _YEARS,
+           "YearBuilt": _YEARS, "YearRemodAdd": _YEARS, "GarageYrBlt": _YEARS}
+_COUNTS = {"BsmtFullBath", "BsmtHalfBath", "FullBath", "HalfBath", "BedroomAbvGr", "KitchenAbvGr",
+           "TotRmsAbvGrd", "Fireplaces", "GarageCars"}
+
+
+def _field_for(feature: dict[str, Any]) -> tuple[Any, Any]:
+    name, description = feature["name"], feature["description"]
+    if feature["kind"] == "categorical":
+        values = tuple(feature["categories"])
+        return Literal[values] | None, Field(None, alias=name, description=description)  # type: ignore[valid-type]
+    low, high = _BOUNDS.get(name, (0, 100 if name in _COUNTS else 10_000_000))
+    return float | None, Field(None, alias=name, ge=low, le=high, description=f"{description} (range {low}-{high})")
+
+
+class _HouseBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _na_means_missing(cls, data: Any) -> Any:
+        """The dataset writes missing values as "NA"; accept that spelling as null."""
+        if isinstance(data, dict):
+            return {key: (None if value == "NA" else value) for key, value in data.items()}
+        return data
+
+
+_EXAMPLE = {"MSSubClass": 60, "MSZoning": "RL", "LotFrontage": 65, "LotArea": 8450, "Street": "Pave",
+            "LotShape": "Reg", "Neighborhood": "CollgCr", "BldgType": "1Fam", "HouseStyle": "2Story",
+            "OverallQual": 7, "OverallCond": 5, "YearBuilt": 2003, "YearRemodAdd": 2003, "ExterQual": "Gd",
+            "TotalBsmtSF": 856, "1stFlrSF": 856, "2ndFlrSF": 854, "GrLivArea": 1710, "FullBath": 2,
+            "HalfBath": 1, "BedroomAbvGr": 3, "KitchenQual": "Gd", "GarageCars": 2, "GarageArea": 548,
+            "YrSold": 2008, "SaleCondition": "Normal"}
+
+House = create_model(
+    "House",
+    __base__=_HouseBase,
+    __doc__="One house, keyed by the Kaggle column names. Every feature is optional: a missing or null "
+            "(or \"NA\") value is imputed exactly as in training. Categorical values must be one of the "
+            "codes in data_description.txt.",
+    Id=(int | None, Field(None, description="Optional row id, as in the Kaggle files; ignored.")),
+    **{f"f_{f['name']}": _field_for(f) for f in FEATURES},
+)
+House.model_config["json_schema_extra"] = {"examples": [_EXAMPLE]}
+House.model_rebuild(force=True)
+
+
+class HousePrediction(BaseModel):
+    sale_price: float = Field(gt=0, description="Predicted sale price, US dollars.", examples=[208500.0])
+
+
+def to_frame(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """The 79 feature columns with the dtypes the preprocessor expects (categoricals as strings)."""
+    frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    frame[NUMERIC] = frame[NUMERIC].astype(np.float64)
+    for column in CATEGORICAL:  # MSSubClass is a code: "60" and 60 must be the same category
+        frame[column] = frame[column].map(lambda v: np.nan if v is None or v != v else str(v)).astype(object)
+    return frame
+
+
+class HousePrice(TabularPredictor):
+    name = "house-price"
+    folder = "house_price"
+    Input = House
+    Output = HousePrediction
+    summary = "Predict an Ames house's sale price from the Kaggle features"
+    description = "MLP regressor on log price over imputed, scaled and one-hot encoded Ames features."
+
+    def to_table(self, batch: list[BaseModel]) -> pd.DataFrame:
+        return to_frame([house.model_dump(by_alias=True, exclude={"Id"}) for house in batch])
+
+    def from_outputs(self, outputs: np.ndarray) -> list[HousePrediction]:
+        return [HousePrediction(sale_price=round(float(np.exp(v)), 2)) for v in outputs[:, 0]]

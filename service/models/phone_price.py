@@ -1,0 +1,71 @@
+"""Phone price band (0-3) from 20 hardware features: StandardScaler + MLP classifier."""
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.models.tabular import TabularPredictor
+
+LABELS = ["low cost", "medium cost", "high cost", "very high cost"]
+
+
+def _flag(what: str) -> object:
+    return Field(ge=0, le=1, description=f"1 if the phone has {what}, else 0.", examples=[1])
+
+
+class Phone(BaseModel):
+    """One phone, with the Kaggle dataset's column names."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [{
+        "battery_power": 842, "blue": 0, "clock_speed": 2.2, "dual_sim": 0, "fc": 1, "four_g": 0,
+        "int_memory": 7, "m_dep": 0.6, "mobile_wt": 188, "n_cores": 2, "pc": 2, "px_height": 20,
+        "px_width": 756, "ram": 2549, "sc_h": 9, "sc_w": 7, "talk_time": 19, "three_g": 0,
+        "touch_screen": 0, "wifi": 1}]})
+
+    battery_power: int = Field(ge=100, le=20000, description="Battery capacity, mAh.", examples=[842])
+    blue: int = _flag("Bluetooth")
+    clock_speed: float = Field(ge=0.1, le=10, description="CPU clock speed, GHz.", examples=[2.2])
+    dual_sim: int = _flag("dual SIM support")
+    fc: int = Field(ge=0, le=200, description="Front camera resolution, megapixels.", examples=[1])
+    four_g: int = _flag("4G")
+    int_memory: int = Field(ge=0, le=4096, description="Internal memory, GB.", examples=[7])
+    m_dep: float = Field(ge=0, le=5, description="Mobile depth (thickness), cm.", examples=[0.6])
+    mobile_wt: int = Field(ge=1, le=2000, description="Weight, grams.", examples=[188])
+    n_cores: int = Field(ge=1, le=128, description="Number of CPU cores.", examples=[2])
+    pc: int = Field(ge=0, le=400, description="Primary camera resolution, megapixels.", examples=[2])
+    px_height: int = Field(ge=0, le=20000, description="Screen resolution height, pixels.", examples=[20])
+    px_width: int = Field(ge=0, le=20000, description="Screen resolution width, pixels.", examples=[756])
+    ram: int = Field(ge=0, le=131072, description="RAM, MB.", examples=[2549])
+    sc_h: float = Field(ge=0, le=100, description="Screen height, cm.", examples=[9])
+    sc_w: float = Field(ge=0, le=100, description="Screen width, cm.", examples=[7])
+    talk_time: int = Field(ge=0, le=500, description="Longest talk time on one charge, hours.", examples=[19])
+    three_g: int = _flag("3G")
+    touch_screen: int = _flag("a touch screen")
+    wifi: int = _flag("Wi-Fi")
+    id: int | None = Field(None, description="Optional row id (as in the Kaggle test file); ignored.")
+
+
+FEATURES = [name for name in Phone.model_fields if name != "id"]
+
+
+class PhonePrediction(BaseModel):
+    price_range: int = Field(ge=0, le=3, description="Predicted price band, 0 (cheapest) to 3.")
+    label: str = Field(description="The band in words.", examples=["high cost"])
+    probabilities: list[float] = Field(min_length=4, max_length=4, description="Probability of each band, index = band.")
+
+
+class PhonePrice(TabularPredictor):
+    name = "phone-price"
+    folder = "phone_price"
+    Input = Phone
+    Output = PhonePrediction
+    summary = "Predict a phone's price band (0-3) from its specs"
+    description = "MLP classifier over the 20 standardised features of the Kaggle Mobile Price dataset."
+
+    def to_table(self, batch: list[Phone]) -> np.ndarray:
+        return np.array([[getattr(phone, f) for f in FEATURES] for phone in batch], dtype=np.float64)
+
+    def from_outputs(self, outputs: np.ndarray) -> list[PhonePrediction]:
+        probabilities = torch.softmax(torch.from_numpy(outputs), dim=1).numpy()
+        return [PhonePrediction(price_range=int(p.argmax()), label=LABELS[int(p.argmax())],
+                                probabilities=[round(float(v), 6) for v in p]) for p in probabilities]

@@ -1,0 +1,142 @@
+"""HTTP routes: the two standard routes of every model, plus health, readiness, metadata and metrics."""
+
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, create_model
+
+from service.registry import ModelEntry, Registry
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What went wrong and what to send instead.")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "API keys are configured and none (or a wrong one) was sent."},
+    413: {"model": ErrorBody, "description": "The request body is larger than the configured limit."},
+    503: {"model": ErrorBody, "description": "The model is not loaded, or its queue is full (see Retry-After)."},
+    504: {"model": ErrorBody, "description": "The prediction took longer than the request timeout."},
+}
+
+
+def require_api_key(request: Request) -> None:
+    """Allow the request if no keys are configured, or if it carries one (X-API-Key or Bearer)."""
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return
+    supplied = request.headers.get("x-api-key", "")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not supplied and scheme.lower() == "bearer":
+        supplied = token.strip()
+    # compare against every key, always, so timing does not reveal which prefix matched
+    matches = [secrets.compare_digest(supplied.encode(), key.encode()) for key in keys]
+    if not supplied or not any(matches):
+        raise HTTPException(401, "missing or invalid API key: send it in the X-API-Key header or as "
+                                 "'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+
+
+def model_router(entry: ModelEntry, max_instances: int) -> APIRouter:
+    """``POST /{name}`` for one instance and ``POST /{name}/batch`` for many; both go through the batcher."""
+    predictor = entry.predictor
+    Input, Output = predictor.Input, predictor.Output
+    BatchInput = create_model(f"{Input.__name__}Batch", instances=(list[Input], Field(
+        min_length=1, max_length=max_instances, description=f"1 to {max_instances} instances, answered in order.")))
+    BatchOutput = create_model(f"{Output.__name__}Batch", predictions=(list[Output], Field(
+        description="One prediction per instance, in the order sent.")))
+    router = APIRouter(tags=[predictor.name], dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+    async def submit(items: list, request: Request) -> list:
+        meta: dict[str, int] = {}
+        outputs = await entry.batcher_or_raise().submit(items, meta)
+        request.state.batch_size = meta.get("batch_size")
+        return outputs
+
+    async def predict_one(item: Input, request: Request) -> Output:  # type: ignore[valid-type]
+        return (await submit([item], request))[0]
+
+    async def predict_batch(body: BatchInput, request: Request) -> BatchOutput:  # type: ignore[valid-type]
+        return BatchOutput(predictions=await submit(body.instances, request))
+
+    router.add_api_route(f"/{predictor.name}", predict_one, methods=["POST"], response_model=Output,
+                         summary=predictor.summary, description=predictor.description,
+                         operation_id=f"predict_{predictor.folder}")
+    router.add_api_route(f"/{predictor.name}/batch", predict_batch, methods=["POST"], response_model=BatchOutput,
+                         summary=f"{predictor.summary} (many at once)",
+                         description="The same model for a list of instances, in one request.",
+                         operation_id=f"predict_{predictor.folder}_batch")
+    predictor.add_routes(router, submit)
+    return router
+
+
+class ModelInfo(BaseModel):
+    name: str
+    state: str = Field(description="ready, loading or failed.")
+    reason: str | None = Field(None, description="Why the model is not ready.")
+    platform: str = "pytorch"
+    device: str
+    version: str | None = None
+    created_at: str | None = None
+    git_commit: str | None = None
+    metrics: dict[str, Any] = {}
+    metrics_method: str | None = None
+    hyperparameters: dict[str, Any] = {}
+    libraries: dict[str, str] = {}
+    batching: dict[str, Any] = {}
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="'ready' when every model is loaded.")
+    models: dict[str, str] = Field(description="Each model's state, with the reason when it failed.")
+
+
+def ops_router(registry: Registry, public: bool) -> APIRouter:
+    router = APIRouter(tags=["operations"], dependencies=[] if public else [Depends(require_api_key)])
+
+    def info(entry: ModelEntry) -> ModelInfo:
+        m, predictor = entry.manifest, entry.predictor
+        return ModelInfo(
+            name=predictor.name, state=entry.state, reason=entry.reason, device=str(registry.device),
+            version=m and m.version, created_at=m and m.created_at, git_commit=m and m.git_commit,
+            metrics=m.metrics if m else {}, metrics_method=m and m.metrics_method,
+            hyperparameters=m.hyperparameters if m else {}, libraries=m.libraries if m else {},
+            batching=registry.settings.policy(predictor.name).model_dump(),
+            input_schema=predictor.input_schema(), output_schema=predictor.Output.model_json_schema())
+
+    @router.get("/healthz", summary="Liveness: the process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="Readiness: every model is loaded", response_model=Readiness,
+                responses={503: {"model": Readiness, "description": "At least one model is not loaded."}})
+    async def readyz():
+        states = {name: e.state if e.state == "ready" else f"{e.state}: {e.reason}" for name, e in registry.entries.items()}
+        ready = all(e.state == "ready" and e.batcher is not None for e in registry.entries.values())
+        return JSONResponse(Readiness(status="ready" if ready else "not ready", models=states).model_dump(),
+                            status_code=200 if ready else 503)
+
+    @router.get("/models", summary="Metadata of every model", response_model=list[ModelInfo])
+    async def models() -> list[ModelInfo]:
+        return [info(e) for e in registry.entries.values()]
+
+    @router.get("/models/{name}", summary="Metadata of one model", response_model=ModelInfo,
+                responses={404: {"model": ErrorBody, "description": "No model has that name."}})
+    async def model(name: str) -> ModelInfo:
+        if name not in registry.entries:
+            raise HTTPException(404, f"no model named '{name}'; known models: {', '.join(registry.entries)}")
+        return info(registry.entries[name])
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}})
+    async def metrics(request: Request) -> Response:
+        registry_ = request.app.state.metrics
+        for name, entry in registry.entries.items():
+            registry_.queue_depth.labels(name).set(entry.batcher.depth if entry.batcher else 0)
+        return Response(generate_latest(registry_.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router

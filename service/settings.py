@@ -1,0 +1,53 @@
+"""Service settings, read from environment variables prefixed with ``SERVE_`` (see README)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class BatchPolicy(BaseModel):
+    """How one model gathers concurrent requests into a forward pass (Triton-style dynamic batching)."""
+
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Largest batch for one forward pass; 1 turns batching off.")
+    max_wait_ms: float = Field(0.0, ge=0, le=1000, description="Extra wait for a fuller batch; 0 adds no latency.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVE_", env_nested_delimiter="__", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    artifacts_dir: Path = PROJECT_ROOT / "artifacts"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
+
+    # Batching and backpressure; `batching` overrides the default per model, e.g.
+    # SERVE_BATCHING='{"fashion": {"max_batch_size": 128, "max_wait_ms": 2}}'.
+    default_batching: BatchPolicy = BatchPolicy()
+    batching: dict[str, BatchPolicy] = {}
+    max_queue: int = Field(512, ge=1, description="Items waiting per model before new requests get 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Longest a request may wait for its prediction.")
+
+    # Limits and security.
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_batch_instances: int = Field(256, ge=1, description="Most instances in one /batch request.")
+    max_image_pixels: int = Field(40_000_000, ge=784, description="Uploads with more pixels are refused.")
+    api_keys: list[str] = Field(default_factory=list, description="If set, model routes need one of these keys.")
+    public_ops: bool = Field(True, description="Keep health, readiness, metrics and docs open when api_keys is set.")
+    cors_origins: list[str] = []
+
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    def policy(self, model: str) -> BatchPolicy:
+        return self.batching.get(model, self.default_batching)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Offline training: `python -m training <model>` fits preprocessors and nets and writes artifacts/."""

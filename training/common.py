@@ -1,0 +1,167 @@
+"""What every training script shares: options, data location, seeds, device, the loop, reports."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are files
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from service.artifacts import Manifest, write_artifact  # noqa: E402
+from service.settings import PROJECT_ROOT  # noqa: E402
+
+DATA_DIR_ENV = "DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """``$DATA_DIR`` if set, else ``../shared/data`` beside the project checkout."""
+    return Path(os.environ.get(DATA_DIR_ENV) or PROJECT_ROOT.parent / "shared" / "data")
+
+
+@dataclass
+class Options:
+    """Command-line options every training script takes."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    out_dir: Path = PROJECT_ROOT / "artifacts"
+    device: str = "auto"
+    seed: int = 0
+    quick: bool = False  # a tiny slice and a few epochs, for smoke tests
+
+    def data_file(self, dataset: str, name: str) -> Path:
+        path = self.data_dir / dataset / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: set ${DATA_DIR_ENV} or --data-dir to the folder that "
+                                    f"holds {dataset}/{name}")
+        return path
+
+    def artifact_dir(self, folder: str) -> Path:
+        path = self.out_dir / folder
+        path.mkdir(parents=True, exist_ok=True)
+        for old in path.iterdir():  # a fresh artifact never mixes files from an older run
+            if old.is_file():
+                old.unlink()
+        return path
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class History:
+    """Per-epoch metrics, the best epoch, and wall time."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def fit(net: nn.Module, batches: Callable[[], object], step: Callable[[nn.Module, object], torch.Tensor],
+        evaluate: Callable[[nn.Module], dict[str, float]], optimizer: torch.optim.Optimizer, *, epochs: int,
+        patience: int, monitor: str, maximize: bool = False, scheduler=None, checkpoint: Path | None = None,
+        desc: str = "train") -> History:
+    """Train with early stopping on ``monitor``; the best weights are restored at the end.
+
+    ``batches()`` yields one epoch of training batches, ``step(net, batch)`` returns the batch loss, and
+    ``evaluate(net)`` returns validation metrics (it runs in eval mode without gradients).
+    """
+    history, best, best_state, waited = History(), None, None, 0
+    start = time.perf_counter()
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch")
+    for epoch in bar:
+        net.train()
+        total, count = 0.0, 0
+        for batch in batches():
+            loss = step(net, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item(), count + 1
+        if scheduler is not None:
+            scheduler.step()
+        net.eval()
+        with torch.no_grad():
+            metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **evaluate(net)}
+        metrics["seconds"] = round(time.perf_counter() - start, 2)
+        history.epochs.append(metrics)
+        score = metrics[monitor]
+        if best is None or (score > best if maximize else score < best):
+            best, best_state, waited, history.best_epoch = score, copy.deepcopy(net.state_dict()), 0, epoch
+            if checkpoint is not None:
+                torch.save(best_state, checkpoint)
+        else:
+            waited += 1
+        bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k not in ("epoch", "seconds")}, refresh=False)
+        if waited >= patience:
+            break
+    history.seconds = round(time.perf_counter() - start, 2)
+    net.load_state_dict(best_state)
+    net.eval()
+    return history
+
+
+def plot_history(history: History, path: Path, keys: list[str], title: str) -> None:
+    """Learning curves: one panel per metric, with the restored best epoch marked."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    epochs = [m["epoch"] for m in history.epochs]
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        ax.plot(epochs, [m[key] for m in history.epochs], marker=".")
+        ax.axvline(history.best_epoch, color="grey", linestyle="--", linewidth=1, label="best epoch")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 0.8 + 0.55 * len(labels)))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def save_artifact(folder: Path, net: nn.Module, *, name: str, hyperparameters: dict, metrics: dict,
+                  metrics_method: str, data_files: list[Path], history: History, extra: dict | None = None
+                  ) -> Manifest:
+    """Write ``model.pt`` (a CPU state_dict), ``report.json`` and the manifest that hashes every file."""
+    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "model.pt")
+    report = {"metrics": metrics, "metrics_method": metrics_method, "best_epoch": history.best_epoch,
+              "train_seconds": history.seconds, "history": history.epochs}
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    manifest = write_artifact(folder, name=name, hyperparameters=hyperparameters, metrics=metrics,
+                              metrics_method=metrics_method, data_files=data_files, extra=extra)
+    print(f"wrote {folder}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict)))
+    return manifest
