@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -55,7 +56,6 @@ def test_phone_single_and_batch_agree(client):
 ])
 def test_phone_bad_inputs_name_the_field(client, change, field, words):
     body = {**PHONE, **change}
-    import json
     response = client.post("/phone-price", content=json.dumps(body), headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     errors = response.json()["detail"]
@@ -118,7 +118,9 @@ def test_house_accepts_every_training_row(client, data_dir):
 
 def test_tampered_artifact_is_refused_while_other_model_serves(artifacts_copy):
     weights = artifacts_copy / "house_price" / "model.pt"
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    weights.write_bytes(bytes(data))
     with running_server(artifacts_dir=str(artifacts_copy)) as server, server.client() as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503

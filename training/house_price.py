@@ -68,16 +68,27 @@ def feature_table(description_path, train_path) -> list[dict]:
 
 
 def make_preprocessor(train: pd.DataFrame, skew_threshold: float) -> ColumnTransformer:
-    """Impute, log-transform the skewed non-negative columns, scale, and one-hot the categories."""
+    """Impute, log-transform the skewed non-negative columns, scale, and one-hot the categories.
+
+    A categorical column that has missing values in training (NA = "no alley", "no pool", ...) keeps
+    "absent" as a category of its own; in any other column a missing value can only mean unknown, so it
+    gets the most frequent category rather than an all-zero one-hot row the net never saw.
+    """
     skew = train[NUMERIC].skew()
     skewed = [c for c in NUMERIC if abs(skew[c]) > skew_threshold and train[c].min() >= 0]
     plain = [c for c in NUMERIC if c not in skewed]
+    absent_is_a_category = [c for c in CATEGORICAL if train[c].isna().any()]
+    always_known = [c for c in CATEGORICAL if c not in absent_is_a_category]
+
+    def one_hot(imputer: SimpleImputer):
+        return make_pipeline(imputer, OneHotEncoder(handle_unknown="ignore", sparse_output=False))
+
     return ColumnTransformer([
         ("skewed", make_pipeline(SimpleImputer(strategy="median"),
                                  FunctionTransformer(np.log1p, feature_names_out="one-to-one"), StandardScaler()), skewed),
         ("numeric", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), plain),
-        ("categorical", make_pipeline(SimpleImputer(strategy="constant", fill_value="absent"),
-                                      OneHotEncoder(handle_unknown="ignore", sparse_output=False)), CATEGORICAL),
+        ("absent_is_a_category", one_hot(SimpleImputer(strategy="constant", fill_value="absent")), absent_is_a_category),
+        ("always_known", one_hot(SimpleImputer(strategy="most_frequent")), always_known),
     ])
 
 

@@ -74,12 +74,24 @@ class HousePrediction(BaseModel):
     sale_price: float = Field(gt=0, description="Predicted sale price, US dollars.", examples=[208500.0])
 
 
+def _category(value: Any) -> Any:
+    """A category code as a string: 60, 60.0 and "60" are the same MSSubClass; None/NaN stay missing."""
+    if value is None or value != value:
+        return np.nan
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
 def to_frame(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
-    """The 79 feature columns with the dtypes the preprocessor expects (categoricals as strings)."""
-    frame = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    """The 79 feature columns with the dtypes the preprocessor expects (categoricals as strings).
+
+    Built with dtype=object so one row's null never turns another row's integer code into a float.
+    """
+    frame = pd.DataFrame(rows, dtype=object).reindex(columns=COLUMNS)
     frame[NUMERIC] = frame[NUMERIC].astype(np.float64)
-    for column in CATEGORICAL:  # MSSubClass is a code: "60" and 60 must be the same category
-        frame[column] = frame[column].map(lambda v: np.nan if v is None or v != v else str(v)).astype(object)
+    for column in CATEGORICAL:
+        frame[column] = frame[column].map(_category).astype(object)
     return frame
 
 
