@@ -96,7 +96,9 @@ class Readiness(BaseModel):
 
 
 def ops_router(registry: Registry, public: bool) -> APIRouter:
-    router = APIRouter(tags=["operations"], dependencies=[] if public else [Depends(require_api_key)])
+    """Operations routes. /healthz is always open (liveness probes send no key); the rest follow ``public``."""
+    router = APIRouter(tags=["operations"])
+    guarded = [] if public else [Depends(require_api_key)]
 
     def info(entry: ModelEntry) -> ModelInfo:
         m, predictor = entry.manifest, entry.predictor
@@ -112,7 +114,7 @@ def ops_router(registry: Registry, public: bool) -> APIRouter:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="Readiness: every model is loaded", response_model=Readiness,
+    @router.get("/readyz", summary="Readiness: every model is loaded", response_model=Readiness, dependencies=guarded,
                 responses={503: {"model": Readiness, "description": "At least one model is not loaded."}})
     async def readyz():
         states = {name: e.state if e.state == "ready" else f"{e.state}: {e.reason}" for name, e in registry.entries.items()}
@@ -120,18 +122,18 @@ def ops_router(registry: Registry, public: bool) -> APIRouter:
         return JSONResponse(Readiness(status="ready" if ready else "not ready", models=states).model_dump(),
                             status_code=200 if ready else 503)
 
-    @router.get("/models", summary="Metadata of every model", response_model=list[ModelInfo])
+    @router.get("/models", summary="Metadata of every model", response_model=list[ModelInfo], dependencies=guarded)
     async def models() -> list[ModelInfo]:
         return [info(e) for e in registry.entries.values()]
 
-    @router.get("/models/{name}", summary="Metadata of one model", response_model=ModelInfo,
+    @router.get("/models/{name}", summary="Metadata of one model", response_model=ModelInfo, dependencies=guarded,
                 responses={404: {"model": ErrorBody, "description": "No model has that name."}})
     async def model(name: str) -> ModelInfo:
         if name not in registry.entries:
             raise HTTPException(404, f"no model named '{name}'; known models: {', '.join(registry.entries)}")
         return info(registry.entries[name])
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=guarded,
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}})
     async def metrics(request: Request) -> Response:
         registry_ = request.app.state.metrics

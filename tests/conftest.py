@@ -49,7 +49,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"server-{self.port}.log", "w+")
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"server-{self.port}.log"
+        self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(self.port),
              "--timeout-graceful-shutdown", "30"],
@@ -63,13 +64,12 @@ class Server:
                     return
             except httpx.HTTPError:
                 time.sleep(0.2)
+        output = self.output()
         self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.output()}")
+        raise RuntimeError(f"server did not become healthy:\n{output}")
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        return self.log_path.read_text()
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
