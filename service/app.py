@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, predictors: list[type[Predictor
 
     app.include_router(ops_router(registry, public=settings.public_ops))
     for entry in registry.entries.values():
-        app.include_router(model_router(entry, settings.max_batch_instances))
+        app.include_router(model_router(entry, settings.max_batch_instances, settings.benchmark_routes))
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

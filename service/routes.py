@@ -39,7 +39,7 @@ def require_api_key(request: Request) -> None:
                                  "'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
 
 
-def model_router(entry: ModelEntry, max_instances: int) -> APIRouter:
+def model_router(entry: ModelEntry, max_instances: int, noop_route: bool = False) -> APIRouter:
     """``POST /{name}`` for one instance and ``POST /{name}/batch`` for many; both go through the batcher."""
     predictor = entry.predictor
     Input, Output = predictor.Input, predictor.Output
@@ -68,6 +68,10 @@ def model_router(entry: ModelEntry, max_instances: int) -> APIRouter:
                          summary=f"{predictor.summary} (many at once)",
                          description="The same model for a list of instances, in one request.",
                          operation_id=f"predict_{predictor.folder}_batch")
+    if noop_route:  # the framework's ceiling: same schema and validation, no model
+        async def noop(item: Input) -> dict[str, bool]:  # type: ignore[valid-type]
+            return {"valid": True}
+        router.add_api_route(f"/{predictor.name}/noop", noop, methods=["POST"], include_in_schema=False)
     predictor.add_routes(router, submit)
     return router
 

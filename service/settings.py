@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     public_ops: bool = Field(True, description="Keep health, readiness, metrics and docs open when api_keys is set.")
     cors_origins: list[str] = []
 
+    benchmark_routes: bool = Field(False, description="Add POST /{model}/noop (validation only) for benchmarks.")
+
     log_json: bool = False
     log_level: str = "INFO"
 
