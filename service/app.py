@@ -6,18 +6,19 @@ import logging
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from service.docs import add_docs
 from service.batching import PredictionTimeoutError, QueueFullError
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
 from service.models import PREDICTORS
 from service.models.base import InputError, Predictor
 from service.registry import ModelUnavailableError, Registry
-from service.routes import model_router, ops_router
+from service.routes import model_router, ops_router, require_api_key
 from service.settings import Settings
 
 log = logging.getLogger("service.app")
@@ -31,6 +32,10 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
     """422 naming each bad field and rule; the offending input is not echoed (it may be huge or NaN)."""
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
     return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _input_error(request: Request, exc: InputError) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]}, status_code=422)
 
 
 def _error(status: int, headers: dict[str, str] | None = None):
@@ -61,16 +66,18 @@ def create_app(settings: Settings | None = None, predictors: list[type[Predictor
         yield
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
 
-    app = FastAPI(title="Course models server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="Course models server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # offline pages below instead of CDN-backed ones
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(InputError, _error(422))
+    app.add_exception_handler(InputError, _input_error)
     app.add_exception_handler(ModelUnavailableError, _error(503))
     app.add_exception_handler(QueueFullError, _error(503, {"Retry-After": "1"}))
     app.add_exception_handler(PredictionTimeoutError, _error(504))
     app.add_exception_handler(Exception, _unexpected)
 
     app.include_router(ops_router(registry, public=settings.public_ops))
+    add_docs(app, [] if settings.public_ops else [Depends(require_api_key)])
     for entry in registry.entries.values():
         app.include_router(model_router(entry, settings.max_batch_instances, settings.benchmark_routes))
 

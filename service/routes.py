@@ -16,6 +16,7 @@ class ErrorBody(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The body could not be read as JSON (e.g. not UTF-8)."},
     401: {"model": ErrorBody, "description": "API keys are configured and none (or a wrong one) was sent."},
     413: {"model": ErrorBody, "description": "The request body is larger than the configured limit."},
     503: {"model": ErrorBody, "description": "The model is not loaded, or its queue is full (see Retry-After)."},

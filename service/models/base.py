@@ -1,16 +1,34 @@
 """The one class every served model implements: load once, then predict a batch."""
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 
 from service.artifacts import Artifact
 
 
+def json_number(value: Any) -> Any:
+    """Refuse booleans and strings where a number is documented; 842.0 still passes for an integer."""
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"must be a JSON number, not {type(value).__name__}")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(json_number)]
+JsonFloat = Annotated[float, BeforeValidator(json_number)]
+
+
 class InputError(ValueError):
-    """An input that passed schema validation but cannot be predicted on; becomes a 422 for its caller."""
+    """An input that passed schema validation but cannot be predicted on; becomes a 422 for its caller.
+
+    ``field`` names the offending field, so the answer has the same shape as any other validation error.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.loc = ["body", field] if field else ["body"]
 
 
 class Predictor(ABC):

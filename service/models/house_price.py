@@ -6,12 +6,13 @@ The input schema is built from ``house_features.json`` (names, descriptions, all
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
+from service.models.base import JsonInt, json_number
 from service.models.tabular import TabularPredictor
 
 FEATURE_TABLE = Path(__file__).with_name("house_features.json")
@@ -35,7 +36,9 @@ def _field_for(feature: dict[str, Any]) -> tuple[Any, Any]:
         values = tuple(feature["categories"])
         return Literal[values] | None, Field(None, alias=name, description=description)  # type: ignore[valid-type]
     low, high = _BOUNDS.get(name, (0, 100 if name in _COUNTS else 10_000_000))
-    return float | None, Field(None, alias=name, ge=low, le=high, description=f"{description} (range {low}-{high})")
+    # bounds before the number check, inside the Optional, so the schema shows minimum/maximum
+    bounded = Annotated[float, Field(ge=low, le=high), BeforeValidator(json_number)]
+    return bounded | None, Field(None, alias=name, description=f"{description} (range {low}-{high})")
 
 
 class _HouseBase(BaseModel):
@@ -63,15 +66,20 @@ House = create_model(
     __doc__="One house, keyed by the Kaggle column names. Every feature is optional: a missing or null "
             "(or \"NA\") value is imputed exactly as in training. Categorical values must be one of the "
             "codes in data_description.txt.",
-    Id=(int | None, Field(None, description="Optional row id, as in the Kaggle files; ignored.")),
+    Id=(JsonInt | None, Field(None, description="Optional row id, as in the Kaggle files; ignored.")),
     **{f"f_{f['name']}": _field_for(f) for f in FEATURES},
 )
 House.model_config["json_schema_extra"] = {"examples": [_EXAMPLE]}
 House.model_rebuild(force=True)
 
 
+PRICE_RANGE = (1_000.0, 100_000_000.0)
+
+
 class HousePrediction(BaseModel):
-    sale_price: float = Field(gt=0, description="Predicted sale price, US dollars.", examples=[208500.0])
+    sale_price: float = Field(ge=PRICE_RANGE[0], le=PRICE_RANGE[1], examples=[208500.0],
+                              description="Predicted sale price, US dollars (capped to 1,000-100,000,000 for inputs "
+                                          "far outside the training data).")
 
 
 def _category(value: Any) -> Any:
@@ -107,4 +115,7 @@ class HousePrice(TabularPredictor):
         return to_frame([house.model_dump(by_alias=True, exclude={"Id"}) for house in batch])
 
     def from_outputs(self, outputs: np.ndarray) -> list[HousePrediction]:
-        return [HousePrediction(sale_price=round(float(np.exp(v)), 2)) for v in outputs[:, 0]]
+        # Far outside the training range the net extrapolates without limit and exp() would overflow,
+        # so the answer is capped to a documented range instead of becoming inf/null.
+        log_price = np.clip(outputs[:, 0].astype(np.float64), np.log(PRICE_RANGE[0]), np.log(PRICE_RANGE[1]))
+        return [HousePrediction(sale_price=round(float(np.exp(v)), 2)) for v in log_price]

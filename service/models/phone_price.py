@@ -4,6 +4,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.models.base import JsonFloat, JsonInt
 from service.models.tabular import TabularPredictor
 
 LABELS = ["low cost", "medium cost", "high cost", "very high cost"]
@@ -22,27 +23,27 @@ class Phone(BaseModel):
         "px_width": 756, "ram": 2549, "sc_h": 9, "sc_w": 7, "talk_time": 19, "three_g": 0,
         "touch_screen": 0, "wifi": 1}]})
 
-    battery_power: int = Field(ge=100, le=20000, description="Battery capacity, mAh.", examples=[842])
-    blue: int = _flag("Bluetooth")
-    clock_speed: float = Field(ge=0.1, le=10, description="CPU clock speed, GHz.", examples=[2.2])
-    dual_sim: int = _flag("dual SIM support")
-    fc: int = Field(ge=0, le=200, description="Front camera resolution, megapixels.", examples=[1])
-    four_g: int = _flag("4G")
-    int_memory: int = Field(ge=0, le=4096, description="Internal memory, GB.", examples=[7])
-    m_dep: float = Field(ge=0, le=5, description="Mobile depth (thickness), cm.", examples=[0.6])
-    mobile_wt: int = Field(ge=1, le=2000, description="Weight, grams.", examples=[188])
-    n_cores: int = Field(ge=1, le=128, description="Number of CPU cores.", examples=[2])
-    pc: int = Field(ge=0, le=400, description="Primary camera resolution, megapixels.", examples=[2])
-    px_height: int = Field(ge=0, le=20000, description="Screen resolution height, pixels.", examples=[20])
-    px_width: int = Field(ge=0, le=20000, description="Screen resolution width, pixels.", examples=[756])
-    ram: int = Field(ge=0, le=131072, description="RAM, MB.", examples=[2549])
-    sc_h: float = Field(ge=0, le=100, description="Screen height, cm.", examples=[9])
-    sc_w: float = Field(ge=0, le=100, description="Screen width, cm.", examples=[7])
-    talk_time: int = Field(ge=0, le=500, description="Longest talk time on one charge, hours.", examples=[19])
-    three_g: int = _flag("3G")
-    touch_screen: int = _flag("a touch screen")
-    wifi: int = _flag("Wi-Fi")
-    id: int | None = Field(None, description="Optional row id (as in the Kaggle test file); ignored.")
+    battery_power: JsonInt = Field(ge=100, le=20000, description="Battery capacity, mAh.", examples=[842])
+    blue: JsonInt = _flag("Bluetooth")
+    clock_speed: JsonFloat = Field(ge=0.1, le=10, description="CPU clock speed, GHz.", examples=[2.2])
+    dual_sim: JsonInt = _flag("dual SIM support")
+    fc: JsonInt = Field(ge=0, le=200, description="Front camera resolution, megapixels.", examples=[1])
+    four_g: JsonInt = _flag("4G")
+    int_memory: JsonInt = Field(ge=0, le=4096, description="Internal memory, GB.", examples=[7])
+    m_dep: JsonFloat = Field(ge=0, le=5, description="Mobile depth (thickness), cm.", examples=[0.6])
+    mobile_wt: JsonInt = Field(ge=1, le=2000, description="Weight, grams.", examples=[188])
+    n_cores: JsonInt = Field(ge=1, le=128, description="Number of CPU cores.", examples=[2])
+    pc: JsonInt = Field(ge=0, le=400, description="Primary camera resolution, megapixels.", examples=[2])
+    px_height: JsonInt = Field(ge=0, le=20000, description="Screen resolution height, pixels.", examples=[20])
+    px_width: JsonInt = Field(ge=0, le=20000, description="Screen resolution width, pixels.", examples=[756])
+    ram: JsonInt = Field(ge=0, le=131072, description="RAM, MB.", examples=[2549])
+    sc_h: JsonFloat = Field(ge=0, le=100, description="Screen height, cm.", examples=[9])
+    sc_w: JsonFloat = Field(ge=0, le=100, description="Screen width, cm.", examples=[7])
+    talk_time: JsonInt = Field(ge=0, le=500, description="Longest talk time on one charge, hours.", examples=[19])
+    three_g: JsonInt = _flag("3G")
+    touch_screen: JsonInt = _flag("a touch screen")
+    wifi: JsonInt = _flag("Wi-Fi")
+    id: JsonInt | None = Field(None, description="Optional row id (as in the Kaggle test file); ignored.")
 
 
 FEATURES = [name for name in Phone.model_fields if name != "id"]

@@ -1,0 +1,35 @@
+"""Swagger UI and ReDoc served from the service itself, so the docs work behind a firewall.
+
+FastAPI's default pages load their JavaScript and fonts from CDNs; here the assets come from the
+``fastapi-offline`` package's static folder (not copied into this repo).
+"""
+
+from pathlib import Path
+
+import fastapi_offline
+from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+ASSETS = Path(fastapi_offline.__file__).parent / "static"
+PREFIX = "/docs-assets"
+
+
+def add_docs(app: FastAPI, dependencies: list[Depends]) -> None:
+    app.mount(PREFIX, StaticFiles(directory=ASSETS), name="docs-assets")
+    title = app.title
+
+    @app.get("/docs", include_in_schema=False, dependencies=dependencies)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{title} - Swagger UI",
+                                   swagger_js_url=f"{PREFIX}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{PREFIX}/swagger-ui.css",
+                                   swagger_favicon_url=f"{PREFIX}/favicon.png",
+                                   swagger_ui_parameters={"tryItOutEnabled": True, "displayRequestDuration": True})
+
+    @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{title} - ReDoc",
+                              redoc_js_url=f"{PREFIX}/redoc.standalone.js", redoc_favicon_url=f"{PREFIX}/favicon.png",
+                              with_google_fonts=False)
