@@ -1,0 +1,54 @@
+"""The Kubernetes manifests and docker-compose file agree with the service's real settings and routes."""
+
+from pathlib import Path
+
+import yaml
+
+from service.app import create_app
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "kubernetes"
+
+
+def _docs() -> dict[str, dict]:
+    docs = [d for p in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def _setting_names() -> set[str]:
+    prefix = Settings.model_config["env_prefix"]
+    return {f"{prefix}{name}".upper() for name in Settings.model_fields}
+
+
+def test_kubernetes_manifests_match_the_service():
+    docs = _docs()
+    deployment, service, hpa = docs["Deployment"], docs["Service"], docs["HorizontalPodAutoscaler"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert set(env) <= _setting_names(), f"unknown settings: {set(env) - _setting_names()}"
+    for name, value in env.items():  # every value parses as the setting it names
+        if value is not None:
+            Settings(**{name.removeprefix("SERVE_").lower(): value})
+    (port,) = container["ports"]
+    assert int(env["SERVE_PORT"]) == port["containerPort"]
+    paths = create_app().openapi()["paths"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" in paths
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" in paths
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] == port["name"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
+    # the pod must outlive the server's graceful drain (python -m service uses 30 s)
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 30
+
+
+def test_compose_file_matches_the_service():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    (server,) = compose["services"].values()
+    env = server["environment"]
+    assert set(env) <= _setting_names()
+    assert server["ports"] == [f"8000:{env['SERVE_PORT']}"]
+    assert "/healthz" in " ".join(server["healthcheck"]["test"])
