@@ -14,6 +14,14 @@ from fastapi.staticfiles import StaticFiles
 
 ASSETS = Path(fastapi_offline.__file__).parent / "static"
 PREFIX = "/docs-assets"
+# Same-origin only: also stops ReDoc's hard-coded "Redocly" logo from being fetched from its CDN.
+CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:")
+
+
+def _same_origin_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = CSP
+    return page
 
 
 def add_docs(app: FastAPI, dependencies: list[Depends]) -> None:
@@ -22,14 +30,14 @@ def add_docs(app: FastAPI, dependencies: list[Depends]) -> None:
 
     @app.get("/docs", include_in_schema=False, dependencies=dependencies)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{title} - Swagger UI",
+        return _same_origin_only(get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{title} - Swagger UI",
                                    swagger_js_url=f"{PREFIX}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{PREFIX}/swagger-ui.css",
                                    swagger_favicon_url=f"{PREFIX}/favicon.png",
-                                   swagger_ui_parameters={"tryItOutEnabled": True, "displayRequestDuration": True})
+                                   swagger_ui_parameters={"tryItOutEnabled": True, "displayRequestDuration": True}))
 
     @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url=app.openapi_url, title=f"{title} - ReDoc",
+        return _same_origin_only(get_redoc_html(openapi_url=app.openapi_url, title=f"{title} - ReDoc",
                               redoc_js_url=f"{PREFIX}/redoc.standalone.js", redoc_favicon_url=f"{PREFIX}/favicon.png",
-                              with_google_fonts=False)
+                              with_google_fonts=False))
