@@ -20,8 +20,6 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("model_queue_depth", "Items waiting for a forward pass.", ["model"], registry=r)
         self.model_up = Gauge("model_up", "1 if the model is loaded and serving, else 0.", ["model"], registry=r)
-        self.rejected = Counter("model_rejected", "Requests shed because the queue was full or timed out.",
-                                ["model", "reason"], registry=r)
 
     def batch_observer(self, model: str):
         """A callback for the batcher: record one forward pass."""
