@@ -18,12 +18,16 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels -r requirements.txt; \
     else \
         /opt/venv/bin/pip install --no-cache-dir --extra-index-url "$TORCH_INDEX_URL" -r requirements.txt; \
-    fi
+    fi \
+ && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include /opt/venv/lib/python3.11/site-packages/torch/share \
+ && find /opt/venv -depth -name __pycache__ -type d -exec rm -rf {} +   # headers and caches: not needed to serve
 
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     SERVE_HOST=0.0.0.0 SERVE_PORT=8000 SERVE_ARTIFACTS_DIR=/app/artifacts SERVE_LOG_JSON=true
-RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --no-create-home app
+# useradd where the base has it; minimal bases (the Debian minbase stand-in) get the entries written directly
+RUN (groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --no-create-home app) 2>/dev/null \
+ || (echo "app:x:10001:" >> /etc/group && echo "app:x:10001:10001::/app:/usr/sbin/nologin" >> /etc/passwd)
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY service/ service/

@@ -30,13 +30,16 @@ echo "non-root user: $(docker exec "$cid" id -un)"
 
 echo "== routes"
 BASE="http://127.0.0.1:$PORT" "$PY" - <<'PY'
-import json, os, urllib.request
+import json, os, urllib.error, urllib.request
 base = os.environ["BASE"]
 def call(path, body=None):
     req = urllib.request.Request(base + path, data=None if body is None else json.dumps(body).encode(),
                                  headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return r.status, json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 status, ready = call("/readyz"); assert status == 200, ready
 models = {m["name"]: m for m in call("/models")[1]}
 for name, info in models.items():
