@@ -1,0 +1,266 @@
+"""End to end over a real uvicorn server: /fashion, /fashion/batch and /fashion/image; plus quick training."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.artifacts import Artifact
+from service.models.fashion import NAMES, NAMES_ZH, Fashion, FashionImage
+from tests.conftest import ARTIFACTS, need_data
+from training.__main__ import main
+from training.common import Options
+from training.fashion import IMAGES, LABELS, load, read_idx
+
+EXAMPLE = FashionImage.model_config["json_schema_extra"]["examples"][0]["pixels"]  # a drawn pair of trousers
+
+
+@pytest.fixture(scope="session")
+def validation(data_dir) -> tuple[np.ndarray, np.ndarray]:
+    """The committed model's validation images and labels (the split its manifest describes)."""
+    need_data(data_dir, "fashion_mnist", IMAGES)
+    need_data(data_dir, "fashion_mnist", LABELS)
+    hp = json.loads((ARTIFACTS / Fashion.folder / "manifest.json").read_text())["hyperparameters"]
+    _, _, val, images, labels = load(Options(data_dir=data_dir, seed=hp["seed"]), hp)
+    return images[val], labels[val]
+
+
+@pytest.fixture(scope="session")
+def confident(client, validation) -> tuple[np.ndarray, np.ndarray]:
+    """One validation image per class that the model gets right with probability > 0.9, and its labels."""
+    images, labels = validation
+    picks = [np.flatnonzero(labels == k)[:20] for k in range(10)]
+    chosen = []
+    for k, index in enumerate(picks):
+        body = {"instances": [{"pixels": images[i].tolist()} for i in index]}
+        predictions = client.post("/fashion/batch", json=body).json()["predictions"]
+        chosen.append(next(i for i, p in zip(index, predictions) if p["label"] == k and p["probabilities"][k] > 0.9))
+    return images[chosen], labels[chosen]
+
+
+def encode(pixels: np.ndarray, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def upload(client, data: bytes, **params):
+    return client.post("/fashion/image", files={"file": ("garment", data, "application/octet-stream")}, params=params)
+
+
+def check_prediction(body: dict, top_k: int = 3) -> None:
+    assert body["label"] in range(10) and body["name"] == NAMES[body["label"]]
+    assert body["name_zh"] == NAMES_ZH[body["label"]]
+    p = body["probabilities"]
+    assert len(p) == 10 and math.isclose(sum(p), 1, abs_tol=1e-4) and body["label"] == int(np.argmax(p))
+    top = body["top"]
+    assert len(top) == top_k and top[0]["label"] == body["label"]
+    assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
+    assert all(t["name"] == NAMES[t["label"]] and t["probability"] == p[t["label"]] for t in top)
+
+
+def test_metadata_and_openapi(client):
+    info = client.get("/models/fashion").json()
+    assert info["state"] == "ready" and info["metrics"]["val_accuracy"] >= 0.93
+    assert info["metrics"]["parameters"] < 1_000_000
+    assert {"pixels", "top_k"} <= info["input_schema"]["properties"].keys()
+    route = client.get("/openapi.json").json()["paths"]["/fashion/image"]["post"]
+    assert "multipart/form-data" in route["requestBody"]["content"]
+    assert {"200", "413", "415", "422"} <= route["responses"].keys()
+    assert route["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/FashionPrediction")
+
+
+def test_nested_flat_and_batch_agree(client):
+    nested = client.post("/fashion", json={"pixels": EXAMPLE})
+    assert nested.status_code == 200, nested.text
+    check_prediction(nested.json())
+    assert nested.json()["name"] == "Trouser"  # the docs example shows what it says
+    flat = client.post("/fashion", json={"pixels": [v for row in EXAMPLE for v in row]})
+    assert flat.json() == nested.json()
+    batch = client.post("/fashion/batch", json={"instances": [{"pixels": EXAMPLE}, {"pixels": [0.5] * 784}]})
+    assert batch.status_code == 200 and batch.json()["predictions"][0] == nested.json()
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10])
+def test_top_k(client, top_k):
+    body = client.post("/fashion", json={"pixels": EXAMPLE, "top_k": top_k}).json()
+    check_prediction(body, top_k)
+    if top_k == 10:
+        assert sorted(t["label"] for t in body["top"]) == list(range(10))
+
+
+@pytest.mark.parametrize("top_k", [0, 11, "three", True])
+def test_bad_top_k(client, top_k):
+    response = client.post("/fashion", json={"pixels": EXAMPLE, "top_k": top_k})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "top_k"]
+    if top_k is not True:  # a query string has no booleans
+        image = upload(client, encode(np.array(EXAMPLE, np.uint8)), top_k=top_k)
+        assert image.status_code == 422 and image.json()["detail"][0]["loc"] == ["query", "top_k"]
+
+
+GOOD = [[0] * 28 for _ in range(28)]
+
+
+@pytest.mark.parametrize("pixels, words", [
+    (GOOD[:27], "28 rows of 28 numbers; got 27 rows"),
+    ([row[:27] for row in GOOD], "28 rows of 28 numbers; got 28 rows of length [27]"),
+    ([0] * 783, "784 numbers (28x28, row by row); got 783"),
+    ([0] * 785, "784 numbers (28x28, row by row); got 785"),
+    ([], "784 numbers (28x28, row by row); got 0"),
+    ([-1] + [0] * 783, "from 0 to 255 (0 = background, 255 = brightest garment); got values from -1 to 0"),
+    ([0] * 783 + [256], "from 0 to 255 (0 = background, 255 = brightest garment); got values from 0 to 256"),
+    (["white"] + [0] * 783, "numbers from 0 to 255; got str"),
+    ([None] + [0] * 783, "numbers from 0 to 255; got NoneType"),
+    ([True] + [0] * 783, "numbers from 0 to 255; got bool"),
+    ([float("nan")] + [0] * 783, "NaN and Infinity are not allowed"),
+    ([0] * 783 + [float("inf")], "NaN and Infinity are not allowed"),
+    (GOOD[:27] + [0], "either all rows (a 28x28 nested list) or all numbers"),
+    ("black", "a list: 28 rows of 28 numbers, or 784 numbers"),
+])
+def test_bad_pixels_name_the_rule(client, pixels, words):
+    content = json.dumps({"pixels": pixels})  # json.dumps writes NaN and Infinity, as some clients do
+    response = client.post("/fashion", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "pixels"] and words in error["msg"], error
+    batch = client.post("/fashion/batch", content=json.dumps({"instances": [{"pixels": GOOD}, {"pixels": pixels}]}),
+                        headers={"content-type": "application/json"})
+    assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "instances", 1, "pixels"]
+
+
+def test_missing_or_extra_fields(client):
+    assert client.post("/fashion", json={"top_k": 3}).json()["detail"][0]["loc"] == ["body", "pixels"]
+    extra = client.post("/fashion", json={"pixels": GOOD, "colour": "red"})
+    assert extra.status_code == 422 and extra.json()["detail"][0]["loc"] == ["body", "colour"]
+    assert client.post("/fashion/image").status_code == 422  # no file
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    """A grayscale PNG written by hand, so a header can claim any size while the file stays tiny."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"", 415, "not a PNG, JPEG, WebP, GIF or BMP image"),
+    (b"just some text, not a picture", 415, "not a PNG, JPEG, WebP, GIF or BMP image"),
+    (np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), 415, "not a PNG"),
+    (encode(np.array(EXAMPLE, np.uint8), "TIFF"), 415, "not a PNG, JPEG, WebP, GIF or BMP image"),
+    (encode(np.array(EXAMPLE, np.uint8))[:60], 422, "truncated or corrupt"),
+    (_png(100_000, 100_000, zlib.compress(b"\0" * 64)), 413, "too many pixels"),  # Pillow's own bomb check
+    (_png(7000, 7000, zlib.compress(b"\0" * 64)), 413, "more than the limit of 40000000"),  # the service's cap
+], ids=["empty", "text", "noise", "tiff", "truncated-png", "bomb-header", "over-cap-header"])
+def test_bad_uploads_get_a_clear_4xx(client, data, status, words):
+    response = upload(client, data)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    if status == 422:  # shaped like every other validation error, naming the field
+        assert detail[0]["loc"] == ["body", "file"]
+        detail = detail[0]["msg"]
+    assert words in detail
+
+
+def test_real_image_over_the_pixel_cap(client):
+    """An actual blank 7000x7000 PNG (about 60 KB compressed) is refused without being decoded."""
+    response = upload(client, encode(np.zeros((7000, 7000), np.uint8)))
+    assert response.status_code == 413 and "49000000 pixels" in response.json()["detail"]
+
+
+def test_blank_picture_is_a_blank_input(client):
+    """Nothing to crop: a plain white picture is classified like all-zero pixels (as a 1x1 image would be)."""
+    blank = client.post("/fashion", json={"pixels": [0] * 784}).json()
+    for picture in (np.full((40, 30), 255, np.uint8), np.zeros((1, 1), np.uint8)):
+        response = upload(client, encode(picture))
+        assert response.status_code == 200 and response.json() == blank
+
+
+def test_upload_of_the_example_and_top_k(client):
+    pixels = np.array(EXAMPLE, np.uint8)
+    direct = client.post("/fashion", json={"pixels": EXAMPLE}).json()
+    response = upload(client, encode(pixels), top_k=5)
+    assert response.status_code == 200, response.text
+    check_prediction(response.json(), 5)
+    assert response.json()["label"] == direct["label"]
+
+
+def _variants(image: np.ndarray) -> dict[str, bytes]:
+    """One dataset image as pictures a person might send: other formats, colour, light backgrounds, sizes."""
+    rgb = np.repeat(image[:, :, None], 3, axis=2)
+    dark_on_clear = np.dstack([np.full((28, 28, 3), 0, np.uint8), image])  # black garment, transparent background
+    large = np.zeros((300, 200), np.uint8)  # 200 wide, 300 tall, garment upscaled into the middle
+    large[60:240, 10:190] = np.asarray(Image.fromarray(image).resize((180, 180), Image.Resampling.BILINEAR))
+    return {
+        "png": encode(image), "rgb-png": encode(rgb), "rgba-png": encode(dark_on_clear),
+        "jpeg": encode(rgb, "JPEG", quality=95), "webp": encode(image, "WEBP", lossless=True),
+        "gif": encode(image, "GIF"), "bmp": encode(image, "BMP"), "inverted-png": encode(255 - image),
+        "200x300-png": encode(large), "200x300-inverted-jpeg": encode(255 - large, "JPEG", quality=90),
+    }
+
+
+def test_uploads_classify_like_the_dataset_pixels(client, confident):
+    images, labels = confident
+    for image, label in zip(images, labels):
+        for kind, data in _variants(image).items():
+            response = upload(client, data)
+            assert response.status_code == 200, (kind, response.text)
+            assert response.json()["label"] == label, f"{kind} of a {NAMES[label]} read as {response.json()['name']}"
+
+
+def test_validation_accuracy_over_http(client, validation):
+    """The committed model on 1000 validation images: as JSON pixels, then as 3x upscaled inverted PNGs."""
+    images, labels = validation[0][:1000], validation[1][:1000]
+    predicted = []
+    for start in range(0, len(images), 250):
+        body = {"instances": [{"pixels": image.tolist()} for image in images[start:start + 250]]}
+        response = client.post("/fashion/batch", json=body)
+        assert response.status_code == 200, response.text[:300]
+        predicted += [p["label"] for p in response.json()["predictions"]]
+    assert np.mean(np.array(predicted) == labels) >= 0.92
+
+    uploaded = []
+    for image in images:
+        picture = Image.fromarray(255 - image).resize((84, 84), Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG")
+        uploaded.append(upload(client, buffer.getvalue()).json()["label"])
+    assert np.mean(np.array(uploaded) == labels) >= 0.85
+
+
+def test_idx_reader_checks_the_magic_number(tmp_path):
+    path = tmp_path / "labels.gz"
+    path.write_bytes(gzip.compress(struct.pack(">II", 2049, 3) + bytes([1, 2, 3])))
+    assert read_idx(path, 2049).tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="magic number 2049, expected 2051"):
+        read_idx(path, 2051)
+    path.write_bytes(gzip.compress(struct.pack(">II", 2049, 4) + bytes([1, 2, 3])))
+    with pytest.raises(ValueError, match="holds 3 values"):
+        read_idx(path, 2049)
+
+
+@pytest.mark.slow
+def test_quick_training_writes_a_servable_artifact(tmp_path, data_dir):
+    need_data(data_dir, "fashion_mnist", IMAGES)
+    main(["fashion", "--quick", "--out", str(tmp_path), "--data-dir", str(data_dir), "--device", "cpu"])
+    folder = tmp_path / Fashion.folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    reports = {"learning_curves.png", "confusion_matrix.png", "misclassified.png", "report.json"}
+    assert {"model.pt"} | reports <= set(manifest["files"]) and manifest["hyperparameters"]["epochs"] == 2
+    assert {"val_accuracy", "parameters", "train_seconds"} <= manifest["metrics"].keys()
+    report = json.loads((folder / "report.json").read_text())
+    assert 1 <= len(report["history"]) <= 2 and "val_accuracy" in report["history"][0]
+
+    predictor = Fashion()
+    predictor.load(Artifact(folder), torch.device("cpu"))
+    (output,) = predictor.predict([FashionImage(pixels=EXAMPLE)])
+    assert isinstance(output, Fashion.Output) and len(output.top) == 3
