@@ -9,11 +9,15 @@ what the live server publishes; every case is sent to the live server.
 import httpx
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.app import create_app
 
 OPENAPI = create_app().openapi()
 schema = schemathesis.openapi.from_dict(OPENAPI)
+# An upload can only be described as "binary": random bytes fit that schema but are not an image, and
+# are rightly refused (415/422), so that one check is skipped for uploads. Every other check still runs.
+UPLOAD_ROUTES = {"/fashion/image"}
 
 
 def test_live_server_publishes_this_schema(server):
@@ -23,4 +27,5 @@ def test_live_server_publishes_this_schema(server):
 @schema.parametrize()
 @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_every_route_conforms_to_its_schema(case, server):
-    case.call_and_validate(base_url=server.url)
+    excluded = [positive_data_acceptance] if case.path in UPLOAD_ROUTES else []
+    case.call_and_validate(base_url=server.url, excluded_checks=excluded)
