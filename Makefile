@@ -22,7 +22,7 @@ train: $(BIN)/.installed  ## retrain every model on ../shared/data (or $$DATA_DI
 	$(BIN)/python -m training all
 
 bench: $(BIN)/.installed
-	$(BIN)/python -m benchmarks.load
+	$(BIN)/python -m benchmarks.load --duration 4
 
 clean:
 	rm -rf $(VENV) .pytest_cache
