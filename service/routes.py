@@ -4,7 +4,7 @@ import secrets
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model
 
@@ -56,19 +56,35 @@ def model_router(entry: ModelEntry, max_instances: int, noop_route: bool = False
         request.state.batch_size = meta.get("batch_size")
         return outputs
 
+    def open_stream(item: Any) -> StreamingResponse:
+        entry.batcher_or_raise()  # 503 while the model is not loaded, like the other routes
+        return StreamingResponse(predictor.events(item), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     async def predict_one(item: Input, request: Request) -> Output:  # type: ignore[valid-type]
+        if predictor.streams and getattr(item, "stream", False):
+            return open_stream(item)
         return (await submit([item], request))[0]
 
     async def predict_batch(body: BatchInput, request: Request) -> BatchOutput:  # type: ignore[valid-type]
         return BatchOutput(predictions=await submit(body.instances, request))
 
+    sse = {200: {"content": {"text/event-stream": {}}}} if predictor.streams else {}
     router.add_api_route(f"/{predictor.name}", predict_one, methods=["POST"], response_model=Output,
-                         summary=predictor.summary, description=predictor.description,
+                         summary=predictor.summary, description=predictor.description, responses=sse,
                          operation_id=f"predict_{predictor.folder}")
     router.add_api_route(f"/{predictor.name}/batch", predict_batch, methods=["POST"], response_model=BatchOutput,
                          summary=f"{predictor.summary} (many at once)",
                          description="The same model for a list of instances, in one request.",
                          operation_id=f"predict_{predictor.folder}_batch")
+    if predictor.streams:  # Server-Sent Events; a stream runs on its own thread, outside the batcher
+        async def predict_stream(item: Input) -> StreamingResponse:  # type: ignore[valid-type]
+            return open_stream(item)
+        router.add_api_route(f"/{predictor.name}/stream", predict_stream, methods=["POST"],
+                             response_class=StreamingResponse, responses=sse,
+                             summary=f"{predictor.summary}, streamed as Server-Sent Events",
+                             description=f"Same body as POST /{predictor.name} (same as sending \"stream\": true).",
+                             operation_id=f"predict_{predictor.folder}_stream")
     if noop_route:  # the framework's ceiling: same schema and validation, no model
         async def noop(item: Input) -> dict[str, bool]:  # type: ignore[valid-type]
             return {"valid": True}

@@ -4,5 +4,6 @@ from service.models.base import Predictor
 from service.models.fashion import Fashion
 from service.models.house_price import HousePrice
 from service.models.phone_price import PhonePrice
+from service.models.poem import Poem
 
-PREDICTORS: list[type[Predictor]] = [PhonePrice, HousePrice, Fashion]
+PREDICTORS: list[type[Predictor]] = [PhonePrice, HousePrice, Poem, Fashion]

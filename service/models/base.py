@@ -1,6 +1,7 @@
 """The one class every served model implements: load once, then predict a batch."""
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar
 
 import torch
@@ -44,6 +45,7 @@ class Predictor(ABC):
     Output: ClassVar[type[BaseModel]]     # one prediction
     summary: ClassVar[str]                # one line for the docs page
     description: ClassVar[str] = ""
+    streams: ClassVar[bool] = False       # True: also POST /{name}/stream and {"stream": true} (see ``events``)
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
@@ -65,6 +67,14 @@ class Predictor(ABC):
     def input_schema(self) -> dict:
         """JSON schema of one input, for GET /models/{name}."""
         return self.Input.model_json_schema()
+
+    def events(self, item: Any) -> Iterator[str]:
+        """Server-Sent Events for one instance, for models with ``streams = True``.
+
+        Check the input before returning (raise InputError then, so the caller gets a 422 and not a broken
+        stream); the returned iterator yields each event's text and runs on a worker thread.
+        """
+        raise NotImplementedError(f"{self.name} does not stream")
 
     def add_routes(self, router, submit) -> None:
         """Hook for routes beyond the two standard ones; ``submit(items)`` runs items through the batcher."""

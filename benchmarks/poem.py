@@ -1,0 +1,107 @@
+"""Poem latency: whole 4-row, 7-character poems through HTTP, one request at a time, against a real server.
+
+Sends ``--requests`` sequential POST /poem requests with random seeds (after a few warm-up ones) and,
+for comparison, times the same poems through ``predict`` in-process and the first event of
+POST /poem/stream (time to first character).
+
+    python -m benchmarks.poem [--requests 100]
+
+Prints median/p95 and writes benchmarks/results/poem.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+
+import httpx
+import torch
+
+from benchmarks.load import RESULTS, start_server
+from service.artifacts import Artifact
+from service.models.poem import Poem, PoemRequest
+from service.settings import Settings
+
+BODY = {"line_num": 4, "line_length": 7, "rhyme": True, "temperature": 0.8, "top_k": 0}
+TARGET_MS = 80.0
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    return {"n": len(ms), "median_ms": round(statistics.median(ms), 2),
+            "p95_ms": round(ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))], 2),
+            "min_ms": round(ms[0], 2), "max_ms": round(ms[-1], 2)}
+
+
+def over_http(url: str, seeds: list[int]) -> tuple[dict, dict]:
+    """(POST /poem latency, POST /poem/stream time to the first character event)."""
+    whole, first = [], []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for seed in seeds[:5]:  # warm-up: first calls pay for lazy initialisation
+            client.post("/poem", json=dict(BODY, seed=seed)).raise_for_status()
+        for seed in seeds:
+            start = time.perf_counter()
+            response = client.post("/poem", json=dict(BODY, seed=seed))
+            whole.append(time.perf_counter() - start)
+            response.raise_for_status()
+        for seed in seeds[:20]:
+            start = time.perf_counter()
+            with client.stream("POST", "/poem/stream", json=dict(BODY, seed=seed)) as response:
+                response.raise_for_status()
+                lines = response.iter_lines()
+                next(lines)
+                first.append(time.perf_counter() - start)
+                for _ in lines:  # drain the rest of the poem before the next request
+                    pass
+    return summary(whole), summary(first)
+
+
+def in_process(seeds: list[int]) -> dict:
+    """The same poems through predict() alone: the model's share of the HTTP latency."""
+    predictor = Poem()
+    predictor.load(Artifact(Settings().artifacts_dir / Poem.folder), torch.device("cpu"))
+    times = []
+    with torch.inference_mode():
+        for seed in seeds:
+            start = time.perf_counter()
+            predictor.predict([PoemRequest(**BODY, seed=seed)])
+            times.append(time.perf_counter() - start)
+    return summary(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--port", type=int, default=8766)
+    args = parser.parse_args()
+    rng = random.Random()
+    seeds = [rng.randrange(2**63) for _ in range(args.requests)]
+
+    server = start_server(args.port, {"max_batch_size": 64})
+    try:
+        http, first_char = over_http(f"http://127.0.0.1:{args.port}", seeds)
+    finally:
+        server.terminate()
+        server.wait(30)
+    results = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads()},
+        "request": BODY, "sequential_requests": args.requests, "target_median_ms": TARGET_MS,
+        "http_poem": http, "http_stream_first_char": first_char, "in_process_predict": in_process(seeds),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "poem.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    verdict = "meets" if http["median_ms"] < TARGET_MS else "MISSES"
+    print(f"POST /poem, 4 rows x 7 characters: median {http['median_ms']} ms, p95 {http['p95_ms']} ms "
+          f"({verdict} the {TARGET_MS:.0f} ms target); in-process median {results['in_process_predict']['median_ms']} ms")
+
+
+if __name__ == "__main__":
+    main()
