@@ -5,7 +5,11 @@ For each model: throughput and p50/p95/p99 latency at 1, 8 and 64 concurrent con
 (max_batch_size 64) and off (max_batch_size 1); the no-op route with the same schema (validation only)
 as the framework's ceiling; and the model's in-process ceiling (items/s at batch 1 and batch 64).
 
-    python -m benchmarks.load [--duration 5] [--models phone-price fashion]
+Two servers run side by side, one per mode, and the runs alternate between them (off, on, no-op) for
+``--rounds`` rounds, so a slow moment of a shared machine hits both modes alike. Each figure is the median
+over the rounds; the per-round values are kept in the JSON.
+
+    python -m benchmarks.load [--duration 3] [--rounds 3] [--models phone-price fashion]
 
 Writes benchmarks/results/latest.json and latest.png and prints a Markdown table.
 """
@@ -17,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +38,7 @@ from service.settings import Settings
 RESULTS = Path(__file__).parent / "results"
 LEVELS = (1, 8, 64)
 MAX_BATCH = 64
+MODES = {"batching_off": {"max_batch_size": 1}, "batching_on": {"max_batch_size": MAX_BATCH}}
 
 # wrk prints one JSON line at the end: requests, errors and latency percentiles (microseconds).
 LUA = """
@@ -75,6 +81,14 @@ def wrk(url: str, body_file: Path, script: Path, connections: int, seconds: int)
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
     result["req_per_s"] = round(result["requests"] / result["seconds"], 1)
+    return result
+
+
+def median_run(samples: list[dict]) -> dict:
+    """The median of every figure over the rounds, plus each round's throughput and p50."""
+    result = {key: round(statistics.median(s[key] for s in samples), 3) for key in samples[0]}
+    result["req_per_s_rounds"] = [s["req_per_s"] for s in samples]
+    result["p50_ms_rounds"] = [s["p50_ms"] for s in samples]
     return result
 
 
@@ -133,7 +147,8 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
+    parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per mode and level (median kept)")
     parser.add_argument("--models", nargs="*", default=[p.name for p in PREDICTORS])
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
@@ -150,21 +165,30 @@ def main() -> None:
                                  "python": platform.python_version(), "torch": torch.__version__,
                                  "torch_threads": torch.get_num_threads()},
                      "load_generator": "wrk 4.1 (1 thread) on the same machine", "duration_s": args.duration,
+                     "rounds": args.rounds,
                      "routes": {p.name: {} for p in predictors}, "in_process": {}}
-    url = f"http://127.0.0.1:{args.port}"
-    for mode, batching in (("batching_off", {"max_batch_size": 1}), ("batching_on", {"max_batch_size": MAX_BATCH})):
-        server = start_server(args.port, batching)
-        try:
-            for p in predictors:
-                body = work / f"{p.name}.json"
-                paths = [(mode, f"/{p.name}")] + ([("noop", f"/{p.name}/noop")] if mode == "batching_on" else [])
-                for label, path in paths:
-                    runs = results["routes"][p.name].setdefault(label, {})
-                    for c in LEVELS:
-                        runs[str(c)] = wrk(url + path, body, script, c, args.duration)
-                        print(f"{label:13s} {path:22s} c={c:<3d} {runs[str(c)]}", flush=True)
-        finally:
+    servers = {mode: start_server(args.port + i, batching) for i, (mode, batching) in enumerate(MODES.items())}
+    try:
+        for p in predictors:
+            body = work / f"{p.name}.json"
+            targets = {"batching_off": f"http://127.0.0.1:{args.port}/{p.name}",
+                       "batching_on": f"http://127.0.0.1:{args.port + 1}/{p.name}",
+                       "noop": f"http://127.0.0.1:{args.port + 1}/{p.name}/noop"}
+            for c in LEVELS:
+                samples: dict[str, list[dict]] = {label: [] for label in targets}
+                for _ in range(args.rounds):
+                    for label, url in targets.items():
+                        samples[label].append(wrk(url, body, script, c, args.duration))
+                for label, runs in samples.items():
+                    result = results["routes"][p.name].setdefault(label, {})[str(c)] = median_run(runs)
+                    print(f"{label:13s} /{p.name:20s} c={c:<3d} {result}", flush=True)
+                # paired by round: the on and off runs of one round ran seconds apart
+                paired = [on["p50_ms"] - off["p50_ms"] for on, off in zip(samples["batching_on"], samples["batching_off"])]
+                results["routes"][p.name].setdefault("p50_on_minus_off_ms", {})[str(c)] = round(statistics.median(paired), 3)
+    finally:
+        for server in servers.values():
             server.terminate()
+        for server in servers.values():
             server.wait(30)
     for p in predictors:
         results["in_process"][p.name] = in_process_ceiling(p)
@@ -176,9 +200,8 @@ def main() -> None:
     for p in predictors:
         runs = results["routes"][p.name]
         on, off, noop = (runs[m]["64"]["req_per_s"] for m in ("batching_on", "batching_off", "noop"))
-        p50_on, p50_off = runs["batching_on"]["1"]["p50_ms"], runs["batching_off"]["1"]["p50_ms"]
         print(f"{p.name}: 64 clients batching on/off = {on / off:.2f}x; on/no-op = {on / noop:.0%}; "
-              f"1-client p50 on - off = {p50_on - p50_off:+.2f} ms")
+              f"1-client p50 on - off = {runs['p50_on_minus_off_ms']['1']:+.2f} ms (median of paired rounds)")
 
 
 if __name__ == "__main__":
