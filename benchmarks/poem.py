@@ -63,6 +63,7 @@ def over_http(url: str, seeds: list[int]) -> tuple[dict, dict]:
 
 def in_process(seeds: list[int]) -> dict:
     """The same poems through predict() alone: the model's share of the HTTP latency."""
+    torch.set_num_threads(Poem.threads or torch.get_num_threads())  # as on the model's worker thread
     predictor = Poem()
     predictor.load(Artifact(Settings().artifacts_dir / Poem.folder), torch.device("cpu"))
     times = []

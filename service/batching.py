@@ -37,13 +37,17 @@ class _Pending:
 
 class Batcher:
     def __init__(self, name: str, predict: Callable[[list], list], policy: BatchPolicy, *, max_queue: int,
-                 timeout_s: float, observe: Callable[[int, float, int], None] | None = None):
+                 timeout_s: float, threads: int | None = None, observe: Callable[[int, float, int], None] | None = None):
         self.name, self.policy, self.max_queue, self.timeout_s = name, policy, max_queue, timeout_s
+        self.threads = threads
         self._predict = predict
         self._observe = observe or (lambda size, seconds, depth: None)
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}")
+        # torch's thread count is per calling thread (an OpenMP setting), so each model's worker keeps its own
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name}",
+                                            initializer=torch.set_num_threads if threads else None,
+                                            initargs=(threads,) if threads else ())
         self._task: asyncio.Task | None = None
         self._closing = False
 
@@ -61,6 +65,10 @@ class Batcher:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+
+    async def call(self, function: Callable, *args: Any) -> Any:
+        """Run ``function(*args)`` on this model's worker thread, between batches (used for streams)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def submit(self, items: list, meta: dict | None = None) -> list:
         """Queue ``items`` and wait for their outputs (in order); raises QueueFullError or PredictionTimeoutError.

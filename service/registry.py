@@ -63,7 +63,9 @@ class Registry:
         """Start a batcher for every loaded model (needs the running event loop)."""
         for name, entry in self.entries.items():
             if entry.state == "ready":
-                entry.batcher = Batcher(name, entry.predictor.predict, self.settings.policy(name),
+                policy = self.settings.policy(name)
+                threads = policy.threads or entry.predictor.threads or torch.get_num_threads()
+                entry.batcher = Batcher(name, entry.predictor.predict, policy, threads=threads,
                                         max_queue=self.settings.max_queue, timeout_s=self.settings.request_timeout_s,
                                         observe=self.metrics.batch_observer(name))
                 entry.batcher.start()

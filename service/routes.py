@@ -57,8 +57,14 @@ def model_router(entry: ModelEntry, max_instances: int, noop_route: bool = False
         return outputs
 
     def open_stream(item: Any) -> StreamingResponse:
-        entry.batcher_or_raise()  # 503 while the model is not loaded, like the other routes
-        return StreamingResponse(predictor.events(item), media_type="text/event-stream",
+        batcher = entry.batcher_or_raise()  # 503 while the model is not loaded, like the other routes
+        events = predictor.events(item)  # checks the input first: a bad one is a 422, not a broken stream
+
+        async def relay():  # each event is computed on the model's worker thread, between its batches
+            while (event := await batcher.call(next, events, None)) is not None:
+                yield event
+
+        return StreamingResponse(relay(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def predict_one(item: Input, request: Request) -> Output:  # type: ignore[valid-type]
@@ -77,7 +83,7 @@ def model_router(entry: ModelEntry, max_instances: int, noop_route: bool = False
                          summary=f"{predictor.summary} (many at once)",
                          description="The same model for a list of instances, in one request.",
                          operation_id=f"predict_{predictor.folder}_batch")
-    if predictor.streams:  # Server-Sent Events; a stream runs on its own thread, outside the batcher
+    if predictor.streams:  # Server-Sent Events, computed on the model's worker but outside its queue
         async def predict_stream(item: Input) -> StreamingResponse:  # type: ignore[valid-type]
             return open_stream(item)
         router.add_api_route(f"/{predictor.name}/stream", predict_stream, methods=["POST"],
@@ -128,7 +134,8 @@ def ops_router(registry: Registry, public: bool) -> APIRouter:
             version=m and m.version, created_at=m and m.created_at, git_commit=m and m.git_commit,
             metrics=m.metrics if m else {}, metrics_method=m and m.metrics_method,
             hyperparameters=m.hyperparameters if m else {}, libraries=m.libraries if m else {},
-            batching=registry.settings.policy(predictor.name).model_dump(),
+            batching=dict(registry.settings.policy(predictor.name).model_dump(),
+                          threads=entry.batcher.threads if entry.batcher else None),
             input_schema=predictor.input_schema(), output_schema=predictor.Output.model_json_schema())
 
     @router.get("/healthz", summary="Liveness: the process is up")

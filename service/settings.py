@@ -15,6 +15,9 @@ class BatchPolicy(BaseModel):
 
     max_batch_size: int = Field(64, ge=1, le=4096, description="Largest batch for one forward pass; 1 turns batching off.")
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="Extra wait for a fuller batch; 0 adds no latency.")
+    threads: int | None = Field(None, ge=1, le=256, description=(
+        "torch intra-op threads on this model's worker thread; unset: the model's own default, else "
+        "SERVE_TORCH_THREADS, else torch's default."))
 
 
 class Settings(BaseSettings):

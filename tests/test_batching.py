@@ -120,3 +120,22 @@ def test_stop_finishes_queued_work():
             await batcher.submit([9])
         return await asyncio.gather(*tasks)
     assert run(main()) == [[2 * i] for i in range(6)]
+
+
+def test_each_worker_keeps_its_own_torch_thread_count():
+    import torch
+
+    async def body():
+        one = Batcher("one", Recorder(), BatchPolicy(), max_queue=10, timeout_s=5.0, threads=1)
+        two = Batcher("two", Recorder(), BatchPolicy(), max_queue=10, timeout_s=5.0, threads=2)
+        one.start()
+        two.start()
+        try:
+            return await one.call(torch.get_num_threads), await two.call(torch.get_num_threads)
+        finally:
+            await one.stop()
+            await two.stop()
+
+    main_threads = torch.get_num_threads()
+    assert run(body()) == (1, 2)
+    assert torch.get_num_threads() == main_threads

@@ -201,7 +201,7 @@ def test_stream_true_on_the_poem_route(client):
 
 def test_metadata_compares_with_the_plain_rnn(client):
     info = client.get("/models/poem").json()
-    assert info["state"] == "ready"
+    assert info["state"] == "ready" and info["batching"]["threads"] == 1
     metrics = info["metrics"]
     assert metrics["val_perplexity"] < 0.9 * metrics["baseline_plain_rnn_val_perplexity"]
     assert metrics["val_perplexity_float16_as_served"] < 1.02 * metrics["val_perplexity"]

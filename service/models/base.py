@@ -45,6 +45,7 @@ class Predictor(ABC):
     Output: ClassVar[type[BaseModel]]     # one prediction
     summary: ClassVar[str]                # one line for the docs page
     description: ClassVar[str] = ""
+    threads: ClassVar[int | None] = None  # intra-op threads of this model's worker unless settings say otherwise
     streams: ClassVar[bool] = False       # True: also POST /{name}/stream and {"stream": true} (see ``events``)
 
     def __init__(self) -> None:

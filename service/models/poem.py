@@ -176,6 +176,10 @@ class Poem(Predictor):
     Input = PoemRequest
     Output = PoemResponse
     streams = True
+    # One intra-op thread: a step's matrices are too small to split, and with a second thread per worker
+    # the idle OpenMP threads of the other models' workers fight it for the cores (a 4x7 poem in-process on
+    # a worker thread: 50 ms with 1 thread, 82 ms with 2 once another worker had run).
+    threads = 1
     summary = "Write a classical Chinese poem (绝句, 律诗 or 藏头诗)"
     description = ("A character-level GRU trained on 36k Tang poems, sampled one character at a time under the "
                    "form's constraints (clause lengths, punctuation, acrostic, rhyme). With \"stream\": true, or "
