@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 from starlette.concurrency import run_in_threadpool
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from service.artifacts import Artifact
 from service.models.base import InputError, JsonInt, Predictor
@@ -56,6 +57,27 @@ class FashionCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 28, 28) pixels in 0-1 -> (N, 10) logits."""
         return self.head(self.features((x - self.mean) / self.std))
+
+
+def for_inference(net: FashionCNN) -> FashionCNN:
+    """The same net, faster to evaluate: each conv folded with the batch norm after it (the same affine
+    maths in one pass), dropout removed, and weights in channels_last, the layout oneDNN's CPU convolutions
+    prefer. In-process on the 2-core target machine, batch 1 went from 1,033 to 1,828 images/s."""
+    layers: list[nn.Module] = []
+    for layer in net.features:
+        if isinstance(layer, nn.BatchNorm2d):
+            layers[-1] = fuse_conv_bn_eval(layers[-1], layer)
+        elif not isinstance(layer, nn.Dropout):
+            layers.append(layer)
+    net.features = nn.Sequential(*layers)
+    return net.to(memory_format=torch.channels_last)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matrix maths runs natively here (AVX512-BF16 or AMX on a CPU, or a recent GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def build_net(hyperparameters: dict[str, Any]) -> FashionCNN:
@@ -216,12 +238,17 @@ class Fashion(Predictor):
     def setup(self, artifact: Artifact, device: torch.device) -> None:
         self.net = build_net(artifact.manifest.hyperparameters)
         self.net.load_state_dict(artifact.load_state_dict("model.pt", device))
-        self.net.to(device).eval()
+        self.net = for_inference(self.net.to(device).eval())
+        # bfloat16 products where the hardware has them: 2.5x the images/s at batch 64 on the target CPU, and
+        # the same validation accuracy (README). Always on, so an image's answer does not depend on its batch.
+        self.bf16 = bf16_is_fast(device)
 
     @torch.inference_mode()
     def predict(self, batch: list[FashionImage | Prepared]) -> list[FashionPrediction]:
         pixels = np.stack([item.pixels for item in batch])[:, None] / np.float32(255)
-        logits = self.net(torch.from_numpy(pixels).to(self.device))
+        x = torch.from_numpy(pixels).to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            logits = self.net(x)
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
         return [self._prediction(p, item.top_k) for p, item in zip(probabilities, batch)]
 
