@@ -24,7 +24,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
     """Allow the request if no keys are configured, or if it carries one (X-API-Key or Bearer)."""
     keys: list[str] = request.app.state.settings.api_keys
     if not keys:

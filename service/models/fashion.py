@@ -9,6 +9,7 @@ the dataset itself was made).
 from __future__ import annotations
 
 import io
+import itertools
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -94,14 +95,14 @@ def check_pixels(value: Any) -> np.ndarray:
         if len(value) != SIDE or any(len(row) != SIDE for row in value):
             lengths = sorted({len(row) for row in value})
             raise ValueError(f"pixels must be 28 rows of 28 numbers; got {len(value)} rows of length {lengths}")
-        flat = [v for row in value for v in row]
+        flat = list(itertools.chain.from_iterable(value))
     elif any(isinstance(v, list) for v in value):
         raise ValueError("pixels must be either all rows (a 28x28 nested list) or all numbers (784 of them)")
     elif len(value) != SIDE * SIDE:
         raise ValueError(f"a flat pixels list must hold 784 numbers (28x28, row by row); got {len(value)}")
     else:
         flat = value
-    kinds = {type(v) for v in flat} - {int, float}
+    kinds = set(map(type, flat)) - {int, float}  # bool and str are refused, not coerced
     if kinds:
         raise ValueError(f"pixels must be numbers from 0 to 255; got {', '.join(sorted(k.__name__ for k in kinds))}")
     array = np.asarray(flat, dtype=np.float32).reshape(SIDE, SIDE)
