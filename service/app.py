@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 import torch
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None, predictors: list[type[Predictor
     async def lifespan(app: FastAPI):
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
+        if settings.gil_switch_interval_ms:
+            sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         registry.load_all()
         registry.start()
         yield
@@ -76,10 +79,12 @@ def create_app(settings: Settings | None = None, predictors: list[type[Predictor
     app.add_exception_handler(PredictionTimeoutError, _error(504))
     app.add_exception_handler(Exception, _unexpected)
 
-    app.include_router(ops_router(registry, public=settings.public_ops))
-    add_docs(app, [] if settings.public_ops else [Depends(require_api_key)])
+    # Without keys there is no check at all: a no-op dependency still costs every request its resolution.
+    guards = [Depends(require_api_key)] if settings.api_keys else []
+    app.include_router(ops_router(registry, [] if settings.public_ops else guards))
+    add_docs(app, [] if settings.public_ops else guards)
     for entry in registry.entries.values():
-        app.include_router(model_router(entry, settings.max_batch_instances, settings.benchmark_routes))
+        app.include_router(model_router(entry, settings.max_batch_instances, guards, settings.benchmark_routes))
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],

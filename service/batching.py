@@ -84,16 +84,20 @@ class Batcher:
         self._queue.extend(pending)
         self._wakeup.set()
         try:
-            outputs = list(await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), self.timeout_s))
+            # asyncio.timeout rather than wait_for(gather(...)): no extra tasks per request on the hot path
+            async with asyncio.timeout(self.timeout_s):
+                outputs = [await p.future for p in pending]
             if meta is not None:
                 meta["batch_size"] = max(p.batch_size for p in pending)
             return outputs
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PredictionTimeoutError(f"{self.name} did not answer within {self.timeout_s:g} s") from None
         finally:  # free the slots of anything not yet taken (timeout, client gone)
             for p in pending:
                 if not p.future.done():
                     p.future.cancel()
+                elif not p.future.cancelled():
+                    p.future.exception()  # mark as seen: only the first error is raised, the rest would be logged
             if any(p.future.cancelled() for p in pending):
                 self._queue = deque(p for p in self._queue if not p.future.cancelled())
 

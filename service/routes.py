@@ -6,7 +6,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, StrictBool, create_model
 
 from service.registry import ModelEntry, Registry
 
@@ -40,15 +40,21 @@ async def require_api_key(request: Request) -> None:  # async: a sync dependency
                                  "'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
 
 
-def model_router(entry: ModelEntry, max_instances: int, noop_route: bool = False) -> APIRouter:
-    """``POST /{name}`` for one instance and ``POST /{name}/batch`` for many; both go through the batcher."""
+def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route: bool = False) -> APIRouter:
+    """``POST /{name}`` for one instance and ``POST /{name}/batch`` for many; both go through the batcher.
+
+    ``guards`` are the route dependencies (the API-key check when keys are configured).
+    """
     predictor = entry.predictor
     Input, Output = predictor.Input, predictor.Output
     BatchInput = create_model(f"{Input.__name__}Batch", instances=(list[Input], Field(
         min_length=1, max_length=max_instances, description=f"1 to {max_instances} instances, answered in order.")))
     BatchOutput = create_model(f"{Output.__name__}Batch", predictions=(list[Output], Field(
         description="One prediction per instance, in the order sent.")))
-    router = APIRouter(tags=[predictor.name], dependencies=[Depends(require_api_key)], responses=ERRORS)
+    # A streaming model's single route also takes "stream"; its batch and /stream routes do not need it.
+    One = create_model(f"{Input.__name__}OrStream", __base__=Input, stream=(StrictBool, Field(False, description=(
+        f"If true, answer Server-Sent Events like POST /{predictor.name}/stream.")))) if predictor.streams else Input
+    router = APIRouter(tags=[predictor.name], dependencies=guards, responses=ERRORS)
 
     async def submit(items: list, request: Request) -> list:
         meta: dict[str, int] = {}
@@ -67,8 +73,8 @@ def model_router(entry: ModelEntry, max_instances: int, noop_route: bool = False
         return StreamingResponse(relay(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def predict_one(item: Input, request: Request) -> Output:  # type: ignore[valid-type]
-        if predictor.streams and getattr(item, "stream", False):
+    async def predict_one(item: One, request: Request) -> Output:  # type: ignore[valid-type]
+        if getattr(item, "stream", False):
             return open_stream(item)
         return (await submit([item], request))[0]
 
@@ -122,10 +128,9 @@ class Readiness(BaseModel):
     models: dict[str, str] = Field(description="Each model's state, with the reason when it failed.")
 
 
-def ops_router(registry: Registry, public: bool) -> APIRouter:
-    """Operations routes. /healthz is always open (liveness probes send no key); the rest follow ``public``."""
+def ops_router(registry: Registry, guarded: list) -> APIRouter:
+    """Operations routes. /healthz is always open (liveness probes send no key); the rest take ``guarded``."""
     router = APIRouter(tags=["operations"])
-    guarded = [] if public else [Depends(require_api_key)]
 
     def info(entry: ModelEntry) -> ModelInfo:
         m, predictor = entry.manifest, entry.predictor

@@ -146,6 +146,11 @@ def test_top_k_one_is_greedy(client):
     assert poem(client, top_k=1, seed=1)["poem"] == poem(client, top_k=1, seed=2)["poem"]
 
 
+def test_the_smallest_temperature_is_greedy_not_an_error(client):
+    greedy = poem(client, top_k=1, seed=1)["poem"]
+    assert poem(client, temperature=5e-324, seed=2)["poem"] == greedy  # 1/T overflows: once a 500
+
+
 @pytest.mark.parametrize("fields, char", [({"start": "㐀"}, "㐀"), ({"start": "月x"}, "x"),
                                           ({"acrostic": "春㐀"}, "㐀"), ({"acrostic": "春，"}, "，")])
 def test_unknown_characters_are_named(client, fields, char):
@@ -196,7 +201,7 @@ def test_stream_true_on_the_poem_route(client):
     assert events(response) == events(client.post("/poem/stream", json=fields))
     assert events(response)[-1][1] == poem(client, **fields)
     batch = client.post("/poem/batch", json={"instances": [dict(fields, stream=True)]})
-    assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "stream"], batch.text
+    assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "instances", 0, "stream"], batch.text
 
 
 def test_metadata_compares_with_the_plain_rnn(client):

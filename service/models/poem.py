@@ -102,7 +102,7 @@ class PoemRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"start": "月", "line_num": 2, "line_length": 5, "acrostic": None, "rhyme": True, "temperature": 0.8,
          "top_k": 0, "seed": None},
-        {"acrostic": "春夏秋冬", "line_length": 7, "seed": 42}]})
+        {"acrostic": "月落乌啼", "line_length": 7, "seed": 42}]})
 
     # The patterns document the rules for clients; the checks below enforce them with messages naming the character.
     start: str | None = Field(None, min_length=1, max_length=7, examples=["月"], json_schema_extra={
@@ -112,7 +112,7 @@ class PoemRequest(BaseModel):
         "Printed rows, each one couplet of two clauses: 2 is a quatrain (绝句), 4 a regulated verse (律诗). "
         "Default: half the acrostic's length, else 2."))
     line_length: Annotated[Literal[5, 7], BeforeValidator(json_number)] = Field(5, description="Characters per clause: 5 (五言) or 7 (七言).")
-    acrostic: str | None = Field(None, min_length=2, max_length=2 * MAX_ROWS, examples=["春夏秋冬"], json_schema_extra={
+    acrostic: str | None = Field(None, min_length=2, max_length=2 * MAX_ROWS, examples=["月落乌啼"], json_schema_extra={
         "pattern": f"^(?:{HANZI}{{2}})+$"}, description=(
         "藏头诗: one character per clause, each clause starts with it. Its length (even, 2-16) sets the "
         "number of clauses and must be twice line_num when both are given."))
@@ -123,9 +123,6 @@ class PoemRequest(BaseModel):
     top_k: JsonInt = Field(0, ge=0, le=10_000, description="Draw only from the k likeliest characters; 0 = no limit.")
     seed: JsonInt | None = Field(None, ge=0, le=MAX_SEED, description=(
         "Random seed; the same seed and parameters give the same poem. Default: a random one, returned."))
-    stream: StrictBool = Field(False, description=(
-        "If true, POST /poem answers Server-Sent Events like POST /poem/stream: an event `char` per character, "
-        "then an event `poem` with the whole response. Not allowed in /poem/batch."))
 
     @model_validator(mode="after")
     def _check_form(self) -> PoemRequest:
@@ -254,7 +251,9 @@ class Poem(Predictor):
     @staticmethod
     def _draw(logits: torch.Tensor, allowed: torch.Tensor, plan: Plan, generator: torch.Generator) -> int:
         """Sample one token id among ``allowed`` with the plan's temperature and top-k."""
-        logits = logits.masked_fill(~allowed, float("-inf")) / plan.temperature
+        logits = logits.double().masked_fill(~allowed, float("-inf"))
+        # float64 and shifted so the best is 0: a tiny temperature then gives 0 and -inf (greedy), never NaN
+        logits = (logits - logits.max()) / plan.temperature
         if plan.top_k:
             kth = logits.topk(min(plan.top_k, int(allowed.sum()))).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -270,8 +269,6 @@ class Poem(Predictor):
         outputs: list[PoemResponse | Exception] = []
         for request in batch:  # one at a time: a batched forward pass could change a seeded poem's draws
             try:
-                if request.stream:
-                    raise InputError("stream is for POST /poem and /poem/stream; /poem/batch answers JSON", "stream")
                 plan = self.plan(request)
             except InputError as exc:
                 outputs.append(exc)
