@@ -104,6 +104,28 @@ def test_house_unknown_category_lists_allowed_values(client):
     assert client.post("/house-price", json={**HOUSE, "GrLivarea": 1}).status_code == 422  # typo is not ignored
 
 
+def test_phone_served_answers_match_the_artifacts_own_pipeline(client, data_dir):
+    """The service applies the scaler's formula itself; it must give what the fitted sklearn scaler gives."""
+    import numpy as np
+    import torch
+
+    from service.artifacts import Artifact
+    from service.models.phone_price import FEATURES, PhonePrice
+    from service.settings import Settings
+
+    frame = pd.read_csv(need_data(data_dir, "phone_price", "train.csv")).head(100)
+    artifact = Artifact(Settings().artifacts_dir / PhonePrice.folder)
+    predictor = PhonePrice()
+    predictor.load(artifact, torch.device("cpu"))
+    features = predictor.preprocessor.transform(frame[FEATURES].to_numpy(dtype=np.float64))
+    with torch.inference_mode():
+        expected = torch.softmax(predictor.net(torch.as_tensor(features, dtype=torch.float32)), 1).numpy()
+    rows = [{k: v for k, v in r.items() if k in FEATURES} for r in frame.to_dict("records")]
+    served = client.post("/phone-price/batch", json={"instances": rows}).json()["predictions"]
+    assert [p["price_range"] for p in served] == expected.argmax(1).tolist()
+    assert np.allclose([p["probabilities"] for p in served], expected, atol=2e-6)
+
+
 def test_house_accepts_every_training_row(client, data_dir):
     """Each row of the development CSV, posted as-is (NA and all), is accepted and priced sensibly."""
     path = need_data(data_dir, "house_prices", "train.csv")

@@ -55,12 +55,16 @@ class TabularPredictor(Predictor):
     def to_table(self, batch: list[BaseModel]) -> Any:
         """Turn validated inputs into what the preprocessor was fitted on (array or DataFrame)."""
 
+    def transform(self, table: Any) -> Any:
+        """The fitted preprocessor's transform (a subclass may apply the same formula more cheaply)."""
+        return self.preprocessor.transform(table)
+
     @abstractmethod
     def from_outputs(self, outputs: np.ndarray) -> list[BaseModel]:
         """Turn the net's raw outputs (one row per input) into response objects."""
 
     @torch.inference_mode()
     def predict(self, batch: list[BaseModel]) -> list[BaseModel]:
-        features = self.preprocessor.transform(self.to_table(batch))
+        features = self.transform(self.to_table(batch))
         x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
         return self.from_outputs(self.net(x).float().cpu().numpy())
