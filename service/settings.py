@@ -28,8 +28,6 @@ class Settings(BaseSettings):
     artifacts_dir: Path = PROJECT_ROOT / "artifacts"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
-    gil_switch_interval_ms: float | None = Field(None, gt=0, le=100, description=(
-        "Python's GIL switch interval (sys.setswitchinterval); None keeps Python's 5 ms."))
 
     # Batching and backpressure; `batching` overrides the default per model, e.g.
     # SERVE_BATCHING='{"fashion": {"max_batch_size": 128, "max_wait_ms": 2}}'.
