@@ -22,7 +22,7 @@ train: $(BIN)/.installed  ## retrain every model on ../shared/data (or $$DATA_DI
 	$(BIN)/python -m training all
 
 bench: $(BIN)/.installed
-	$(BIN)/python -m benchmarks.load --duration 4
+	$(BIN)/python -m benchmarks.load --rounds 5 --duration 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache

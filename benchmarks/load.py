@@ -5,8 +5,9 @@ For each model: throughput and p50/p95/p99 latency at 1, 8 and 64 concurrent con
 (max_batch_size 64) and off (max_batch_size 1); the no-op route with the same schema (validation only)
 as the framework's ceiling; and the model's in-process ceiling (items/s at batch 1 and batch 64).
 
-Two servers run side by side, one per mode, and the runs alternate between them (off, on, no-op) for
-``--rounds`` rounds, so a slow moment of a shared machine hits both modes alike. Each figure is the median
+Two servers run side by side, one per mode, and the runs alternate between them for ``--rounds``
+rounds (off, on, no-op; then on, off, no-op; ...), so a slow moment of a shared machine hits both modes
+alike and neither mode always runs second. Each figure is the median
 over the rounds; the per-round values are kept in the JSON.
 
     python -m benchmarks.load [--duration 3] [--rounds 3] [--models phone-price fashion]
@@ -176,9 +177,11 @@ def main() -> None:
                        "noop": f"http://127.0.0.1:{args.port + 1}/{p.name}/noop"}
             for c in LEVELS:
                 samples: dict[str, list[dict]] = {label: [] for label in targets}
-                for _ in range(args.rounds):
-                    for label, url in targets.items():
-                        samples[label].append(wrk(url, body, script, c, args.duration))
+                for round_ in range(args.rounds):
+                    # the two modes swap places every round, so neither always runs right after the other
+                    order = ["batching_off", "batching_on"][::1 if round_ % 2 == 0 else -1] + ["noop"]
+                    for label in order:
+                        samples[label].append(wrk(targets[label], body, script, c, args.duration))
                 for label, runs in samples.items():
                     result = results["routes"][p.name].setdefault(label, {})[str(c)] = median_run(runs)
                     print(f"{label:13s} /{p.name:20s} c={c:<3d} {result}", flush=True)

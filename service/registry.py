@@ -64,6 +64,9 @@ class Registry:
         for name, entry in self.entries.items():
             if entry.state == "ready":
                 policy = self.settings.policy(name)
+                cap = entry.predictor.max_batch_size
+                if cap and policy.max_batch_size > cap:
+                    policy = policy.model_copy(update={"max_batch_size": cap})
                 threads = policy.threads or entry.predictor.threads or torch.get_num_threads()
                 entry.batcher = Batcher(name, entry.predictor.predict, policy, threads=threads,
                                         max_queue=self.settings.max_queue, timeout_s=self.settings.request_timeout_s,

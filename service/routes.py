@@ -139,8 +139,8 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
             version=m and m.version, created_at=m and m.created_at, git_commit=m and m.git_commit,
             metrics=m.metrics if m else {}, metrics_method=m and m.metrics_method,
             hyperparameters=m.hyperparameters if m else {}, libraries=m.libraries if m else {},
-            batching=dict(registry.settings.policy(predictor.name).model_dump(),
-                          threads=entry.batcher.threads if entry.batcher else None),
+            batching=dict(entry.batcher.policy.model_dump(), threads=entry.batcher.threads) if entry.batcher
+            else registry.settings.policy(predictor.name).model_dump(),
             input_schema=predictor.input_schema(), output_schema=predictor.Output.model_json_schema())
 
     @router.get("/healthz", summary="Liveness: the process is up")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
 
+import httpx
 import pytest
 import torch
 from pypinyin import Style, lazy_pinyin
@@ -204,9 +206,21 @@ def test_stream_true_on_the_poem_route(client):
     assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "instances", 0, "stream"], batch.text
 
 
+def test_concurrent_poems_are_served_one_per_pass_first_come_first_served(server):
+    from tests.test_runtime_api import _fire, _metric
+
+    bodies = [{"line_num": 2, "seed": seed} for seed in range(6)]
+    responses = asyncio.run(_fire(server.url, "/poem", bodies))
+    assert [r.json()["seed"] for r in responses] == list(range(6))
+    metrics = httpx.get(server.url + "/metrics").text
+    count = _metric(metrics, "model_batch_size_count", model="poem")
+    assert count >= 6 and _metric(metrics, "model_batch_size_sum", model="poem") == count
+
+
 def test_metadata_compares_with_the_plain_rnn(client):
     info = client.get("/models/poem").json()
     assert info["state"] == "ready" and info["batching"]["threads"] == 1
+    assert info["batching"]["max_batch_size"] == 1  # capped by the model whatever the default policy says
     metrics = info["metrics"]
     assert metrics["val_perplexity"] < 0.9 * metrics["baseline_plain_rnn_val_perplexity"]
     assert metrics["val_perplexity_float16_as_served"] < 1.02 * metrics["val_perplexity"]

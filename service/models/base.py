@@ -47,6 +47,7 @@ class Predictor(ABC):
     description: ClassVar[str] = ""
     threads: ClassVar[int | None] = None  # intra-op threads of this model's worker unless settings say otherwise
     streams: ClassVar[bool] = False       # True: also POST /{name}/stream and {"stream": true} (see ``events``)
+    max_batch_size: ClassVar[int | None] = None  # cap on the batching policy, for a model that gains nothing above it
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")

@@ -177,6 +177,9 @@ class Poem(Predictor):
     # the idle OpenMP threads of the other models' workers fight it for the cores (a 4x7 poem in-process on
     # a worker thread: 50 ms with 1 thread, 82 ms with 2 once another worker had run).
     threads = 1
+    # Poems are sampled one after another (see predict), so a batch only makes each caller wait for the
+    # others' poems: with batches of 1 the queue is first come, first served.
+    max_batch_size = 1
     summary = "Write a classical Chinese poem (绝句, 律诗 or 藏头诗)"
     description = ("A character-level GRU trained on 36k Tang poems, sampled one character at a time under the "
                    "form's constraints (clause lengths, punctuation, acrostic, rhyme). With \"stream\": true, or "
