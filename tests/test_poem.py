@@ -223,7 +223,7 @@ def test_metadata_compares_with_the_plain_rnn(client):
     assert info["batching"]["max_batch_size"] == 1  # capped by the model whatever the default policy says
     metrics = info["metrics"]
     assert metrics["val_perplexity"] < 0.9 * metrics["baseline_plain_rnn_val_perplexity"]
-    assert metrics["val_perplexity_float16_as_served"] < 1.02 * metrics["val_perplexity"]
+    assert metrics["val_perplexity_as_served_on_cpu"] < 1.02 * metrics["val_perplexity"]
     assert "中华新韵" in json.dumps(info["input_schema"], ensure_ascii=False)
 
 
