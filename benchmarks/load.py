@@ -5,9 +5,9 @@ For each model: throughput and p50/p95/p99 latency at 1, 8 and 64 concurrent con
 (max_batch_size 64) and off (max_batch_size 1); the no-op route with the same schema (validation only)
 as the framework's ceiling; and the model's in-process ceiling (items/s at batch 1 and batch 64).
 
-Two servers run side by side, one per mode, and the runs alternate between them for ``--rounds``
-rounds (off, on, no-op; then on, off, no-op; ...), so a slow moment of a shared machine hits both modes
-alike and neither mode always runs second. Each figure is the median
+Each of ``--rounds`` rounds starts two fresh servers side by side, one per mode, and runs every route
+and level on both (off, on, no-op; the next round on, off, no-op), so a slow moment of a shared machine
+hits both modes alike, neither always runs second, and no one server process's luck decides a figure. Each figure is the median
 over the rounds; the per-round values are kept in the JSON.
 
     python -m benchmarks.load [--duration 3] [--rounds 3] [--models phone-price fashion]
@@ -168,31 +168,38 @@ def main() -> None:
                      "load_generator": "wrk 4.1 (1 thread) on the same machine", "duration_s": args.duration,
                      "rounds": args.rounds,
                      "routes": {p.name: {} for p in predictors}, "in_process": {}}
-    servers = {mode: start_server(args.port + i, batching) for i, (mode, batching) in enumerate(MODES.items())}
-    try:
-        for p in predictors:
-            body = work / f"{p.name}.json"
-            targets = {"batching_off": f"http://127.0.0.1:{args.port}/{p.name}",
-                       "batching_on": f"http://127.0.0.1:{args.port + 1}/{p.name}",
-                       "noop": f"http://127.0.0.1:{args.port + 1}/{p.name}/noop"}
-            for c in LEVELS:
-                samples: dict[str, list[dict]] = {label: [] for label in targets}
-                for round_ in range(args.rounds):
-                    # the two modes swap places every round, so neither always runs right after the other
-                    order = ["batching_off", "batching_on"][::1 if round_ % 2 == 0 else -1] + ["noop"]
+    # Fresh servers every round: a process's own luck (memory layout, which core it lands on) shifts its
+    # latency by up to a millisecond, so each round's pair is new and the medians average that out.
+    samples: dict[tuple[str, int, str], list[dict]] = {}
+    for round_ in range(args.rounds):
+        servers = {mode: start_server(args.port + i, batching) for i, (mode, batching) in enumerate(MODES.items())}
+        try:
+            for p in predictors:
+                body = work / f"{p.name}.json"
+                targets = {"batching_off": f"http://127.0.0.1:{args.port}/{p.name}",
+                           "batching_on": f"http://127.0.0.1:{args.port + 1}/{p.name}",
+                           "noop": f"http://127.0.0.1:{args.port + 1}/{p.name}/noop"}
+                # the two modes swap places every round, so neither always runs right after the other
+                order = ["batching_off", "batching_on"][::1 if round_ % 2 == 0 else -1] + ["noop"]
+                for c in LEVELS:
                     for label in order:
-                        samples[label].append(wrk(targets[label], body, script, c, args.duration))
-                for label, runs in samples.items():
-                    result = results["routes"][p.name].setdefault(label, {})[str(c)] = median_run(runs)
-                    print(f"{label:13s} /{p.name:20s} c={c:<3d} {result}", flush=True)
-                # paired by round: the on and off runs of one round ran seconds apart
-                paired = [on["p50_ms"] - off["p50_ms"] for on, off in zip(samples["batching_on"], samples["batching_off"])]
-                results["routes"][p.name].setdefault("p50_on_minus_off_ms", {})[str(c)] = round(statistics.median(paired), 3)
-    finally:
-        for server in servers.values():
-            server.terminate()
-        for server in servers.values():
-            server.wait(30)
+                        samples.setdefault((p.name, c, label), []).append(
+                            wrk(targets[label], body, script, c, args.duration))
+                print(f"round {round_ + 1}/{args.rounds}: /{p.name} done", flush=True)
+        finally:
+            for server in servers.values():
+                server.terminate()
+            for server in servers.values():
+                server.wait(30)
+    for p in predictors:
+        for c in LEVELS:
+            for label in ("batching_off", "batching_on", "noop"):
+                result = results["routes"][p.name].setdefault(label, {})[str(c)] = median_run(samples[p.name, c, label])
+                print(f"{label:13s} /{p.name:20s} c={c:<3d} {result}", flush=True)
+            # paired by round: the on and off runs of one round ran seconds apart
+            paired = [on["p50_ms"] - off["p50_ms"]
+                      for on, off in zip(samples[p.name, c, "batching_on"], samples[p.name, c, "batching_off"])]
+            results["routes"][p.name].setdefault("p50_on_minus_off_ms", {})[str(c)] = round(statistics.median(paired), 3)
     for p in predictors:
         results["in_process"][p.name] = in_process_ceiling(p)
 
