@@ -153,3 +153,21 @@ def test_tampered_artifact_is_refused_while_other_model_serves(artifacts_copy):
         assert house.status_code == 503 and "sha256" in house.json()["detail"]
         assert client.get("/models/house-price").json()["state"] == "failed"
         assert client.post("/phone-price", json=PHONE).status_code == 200
+
+
+def test_phone_refuses_a_preprocessor_it_cannot_apply(artifacts_copy):
+    """The phone model applies a StandardScaler's formula itself, so any other preprocessor is refused."""
+    import joblib
+    import torch
+    from sklearn.preprocessing import MinMaxScaler
+
+    from service.artifacts import Artifact, write_artifact
+    from service.models.phone_price import PhonePrice
+
+    folder = artifacts_copy / PhonePrice.folder
+    manifest = Artifact(folder).manifest
+    joblib.dump(MinMaxScaler().fit([[0.0] * 20, [1.0] * 20]), folder / "preprocessor.joblib")
+    write_artifact(folder, name=manifest.name, hyperparameters=manifest.hyperparameters, metrics=manifest.metrics,
+                   metrics_method=manifest.metrics_method, data_files=[])
+    with pytest.raises(ValueError, match="must be a StandardScaler"):
+        PhonePrice().load(Artifact(folder), torch.device("cpu"))

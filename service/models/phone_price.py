@@ -5,6 +5,7 @@ from operator import attrgetter
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from sklearn.preprocessing import StandardScaler
 
 from service.models.base import JsonFloat, JsonInt
 from service.models.tabular import TabularPredictor
@@ -68,6 +69,12 @@ class PhonePrice(TabularPredictor):
 
     def to_table(self, batch: list[Phone]) -> np.ndarray:
         return np.array([_features(phone) for phone in batch], dtype=np.float64)
+
+    def setup(self, artifact, device) -> None:
+        super().setup(artifact, device)
+        scaler = self.preprocessor  # transform() below applies a standard scaler's formula itself
+        if not (isinstance(scaler, StandardScaler) and scaler.with_mean and scaler.with_std):
+            raise ValueError(f"preprocessor.joblib must be a StandardScaler with mean and std, not {scaler!r}")
 
     def transform(self, table: np.ndarray) -> np.ndarray:
         # The fitted StandardScaler's own formula, without sklearn's per-call input checks: those cost
