@@ -85,4 +85,4 @@ class PhonePrice(TabularPredictor):
         probabilities = torch.softmax(torch.from_numpy(outputs), dim=1).numpy()
         bands = probabilities.argmax(axis=1).tolist()
         return [PhonePrediction(price_range=band, label=LABELS[band], probabilities=p)
-                for band, p in zip(bands, probabilities.round(6).tolist())]
+                for band, p in zip(bands, probabilities.astype(np.float64).round(6).tolist())]
