@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test train bench clean
+.PHONY: serve test test-fast train bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ serve: $(BIN)/.installed  ## start the service on the committed artifacts
 
 test: $(BIN)/.installed  ## run the whole test suite
 	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/.installed  ## the suite without real-model servers and training runs (under a minute)
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 train: $(BIN)/.installed  ## retrain every model on ../shared/data (or $$DATA_DIR)
 	$(BIN)/python -m training all

@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from service.artifacts import Artifact
-from service.models import PREDICTORS
+from service.catalog import MODELS, Model
+from service.registry import open_model
 from service.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,8 +56,8 @@ end
 """
 
 
-def example(predictor_cls) -> dict:
-    return predictor_cls.Input.model_config["json_schema_extra"]["examples"][0]
+def example(model: Model) -> dict:
+    return model.predictor_class().example
 
 
 def start_server(port: int, batching: dict) -> subprocess.Popen:
@@ -93,18 +93,16 @@ def median_run(samples: list[dict]) -> dict:
     return result
 
 
-def in_process_ceiling(predictor_cls, seconds: float = 1.5) -> dict:
-    """Items per second through predictor.predict alone (preprocess + forward + postprocess)."""
-    predictor = predictor_cls()
-    predictor.load(Artifact(Settings().artifacts_dir / predictor_cls.folder), torch.device("cpu"))
-    item = predictor_cls.Input.model_validate(example(predictor_cls))
+def in_process_ceiling(model: Model, seconds: float = 1.5) -> dict:
+    """Items per second through the predictor alone (preprocess + forward + postprocess)."""
+    entry = open_model(model, Settings().artifacts_dir)
+    item = entry.Input.model_validate(example(model))
     result = {}
     for size in (1, MAX_BATCH):
         batch, count, start = [item] * size, 0, time.perf_counter()
-        with torch.inference_mode():
-            while time.perf_counter() - start < seconds:
-                predictor.predict(batch)
-                count += size
+        while time.perf_counter() - start < seconds:
+            entry.predictor.run(batch)
+            count += size
         result[f"items_per_s_batch_{size}"] = round(count / (time.perf_counter() - start), 1)
     return result
 
@@ -150,12 +148,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per mode and level (median kept)")
-    parser.add_argument("--models", nargs="*", default=[p.name for p in PREDICTORS])
+    parser.add_argument("--models", nargs="*", default=[m.name for m in MODELS])
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
-    predictors = [p for p in PREDICTORS if p.name in args.models]
+    predictors = [m for m in MODELS if m.name in args.models]
     work = Path(tempfile.mkdtemp())
     script = work / "post.lua"
     script.write_text(LUA)

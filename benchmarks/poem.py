@@ -23,8 +23,9 @@ import httpx
 import torch
 
 from benchmarks.load import RESULTS, start_server
-from service.artifacts import Artifact
-from service.models.poem import Poem, PoemRequest
+from service import catalog
+from service.models.poem import PoemRequest
+from service.registry import open_model
 from service.settings import Settings
 
 BODY = {"line_num": 4, "line_length": 7, "rhyme": True, "temperature": 0.8, "top_k": 0}
@@ -63,15 +64,13 @@ def over_http(url: str, seeds: list[int]) -> tuple[dict, dict]:
 
 def in_process(seeds: list[int]) -> dict:
     """The same poems through predict() alone: the model's share of the HTTP latency."""
-    torch.set_num_threads(Poem.threads or torch.get_num_threads())  # as on the model's worker thread
-    predictor = Poem()
-    predictor.load(Artifact(Settings().artifacts_dir / Poem.folder), torch.device("cpu"))
+    predictor = open_model(catalog.get("poem"), Settings().artifacts_dir).predictor
+    torch.set_num_threads(predictor.threads or torch.get_num_threads())  # as on the model's worker thread
     times = []
-    with torch.inference_mode():
-        for seed in seeds:
-            start = time.perf_counter()
-            predictor.predict([PoemRequest(**BODY, seed=seed)])
-            times.append(time.perf_counter() - start)
+    for seed in seeds:
+        start = time.perf_counter()
+        predictor.run([PoemRequest(**BODY, seed=seed)])
+        times.append(time.perf_counter() - start)
     return summary(times)
 
 

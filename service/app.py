@@ -16,8 +16,8 @@ from service.docs import add_docs
 from service.batching import PredictionTimeoutError, QueueFullError
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
-from service.models import PREDICTORS
-from service.models.base import InputError, Predictor
+from service.catalog import MODELS, Model
+from service.models.base import InputError, InputRejected
 from service.registry import ModelUnavailableError, Registry
 from service.routes import model_router, ops_router, require_api_key
 from service.settings import Settings
@@ -39,6 +39,10 @@ def _input_error(request: Request, exc: InputError) -> JSONResponse:
     return JSONResponse({"detail": [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]}, status_code=422)
 
 
+def _rejected(request: Request, exc: InputRejected) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+
 def _error(status: int, headers: dict[str, str] | None = None):
     def handler(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
@@ -52,11 +56,12 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
                         status_code=500)
 
 
-def create_app(settings: Settings | None = None, predictors: list[type[Predictor]] | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, models: list[Model] | None = None) -> FastAPI:
+    """The app serving ``models`` (default: every model in the catalog) with ``settings`` (default: from env)."""
     settings = settings or Settings()
     configure_logging(settings.log_json, settings.log_level)
     metrics = Metrics()
-    registry = Registry(predictors or PREDICTORS, settings, metrics)
+    registry = Registry(MODELS if models is None else models, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -76,6 +81,7 @@ def create_app(settings: Settings | None = None, predictors: list[type[Predictor
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(InputRejected, _rejected)
     app.add_exception_handler(ModelUnavailableError, _error(503))
     app.add_exception_handler(QueueFullError, _error(503, {"Retry-After": "1"}))
     app.add_exception_handler(PredictionTimeoutError, _error(504))

@@ -13,12 +13,11 @@ import json
 import platform
 import subprocess
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import joblib
-import numpy
-import sklearn
 import torch
 from pydantic import BaseModel, Field
 
@@ -59,8 +58,8 @@ def library_versions() -> dict[str, str]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__.split("+")[0],
-        "scikit-learn": sklearn.__version__,
-        "numpy": numpy.__version__,
+        "scikit-learn": version("scikit-learn"),  # read from the installed metadata: no need to import them
+        "numpy": version("numpy"),
     }
 
 

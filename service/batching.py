@@ -3,7 +3,7 @@
 When the model is idle a request runs at once with whatever is queued, so low load adds no latency.
 While a forward pass runs, new arrivals queue up and form the next batch (up to ``max_batch_size``);
 ``max_wait_ms`` > 0 additionally waits for a fuller batch. Model work runs on one worker thread per
-model under ``torch.inference_mode()``, never on the event loop.
+model, never on the event loop.
 """
 
 from __future__ import annotations
@@ -109,10 +109,6 @@ class Batcher:
                 batch.append(p)
         return batch
 
-    def _run_batch(self, items: list) -> list:
-        with torch.inference_mode():
-            return self._predict(items)
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -123,7 +119,7 @@ class Batcher:
             while (batch := self._next_batch()):
                 start = time.perf_counter()
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+                    outputs = await loop.run_in_executor(self._executor, self._predict, [p.item for p in batch])
                     if len(outputs) != len(batch):
                         raise RuntimeError(f"{self.name} returned {len(outputs)} outputs for {len(batch)} inputs")
                 except Exception as exc:  # the whole batch failed: every caller hears why

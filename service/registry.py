@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import BaseModel
 
 from service.artifacts import Artifact, Manifest
 from service.batching import Batcher
+from service.catalog import Model
 from service.metrics import Metrics
 from service.models.base import Predictor
 from service.settings import Settings
@@ -23,16 +26,63 @@ class ModelUnavailableError(RuntimeError):
 
 @dataclass
 class ModelEntry:
+    model: Model
     predictor: Predictor
+    Input: type[BaseModel]              # the schema of one instance, from the class or from its artifact
+    artifact: Artifact | None = None    # verified when the entry was described; None if that failed
     state: Literal["loading", "ready", "failed"] = "loading"
     reason: str | None = None
-    manifest: Manifest | None = None
     batcher: Batcher | None = None
+
+    @classmethod
+    def describe(cls, model: Model, artifacts_dir: Path) -> ModelEntry:
+        """Verify the model's artifact and read its input schema (the routes need it before start-up)."""
+        predictor_cls = model.predictor_class()
+        entry = cls(model, predictor_cls(), predictor_cls.Input)
+        try:
+            entry.artifact = Artifact(artifacts_dir / model.folder)
+            entry.Input = predictor_cls.input_schema(entry.artifact)
+            predictor_cls.check_example(entry.Input)
+        except Exception as exc:  # one broken model must not take the others down
+            entry.fail(exc)
+        return entry
+
+    def load(self, device: torch.device, settings: Settings) -> None:
+        """Load the weights onto ``device``; a failure is recorded, not raised."""
+        if self.state != "loading":
+            return
+        try:
+            self.predictor.load(self.artifact, device, settings)
+            self.state = "ready"
+            log.info("loaded %s version %s on %s", self.name, self.artifact.manifest.version, device)
+        except Exception as exc:
+            self.fail(exc)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.artifact.manifest if self.artifact and self.state == "ready" else None
+
+    def fail(self, exc: Exception) -> None:
+        self.state, self.reason = "failed", f"{type(exc).__name__}: {exc}"
+        log.error("could not load %s: %s", self.name, self.reason)
 
     def batcher_or_raise(self) -> Batcher:
         if self.state != "ready" or self.batcher is None:
-            raise ModelUnavailableError(f"model '{self.predictor.name}' is not available: {self.reason or self.state}")
+            raise ModelUnavailableError(f"model '{self.name}' is not available: {self.reason or self.state}")
         return self.batcher
+
+
+def open_model(model: Model, artifacts_dir: Path, device: str = "cpu") -> ModelEntry:
+    """One model described and loaded outside a server (tests, benchmarks, tools); raises if it cannot be."""
+    entry = ModelEntry.describe(model, artifacts_dir)
+    entry.load(torch.device(device), Settings())
+    if entry.state != "ready":
+        raise ModelUnavailableError(f"model '{model.name}' did not load: {entry.reason}")
+    return entry
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,21 +92,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Registry:
-    def __init__(self, predictors: list[type[Predictor]], settings: Settings, metrics: Metrics):
+    """Every served model's entry: described when the app is built, loaded at start-up, then batched."""
+
+    def __init__(self, models: list[Model], settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
         self.device = resolve_device(settings.device)
-        self.entries = {cls.name: ModelEntry(cls()) for cls in predictors}
+        self.entries = {model.name: ModelEntry.describe(model, settings.artifacts_dir) for model in models}
 
     def load_all(self) -> None:
         for name, entry in self.entries.items():
-            try:
-                artifact = Artifact(self.settings.artifacts_dir / entry.predictor.folder)
-                entry.predictor.load(artifact, self.device)
-                entry.manifest, entry.state, entry.reason = artifact.manifest, "ready", None
-                log.info("loaded %s version %s on %s", name, artifact.manifest.version, self.device)
-            except Exception as exc:  # one broken model must not take the others down
-                entry.state, entry.reason = "failed", f"{type(exc).__name__}: {exc}"
-                log.error("could not load %s: %s", name, entry.reason)
+            entry.load(self.device, self.settings)
             self.metrics.model_up.labels(name).set(1 if entry.state == "ready" else 0)
 
     def start(self) -> None:
@@ -68,7 +113,7 @@ class Registry:
                 if cap and policy.max_batch_size > cap:
                     policy = policy.model_copy(update={"max_batch_size": cap})
                 threads = policy.threads or entry.predictor.threads or torch.get_num_threads()
-                entry.batcher = Batcher(name, entry.predictor.predict, policy, threads=threads,
+                entry.batcher = Batcher(name, entry.predictor.run, policy, threads=threads,
                                         max_queue=self.settings.max_queue, timeout_s=self.settings.request_timeout_s,
                                         observe=self.metrics.batch_observer(name))
                 entry.batcher.start()
@@ -77,4 +122,4 @@ class Registry:
         for entry in self.entries.values():
             if entry.batcher is not None:
                 await entry.batcher.stop()
-            self.metrics.model_up.labels(entry.predictor.name).set(0)
+            self.metrics.model_up.labels(entry.name).set(0)

@@ -1,13 +1,15 @@
 """HTTP routes: the two standard routes of every model, plus health, readiness, metadata and metrics."""
 
+import json
 import secrets
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Body, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, StrictBool, create_model
 
+from service.models.base import Upload, UploadRoute
 from service.registry import ModelEntry, Registry
 
 
@@ -41,20 +43,22 @@ async def require_api_key(request: Request) -> None:  # async: a sync dependency
 
 
 def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route: bool = False) -> APIRouter:
-    """``POST /{name}`` for one instance and ``POST /{name}/batch`` for many; both go through the batcher.
+    """Every route of one model, all through its batcher: ``POST /{name}`` for one instance,
+    ``POST /{name}/batch`` for many, and where the model declares them an upload route and a stream route.
 
     ``guards`` are the route dependencies (the API-key check when keys are configured).
     """
-    predictor = entry.predictor
-    Input, Output = predictor.Input, predictor.Output
+    predictor, name, folder = entry.predictor, entry.name, entry.model.folder
+    Input, Output = entry.Input, predictor.Output
+    example = Body(examples=[predictor.example])
     BatchInput = create_model(f"{Input.__name__}Batch", instances=(list[Input], Field(
         min_length=1, max_length=max_instances, description=f"1 to {max_instances} instances, answered in order.")))
     BatchOutput = create_model(f"{Output.__name__}Batch", predictions=(list[Output], Field(
         description="One prediction per instance, in the order sent.")))
     # A streaming model's single route also takes "stream"; its batch and /stream routes do not need it.
     One = create_model(f"{Input.__name__}OrStream", __base__=Input, stream=(StrictBool, Field(False, description=(
-        f"If true, answer Server-Sent Events like POST /{predictor.name}/stream.")))) if predictor.streams else Input
-    router = APIRouter(tags=[predictor.name], dependencies=guards, responses=ERRORS)
+        f"If true, answer Server-Sent Events like POST /{name}/stream.")))) if predictor.stream_event else Input
+    router = APIRouter(tags=[name], dependencies=guards, responses=ERRORS)
 
     async def submit(items: list, request: Request) -> list:
         meta: dict[str, int] = {}
@@ -62,47 +66,75 @@ def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route
         request.state.batch_size = meta.get("batch_size")
         return outputs
 
-    def open_stream(item: Any) -> StreamingResponse:
-        batcher = entry.batcher_or_raise()  # 503 while the model is not loaded, like the other routes
-        events = predictor.events(item)  # checks the input first: a bad one is a 422, not a broken stream
-
-        async def relay():  # each event is computed on the model's worker thread, between its batches
-            while (event := await batcher.call(next, events, None)) is not None:
-                yield event
-
-        return StreamingResponse(relay(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def predict_one(item: One, request: Request) -> Output:  # type: ignore[valid-type]
+    async def predict_one(item: Annotated[One, example], request: Request) -> Output:  # type: ignore[valid-type]
         if getattr(item, "stream", False):
-            return open_stream(item)
+            return open_stream(entry, item)
         return (await submit([item], request))[0]
 
     async def predict_batch(body: BatchInput, request: Request) -> BatchOutput:  # type: ignore[valid-type]
         return BatchOutput(predictions=await submit(body.instances, request))
 
-    sse = {200: {"content": {"text/event-stream": {}}}} if predictor.streams else {}
-    router.add_api_route(f"/{predictor.name}", predict_one, methods=["POST"], response_model=Output,
-                         summary=predictor.summary, description=predictor.description, responses=sse,
-                         operation_id=f"predict_{predictor.folder}")
-    router.add_api_route(f"/{predictor.name}/batch", predict_batch, methods=["POST"], response_model=BatchOutput,
+    sse = {200: {"content": {"text/event-stream": {}}}} if predictor.stream_event else {}
+    router.add_api_route(f"/{name}", predict_one, methods=["POST"], response_model=Output, summary=predictor.summary,
+                         description=predictor.description, responses=sse, operation_id=f"predict_{folder}")
+    router.add_api_route(f"/{name}/batch", predict_batch, methods=["POST"], response_model=BatchOutput,
                          summary=f"{predictor.summary} (many at once)",
                          description="The same model for a list of instances, in one request.",
-                         operation_id=f"predict_{predictor.folder}_batch")
-    if predictor.streams:  # Server-Sent Events, computed on the model's worker but outside its queue
-        async def predict_stream(item: Input) -> StreamingResponse:  # type: ignore[valid-type]
-            return open_stream(item)
-        router.add_api_route(f"/{predictor.name}/stream", predict_stream, methods=["POST"],
-                             response_class=StreamingResponse, responses=sse,
-                             summary=f"{predictor.summary}, streamed as Server-Sent Events",
-                             description=f"Same body as POST /{predictor.name} (same as sending \"stream\": true).",
-                             operation_id=f"predict_{predictor.folder}_stream")
+                         operation_id=f"predict_{folder}_batch")
+    if predictor.stream_event:  # Server-Sent Events, computed on the model's worker but outside its queue
+        async def predict_stream(item: Annotated[Input, example]) -> StreamingResponse:  # type: ignore[valid-type]
+            return open_stream(entry, item)
+        router.add_api_route(f"/{name}/stream", predict_stream, methods=["POST"], response_class=StreamingResponse,
+                             responses=sse, summary=f"{predictor.summary}, streamed as Server-Sent Events",
+                             description=f"Same body as POST /{name} (same as sending \"stream\": true).",
+                             operation_id=f"predict_{folder}_stream")
+    if predictor.upload:
+        add_upload_route(router, entry, predictor.upload, submit)
     if noop_route:  # the framework's ceiling: same schema and validation, no model
         async def noop(item: Input) -> dict[str, bool]:  # type: ignore[valid-type]
             return {"valid": True}
-        router.add_api_route(f"/{predictor.name}/noop", noop, methods=["POST"], include_in_schema=False)
-    predictor.add_routes(router, submit)
+        router.add_api_route(f"/{name}/noop", noop, methods=["POST"], include_in_schema=False)
     return router
+
+
+def open_stream(entry: ModelEntry, item: Any) -> StreamingResponse:
+    """Server-Sent Events: one ``stream_event`` event per piece the model yields, then one named after the
+    model with the whole answer (the same JSON as the single route's)."""
+    batcher = entry.batcher_or_raise()  # 503 while the model is not loaded, like the other routes
+    pieces = entry.predictor.stream(item)  # checks the input first: a bad one is a 422, not a broken stream
+    event = entry.predictor.stream_event
+
+    async def relay():  # each piece is computed on the model's worker thread, between its batches
+        while (piece := await batcher.call(next, pieces, None)) is not None:
+            if isinstance(piece, BaseModel):
+                yield f"event: {entry.name}\ndata: {piece.model_dump_json()}\n\n"
+            else:
+                yield f"event: {event}\ndata: {json.dumps({event: piece}, ensure_ascii=False)}\n\n"
+
+    return StreamingResponse(relay(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def add_upload_route(router: APIRouter, entry: ModelEntry, upload: UploadRoute, submit) -> None:
+    """``POST /{name}/{path}``: a multipart ``file`` plus query options. The bytes are queued as they came
+    and decoded by the model on its worker thread, batched with the other requests."""
+    Options, Output = upload.Options, entry.predictor.Output
+
+    async def predict_upload(request: Request, options: Annotated[Options, Query()],  # type: ignore[valid-type]
+                             file: UploadFile = File(description=upload.file_description)) -> Output:  # type: ignore[valid-type]
+        return (await submit([Upload(await file.read(), options)], request))[0]
+
+    validation_errors = {"$ref": "#/components/schemas/HTTPValidationError"}  # the body of FastAPI's own 422s
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": text} for status, text in upload.errors.items() if status != 422}
+    if 422 in upload.errors:
+        responses[422] = {"description": upload.errors[422], "content": {"application/json": {"schema": validation_errors}}}
+    # The part's media types, so clients (and fuzzers) know the bytes must be an image, not any file.
+    encoding = {"file": {"contentType": ", ".join(upload.media_types)}}
+    router.add_api_route(f"/{entry.name}/{upload.path}", predict_upload, methods=["POST"], response_model=Output,
+                         summary=upload.summary, description=upload.description, responses=responses,
+                         operation_id=f"predict_{entry.model.folder}_{upload.path}",
+                         openapi_extra={"requestBody": {"content": {"multipart/form-data": {"encoding": encoding}}}})
 
 
 class ModelInfo(BaseModel):
@@ -135,13 +167,14 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
     def info(entry: ModelEntry) -> ModelInfo:
         m, predictor = entry.manifest, entry.predictor
         return ModelInfo(
-            name=predictor.name, state=entry.state, reason=entry.reason, device=str(registry.device),
+            name=entry.name, state=entry.state, reason=entry.reason, device=str(registry.device),
             version=m and m.version, created_at=m and m.created_at, git_commit=m and m.git_commit,
             metrics=m.metrics if m else {}, metrics_method=m and m.metrics_method,
             hyperparameters=m.hyperparameters if m else {}, libraries=m.libraries if m else {},
             batching=dict(entry.batcher.policy.model_dump(), threads=entry.batcher.threads) if entry.batcher
-            else registry.settings.policy(predictor.name).model_dump(),
-            input_schema=predictor.input_schema(), output_schema=predictor.Output.model_json_schema())
+            else registry.settings.policy(entry.name).model_dump(),
+            input_schema=dict(entry.Input.model_json_schema(), examples=[predictor.example]),
+            output_schema=predictor.Output.model_json_schema())
 
     @router.get("/healthz", summary="Liveness: the process is up")
     async def healthz() -> dict[str, str]:

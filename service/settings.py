@@ -1,6 +1,5 @@
 """Service settings, read from environment variables prefixed with ``SERVE_`` (see README)."""
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -51,8 +50,3 @@ class Settings(BaseSettings):
 
     def policy(self, model: str) -> BatchPolicy:
         return self.batching.get(model, self.default_batching)
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

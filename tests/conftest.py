@@ -1,4 +1,9 @@
-"""Shared fixtures: the data folder (skip with a reason when absent) and a real uvicorn server."""
+"""Shared fixtures: the data folder (skip with a reason when absent), real uvicorn servers, and the
+in-process app on the stub model.
+
+Tests that use a real server on the real models are marked ``e2e`` here, automatically; with ``slow``
+(training runs) they are what ``make test-fast`` leaves out.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,39 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service import catalog
+from service.app import create_app
+from service.registry import ModelEntry, open_model
+from service.settings import Settings
+from tests.stubs import DOUBLER, write_stub_artifacts
 from training.common import DATA_DIR_ENV, default_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
+E2E_FIXTURES = {"server", "client"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+def example(name: str) -> dict:
+    """The declared example input of a model in the catalog."""
+    return catalog.get(name).predictor_class().example
+
+
+def committed(name: str) -> ModelEntry:
+    """A model loaded on the CPU from the committed artifacts, outside a server."""
+    return open_model(catalog.get(name), ARTIFACTS)
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +55,22 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"dataset folder {path} not found: set ${DATA_DIR_ENV} to run the data-dependent tests")
     return path
+
+
+@pytest.fixture(scope="session")
+def quick_artifacts(tmp_path_factory, data_dir):
+    """``quick_artifacts(name)``: an artifacts folder where ``python -m training <name> --quick`` has run
+    (once per session, whichever tests ask)."""
+    from training.__main__ import main
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"quick-{name}")
+            main([name, "--quick", "--out", str(out), "--data-dir", str(data_dir), "--device", "cpu"])
+            done[name] = out
+        return done[name]
+    return get
 
 
 def need_data(data_dir: Path, *parts: str) -> Path:
@@ -43,18 +87,19 @@ def free_port() -> int:
 
 
 class Server:
-    """A uvicorn process serving service.app:app on a free port, with settings from environment variables."""
+    """A uvicorn process serving ``app`` (an import path; a factory when ``factory``) on a free port, with
+    settings from environment variables."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], app: str = "service.app:app", factory: bool = False, cwd: Path = ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"server-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--timeout-graceful-shutdown", "30"],
-            cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else []), "--host", "127.0.0.1",
+             "--port", str(self.port), "--timeout-graceful-shutdown", "30"],
+            cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -87,13 +132,35 @@ class Server:
 
 
 @contextmanager
-def running_server(**settings: str):
+def running_server(app: str = "service.app:app", factory: bool = False, **settings: str):
     """Start a server with SERVE_* settings given as keyword arguments (e.g. api_keys='["k"]')."""
-    server = Server({f"SERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    server = Server({f"SERVE_{k.upper()}": str(v) for k, v in settings.items()}, app, factory)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def stub_artifacts(tmp_path_factory) -> Path:
+    return write_stub_artifacts(tmp_path_factory.mktemp("stub-artifacts"))
+
+
+@pytest.fixture
+def stub_app(stub_artifacts):
+    """``stub_app(**settings)``: the real app factory serving only the stub model, in this process."""
+    def make(**settings):
+        return create_app(Settings(artifacts_dir=stub_artifacts, **settings), models=[DOUBLER])
+    return make
+
+
+@asynccontextmanager
+async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
+    """Run ``app``'s start-up and shutdown around an httpx client that calls it in this event loop."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=30) as client:
+            yield client
 
 
 @pytest.fixture(scope="session")

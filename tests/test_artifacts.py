@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from service import catalog
 from service.artifacts import Artifact, ArtifactError, check_compatible, sha256_file
-from service.models.house_price import HousePrice
-from service.models.phone_price import PhonePrice
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, committed, need_data
 from training.common import Options
 from training.tabular import predict
 
 SIZE_LIMIT = 30 * 1024 * 1024
 
 
-@pytest.mark.parametrize("folder", sorted(p.name for p in ARTIFACTS.iterdir() if p.is_dir()))
+def test_every_model_in_the_catalog_has_a_committed_artifact():
+    assert sorted(p.name for p in ARTIFACTS.iterdir() if p.is_dir()) == sorted(m.folder for m in catalog.MODELS)
+
+
+@pytest.mark.parametrize("folder", [m.folder for m in catalog.MODELS])
 def test_committed_artifact_matches_its_manifest(folder):
     path = ARTIFACTS / folder
     manifest = json.loads((path / "manifest.json").read_text())
@@ -55,16 +57,10 @@ def test_weights_load_without_pickle():
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-def _loaded(predictor_cls):
-    predictor = predictor_cls()
-    predictor.load(Artifact(ARTIFACTS / predictor_cls.folder), torch.device("cpu"))
-    return predictor
-
-
 def test_phone_manifest_metrics_reproduce(data_dir):
     """Recompute validation accuracy of the committed model on its own validation split."""
     from training import phone_price
-    predictor = _loaded(PhonePrice)
+    predictor = committed("phone-price").predictor
     manifest = predictor.artifact.manifest
     *_, x_val, _, y_val = phone_price.load(Options(data_dir=data_dir), manifest.hyperparameters)
     outputs = predict(predictor.net, predictor.preprocessor.transform(x_val))
@@ -75,19 +71,29 @@ def test_phone_manifest_metrics_reproduce(data_dir):
 
 def test_house_manifest_metrics_reproduce(data_dir):
     from training import house_price
-    predictor = _loaded(HousePrice)
+    predictor = committed("house-price").predictor
     manifest = predictor.artifact.manifest
-    frame, y, _, val_rows, _ = house_price.load(Options(data_dir=data_dir), manifest.hyperparameters)
+    _, frame, y, _, val_rows, _ = house_price.load(Options(data_dir=data_dir), manifest.hyperparameters)
     outputs = predict(predictor.net, predictor.preprocessor.transform(frame.iloc[val_rows]))
     rmse = float(np.sqrt(np.mean((outputs[:, 0] - y[val_rows]) ** 2)))
     assert rmse == pytest.approx(manifest.metrics["val_rmse_log_price"], abs=1e-4)
     assert rmse <= 0.13 and manifest.metrics["cv_rmse_log_price_mean"] <= 0.13
 
 
-def test_house_feature_table_matches_the_data(data_dir):
-    from service.models.house_price import FEATURES
+def test_house_feature_table_is_in_the_artifact_and_matches_the_data(data_dir):
+    """The input schema's source is an artifact file, hash-listed in the manifest, written from the data."""
+    from service.models.house_price import FEATURE_TABLE
     from training.house_price import feature_table
-    folder = Path(data_dir) / "house_prices"
-    if not (folder / "data_description.txt").is_file():
-        pytest.skip(f"{folder}/data_description.txt not found: set $DATA_DIR")
-    assert feature_table(folder / "data_description.txt", folder / "train.csv") == FEATURES
+    folder = ARTIFACTS / catalog.get("house-price").folder
+    assert FEATURE_TABLE in json.loads((folder / "manifest.json").read_text())["files"]
+    description = need_data(data_dir, "house_prices", "data_description.txt")
+    table = feature_table(description, need_data(data_dir, "house_prices", "train.csv"))
+    assert Artifact(folder).load_json(FEATURE_TABLE) == table
+    schema = committed("house-price").Input.model_json_schema()
+    assert set(schema["properties"]) == {"Id"} | {f["name"] for f in table}
+
+
+def test_service_reads_no_file_that_training_writes_outside_artifacts():
+    """Service modules hold code only: no data files beside them that a training run could rewrite."""
+    service = ARTIFACTS.parent / "service"
+    assert sorted(p.name for p in service.rglob("*") if p.is_file() and p.suffix not in {".py", ".pyc"}) == []

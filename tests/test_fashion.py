@@ -11,17 +11,18 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from service.artifacts import Artifact
-from service.models.fashion import NAMES, NAMES_ZH, Fashion, FashionImage
-from tests.conftest import ARTIFACTS, need_data
-from training.__main__ import main
+from service import catalog
+from service.models.fashion import NAMES_ZH, FashionImage
+from service.nets.fashion_cnn import NAMES
+from service.registry import open_model
+from tests.conftest import ARTIFACTS, example, need_data
 from training.common import Options
 from training.fashion import IMAGES, LABELS, load, read_idx
 
-EXAMPLE = FashionImage.model_config["json_schema_extra"]["examples"][0]["pixels"]  # a drawn pair of trousers
+MODEL = catalog.get("fashion")
+EXAMPLE = example("fashion")["pixels"]  # a drawn pair of trousers
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,7 @@ def validation(data_dir) -> tuple[np.ndarray, np.ndarray]:
     """The committed model's validation images and labels (the split its manifest describes)."""
     need_data(data_dir, "fashion_mnist", IMAGES)
     need_data(data_dir, "fashion_mnist", LABELS)
-    hp = json.loads((ARTIFACTS / Fashion.folder / "manifest.json").read_text())["hyperparameters"]
+    hp = json.loads((ARTIFACTS / MODEL.folder / "manifest.json").read_text())["hyperparameters"]
     _, _, val, images, labels = load(Options(data_dir=data_dir, seed=hp["seed"]), hp)
     return images[val], labels[val]
 
@@ -249,10 +250,9 @@ def test_idx_reader_checks_the_magic_number(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_training_writes_a_servable_artifact(tmp_path, data_dir):
-    need_data(data_dir, "fashion_mnist", IMAGES)
-    main(["fashion", "--quick", "--out", str(tmp_path), "--data-dir", str(data_dir), "--device", "cpu"])
-    folder = tmp_path / Fashion.folder
+def test_quick_training_writes_a_servable_artifact(quick_artifacts):
+    out = quick_artifacts("fashion")
+    folder = out / MODEL.folder
     manifest = json.loads((folder / "manifest.json").read_text())
     reports = {"learning_curves.png", "confusion_matrix.png", "misclassified.png", "report.json"}
     assert {"model.pt"} | reports <= set(manifest["files"]) and manifest["hyperparameters"]["epochs"] == 2
@@ -260,7 +260,6 @@ def test_quick_training_writes_a_servable_artifact(tmp_path, data_dir):
     report = json.loads((folder / "report.json").read_text())
     assert 1 <= len(report["history"]) <= 2 and "val_accuracy" in report["history"][0]
 
-    predictor = Fashion()
-    predictor.load(Artifact(folder), torch.device("cpu"))
-    (output,) = predictor.predict([FashionImage(pixels=EXAMPLE)])
-    assert isinstance(output, Fashion.Output) and len(output.top) == 3
+    predictor = open_model(MODEL, out).predictor
+    (output,) = predictor.run([FashionImage(pixels=EXAMPLE)])
+    assert isinstance(output, predictor.Output) and len(output.top) == 3

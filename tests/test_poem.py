@@ -9,14 +9,15 @@ import re
 
 import httpx
 import pytest
-import torch
 from pypinyin import Style, lazy_pinyin
 
-from service.artifacts import Artifact
-from service.models.poem import Poem, PoemRequest, rhyme_of
-from service.settings import Settings
-from tests.conftest import need_data
-from training.__main__ import main
+from service import catalog
+from service.models.poem import PoemRequest
+from service.models.rhymes import rhyme_of
+from service.registry import open_model
+from tests.conftest import ARTIFACTS
+
+MODEL = catalog.get("poem")
 
 
 def assert_form(body: dict, rows: int, length: int) -> None:
@@ -29,7 +30,7 @@ def assert_form(body: dict, rows: int, length: int) -> None:
 
 @pytest.fixture(scope="module")
 def poem_vocabulary() -> list[str]:
-    return json.loads((Settings().artifacts_dir / Poem.folder / "vocab.json").read_text("utf-8"))["tokens"]
+    return json.loads((ARTIFACTS / MODEL.folder / "vocab.json").read_text("utf-8"))["tokens"]
 
 
 def poem(client, **fields) -> dict:
@@ -210,7 +211,10 @@ def test_concurrent_poems_are_served_one_per_pass_first_come_first_served(server
     from tests.test_runtime_api import _fire, _metric
 
     bodies = [{"line_num": 2, "seed": seed} for seed in range(6)]
-    responses = asyncio.run(_fire(server.url, "/poem", bodies))
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            return await _fire(client, "/poem", bodies)
+    responses = asyncio.run(fire())
     assert [r.json()["seed"] for r in responses] == list(range(6))
     metrics = httpx.get(server.url + "/metrics").text
     count = _metric(metrics, "model_batch_size_count", model="poem")
@@ -228,16 +232,13 @@ def test_metadata_compares_with_the_plain_rnn(client):
 
 
 @pytest.mark.slow
-def test_quick_training_writes_a_servable_artifact(tmp_path, data_dir):
-    need_data(data_dir, "poems", "poems_small.txt")
-    main(["poem", "--quick", "--out", str(tmp_path), "--data-dir", str(data_dir), "--device", "cpu"])
-    folder = tmp_path / Poem.folder
+def test_quick_training_writes_a_servable_artifact(quick_artifacts):
+    out = quick_artifacts("poem")
+    folder = out / MODEL.folder
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {"model.pt", "vocab.json", "report.json", "learning_curves.png"} <= set(manifest["files"])
     assert {"val_perplexity", "baseline_plain_rnn_val_perplexity"} <= set(manifest["metrics"])
-    predictor = Poem()
-    predictor.load(Artifact(folder), torch.device("cpu"))
-    request = PoemRequest(line_num=4, line_length=7, seed=1)
-    (output,) = predictor.predict([request])
+    predictor = open_model(MODEL, out).predictor
+    (output,) = predictor.run([PoemRequest(line_num=4, line_length=7, seed=1)])
     assert_form(output.model_dump(), 4, 7)
     assert_rhymes(output.lines)

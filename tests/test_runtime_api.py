@@ -1,4 +1,5 @@
-"""Serving runtime over real uvicorn servers: batching, shedding, timeouts, auth, limits, metrics, SIGTERM."""
+"""Serving runtime through the real app factory on the stub model: batching, shedding, timeouts, auth,
+limits, request ids, metrics and logs in-process; SIGTERM draining on one real uvicorn server."""
 
 from __future__ import annotations
 
@@ -11,18 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import running_server
-from tests.test_tabular_api import PHONE
-
-
-def _variants(n: int) -> list[dict]:
-    """n different phones, so each caller can be matched to its own answer."""
-    return [dict(PHONE, ram=300 + 40 * i, battery_power=600 + 10 * i) for i in range(n)]
-
-
-async def _fire(url: str, path: str, bodies: list[dict], headers: dict | None = None) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=200)) as client:
-        return await asyncio.gather(*(client.post(path, json=b, headers=headers) for b in bodies))
+from tests.conftest import running_server, serving
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -33,96 +23,127 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return float(match.group(1))
 
 
-def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(client):
-    phones = _variants(48)
-    expected = [client.post("/phone-price", json=p).json() for p in phones]  # one at a time
-    with running_server(default_batching='{"max_batch_size": 64, "max_wait_ms": 30}') as server:
-        responses = asyncio.run(_fire(server.url, "/phone-price", phones))
-        for response, alone in zip(responses, expected):  # batched float maths may differ in the 6th decimal
-            assert response.json()["price_range"] == alone["price_range"]
-            assert response.json()["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-4)
-        metrics = httpx.get(server.url + "/metrics").text
-    count = _metric(metrics, "model_batch_size_count", model="phone-price")
-    total = _metric(metrics, "model_batch_size_sum", model="phone-price")
+async def _fire(client: httpx.AsyncClient, path: str, bodies: list[dict], headers: dict | None = None) -> list:
+    return await asyncio.gather(*(client.post(path, json=b, headers=headers) for b in bodies))
+
+
+def test_concurrent_requests_are_batched_and_each_caller_gets_its_own_answer(stub_app):
+    async def scenario():
+        app = stub_app(default_batching={"max_batch_size": 64, "max_wait_ms": 30})
+        async with serving(app) as client:
+            responses = await _fire(client, "/doubler", [{"x": i, "sleep_ms": 5} for i in range(48)])
+            return responses, (await client.get("/metrics")).text
+    responses, metrics = asyncio.run(scenario())
+    assert [r.json() for r in responses] == [{"y": 2.0 * i} for i in range(48)]
+    count = _metric(metrics, "model_batch_size_count", model="doubler")
+    total = _metric(metrics, "model_batch_size_sum", model="doubler")
     assert total == 48 and count < 48, "48 concurrent requests ran in fewer forward passes"
 
 
-def test_full_queue_sheds_load_with_retry_after():
-    with running_server(max_queue="2", default_batching='{"max_batch_size": 1, "max_wait_ms": 300}') as server:
-        responses = asyncio.run(_fire(server.url, "/phone-price", _variants(12)))
-        metrics = httpx.get(server.url + "/metrics").text
+def test_a_bad_item_in_a_batch_fails_only_its_own_caller(stub_app):
+    async def scenario():
+        async with serving(stub_app(default_batching={"max_wait_ms": 30})) as client:
+            return await _fire(client, "/doubler", [{"x": 1}, {"x": -1}, {"x": 3}])
+    ok, bad, ok3 = asyncio.run(scenario())
+    assert ok.json() == {"y": 2.0} and ok3.json() == {"y": 6.0}
+    assert bad.status_code == 422 and bad.json()["detail"] == [
+        {"loc": ["body", "x"], "msg": "x must not be negative", "type": "value_error"}]
+
+
+def test_full_queue_sheds_load_with_retry_after(stub_app):
+    async def scenario():
+        app = stub_app(max_queue=2, default_batching={"max_batch_size": 1})
+        async with serving(app) as client:
+            responses = await _fire(client, "/doubler", [{"x": i, "sleep_ms": 50} for i in range(12)])
+            return responses, (await client.get("/metrics")).text
+    responses, metrics = asyncio.run(scenario())
     codes = [r.status_code for r in responses]
     assert 200 in codes and 503 in codes, codes
     shed = [r for r in responses if r.status_code == 503]
     assert all(r.headers["retry-after"] == "1" and "queue is full" in r.json()["detail"] for r in shed)
-    assert _metric(metrics, "http_requests_total", route="/phone-price", method="POST", status="503") == len(shed)
+    assert _metric(metrics, "http_requests_total", route="/doubler", method="POST", status="503") == len(shed)
 
 
-def test_slow_prediction_times_out_with_504():
-    with running_server(request_timeout_s="0.05", default_batching='{"max_batch_size": 8, "max_wait_ms": 300}') as server:
-        response = httpx.post(server.url + "/phone-price", json=PHONE, timeout=10)
+def test_slow_prediction_times_out_with_504(stub_app):
+    async def scenario():
+        async with serving(stub_app(request_timeout_s=0.05)) as client:
+            return await client.post("/doubler", json={"x": 1, "sleep_ms": 300})
+    response = asyncio.run(scenario())
     assert response.status_code == 504 and "did not answer within" in response.json()["detail"]
 
 
-def test_api_keys_guard_model_routes_only():
-    with running_server(api_keys='["s3cret", "other"]') as server, server.client() as client:
-        denied = client.post("/phone-price", json=PHONE)
-        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
-        assert "X-API-Key" in denied.json()["detail"]
-        assert client.post("/phone-price", json=PHONE, headers={"X-API-Key": "wrong"}).status_code == 401
-        assert client.post("/phone-price", json=PHONE, headers={"X-API-Key": "s3cret"}).status_code == 200
-        assert client.post("/phone-price", json=PHONE, headers={"Authorization": "Bearer other"}).status_code == 200
-        assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
-    with running_server(api_keys='["k"]', public_ops="false") as server, server.client() as client:
-        assert client.get("/models").status_code == 401 and client.get("/metrics").status_code == 401
-        assert client.get("/healthz").status_code == 200  # liveness probes carry no key
-        assert client.get("/models", headers={"X-API-Key": "k"}).status_code == 200
+def test_api_keys_guard_model_routes_only(stub_app):
+    async def open_ops():
+        async with serving(stub_app(api_keys=["s3cret", "other"])) as client:
+            denied = await client.post("/doubler", json={"x": 1})
+            assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+            assert "X-API-Key" in denied.json()["detail"]
+            assert (await client.post("/doubler", json={"x": 1}, headers={"X-API-Key": "wrong"})).status_code == 401
+            assert (await client.post("/doubler", json={"x": 1}, headers={"X-API-Key": "s3cret"})).status_code == 200
+            bearer = await client.post("/doubler", json={"x": 1}, headers={"Authorization": "Bearer other"})
+            assert bearer.status_code == 200
+            assert (await client.get("/healthz")).status_code == 200 and (await client.get("/metrics")).status_code == 200
+
+    async def closed_ops():
+        async with serving(stub_app(api_keys=["k"], public_ops=False)) as client:
+            assert (await client.get("/models")).status_code == 401 and (await client.get("/metrics")).status_code == 401
+            assert (await client.get("/healthz")).status_code == 200  # liveness probes carry no key
+            assert (await client.get("/models", headers={"X-API-Key": "k"})).status_code == 200
+    asyncio.run(open_ops())
+    asyncio.run(closed_ops())
 
 
-def test_body_limit_is_413_before_parsing(server):
-    with running_server(max_body_bytes="2048") as small:
-        big = json.dumps({"instances": [PHONE] * 20}).encode()
-        response = httpx.post(small.url + "/phone-price/batch", content=big, headers={"content-type": "application/json"})
-        assert response.status_code == 413 and "2048" in response.json()["detail"]
+def test_body_limit_is_413_before_parsing(stub_app):
+    async def scenario():
+        async with serving(stub_app(max_body_bytes=2048)) as client:
+            big = json.dumps({"instances": [{"x": 1.0, "sleep_ms": 0}] * 100}).encode()
+            response = await client.post("/doubler/batch", content=big, headers={"content-type": "application/json"})
+            assert response.status_code == 413 and "2048" in response.json()["detail"]
 
-        def chunks():  # no Content-Length: the limit is enforced while streaming
-            for _ in range(10):
-                yield b" " * 1000
-        streamed = httpx.post(small.url + "/phone-price", content=chunks(), headers={"content-type": "application/json"})
-        assert streamed.status_code == 413
-        assert httpx.post(small.url + "/phone-price", json=PHONE).status_code == 200
+            async def chunks():  # no Content-Length: the limit is enforced while streaming
+                for _ in range(10):
+                    yield b" " * 1000
+            streamed = await client.post("/doubler", content=chunks(), headers={"content-type": "application/json"})
+            assert streamed.status_code == 413
+            assert (await client.post("/doubler", json={"x": 1})).status_code == 200
+    asyncio.run(scenario())
 
 
-def test_request_id_round_trip_and_metrics_content(client):
-    mine = client.post("/phone-price", json=PHONE, headers={"X-Request-ID": "abc-123"})
-    assert mine.headers["x-request-id"] == "abc-123"
-    generated = client.get("/healthz").headers["x-request-id"]
-    assert re.fullmatch(r"[0-9a-f]{32}", generated)
-    text = client.get("/metrics").text
+def test_request_id_round_trip_and_metrics_content(stub_app):
+    async def scenario():
+        async with serving(stub_app()) as client:
+            mine = await client.post("/doubler", json={"x": 1}, headers={"X-Request-ID": "abc-123"})
+            assert mine.headers["x-request-id"] == "abc-123"
+            generated = (await client.get("/healthz")).headers["x-request-id"]
+            assert re.fullmatch(r"[0-9a-f]{32}", generated)
+            return (await client.get("/metrics")).text
+    text = asyncio.run(scenario())
     for name in ("http_requests_total", "http_request_duration_seconds_bucket", "model_batch_size_bucket",
                  "model_inference_seconds_bucket", "model_queue_depth", "model_up"):
         assert name in text, name
-    assert _metric(text, "model_up", model="phone-price") == 1.0
-    assert _metric(text, "http_requests_total", route="/phone-price", method="POST", status="200") >= 1
+    assert _metric(text, "model_up", model="doubler") == 1.0
+    assert _metric(text, "http_requests_total", route="/doubler", method="POST", status="200") == 1
 
 
-def test_json_logs_carry_request_fields():
-    with running_server(log_json="true") as server:
-        httpx.post(server.url + "/phone-price", json=PHONE, headers={"X-Request-ID": "log-me"})
-        time.sleep(0.2)
-        lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+def test_json_logs_carry_request_fields(stub_app, capsys):
+    async def scenario():
+        async with serving(stub_app(log_json=True)) as client:
+            await client.post("/doubler", json={"x": 1}, headers={"X-Request-ID": "log-me"})
+    asyncio.run(scenario())
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     entry = next(e for e in lines if e.get("request_id") == "log-me")
-    assert entry["route"] == "/phone-price" and entry["status"] == 200 and entry["batch_size"] == 1
+    assert entry["route"] == "/doubler" and entry["status"] == 200 and entry["batch_size"] == 1
     assert entry["latency_ms"] > 0
 
 
-def test_sigterm_finishes_accepted_requests():
-    phones = _variants(40)
-    with running_server(default_batching='{"max_batch_size": 64, "max_wait_ms": 500}') as server:
+def test_sigterm_finishes_accepted_requests(stub_artifacts):
+    bodies = [{"x": i, "sleep_ms": 20} for i in range(40)]
+    with running_server("tests.stubs:create_stub_app", factory=True, artifacts_dir=str(stub_artifacts),
+                        default_batching='{"max_batch_size": 64, "max_wait_ms": 500}') as server:
         async def scenario():
             async with httpx.AsyncClient(base_url=server.url, timeout=30,
                                          limits=httpx.Limits(max_connections=100)) as client:
-                tasks = [asyncio.create_task(client.post("/phone-price", json=p)) for p in phones]
+                tasks = [asyncio.create_task(client.post("/doubler", json=b)) for b in bodies]
                 await asyncio.sleep(0.25)  # all sent; the batcher is still waiting out its 500 ms
                 server.process.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
@@ -130,6 +151,43 @@ def test_sigterm_finishes_accepted_requests():
                 return responses, time.monotonic() - signalled
         responses, after_signal = asyncio.run(scenario())
         assert server.process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
-    assert [r.status_code for r in responses] == [200] * len(phones)
+    assert [r.json() for r in responses] == [{"y": 2.0 * i} for i in range(40)]
     assert after_signal > 0.1, "the requests were still queued when SIGTERM arrived"
     assert "Shutting down" in server.output()
+
+
+def test_a_model_that_fails_to_load_is_503_while_readiness_says_why(stub_artifacts, tmp_path, stub_app):
+    """An artifact folder the stub cannot read: its routes and /readyz say why; /healthz stays up."""
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.stubs import DOUBLER
+
+    async def scenario():
+        app = create_app(Settings(artifacts_dir=tmp_path), models=[DOUBLER])  # no artifact there
+        async with serving(app) as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and "no manifest.json" in ready.json()["models"]["doubler"]
+            response = await client.post("/doubler", json={"x": 1})
+            assert response.status_code == 503 and "not available" in response.json()["detail"]
+            assert (await client.get("/healthz")).status_code == 200
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("missing", ["Input", "example"])
+def test_a_model_missing_a_required_part_fails_at_import_saying_what_to_write(missing):
+    from pydantic import BaseModel
+
+    from service.models.base import Predictor
+    parts = {"Input": BaseModel, "Output": BaseModel, "example": {}, "summary": "s",
+             "setup": lambda self, a, d: None, "predict": lambda self, batch: batch}
+    del parts[missing]
+    with pytest.raises(TypeError, match=rf"must set {missing}.*\n.*Input = MyInput"):
+        type("Broken", (Predictor,), parts)
+
+
+def test_an_example_that_does_not_validate_fails_at_import():
+    from service.models.base import Predictor
+    from tests.stubs import Doubled, Number
+    with pytest.raises(TypeError, match="Broken.example is not a valid Number"):
+        type("Broken", (Predictor,), {"Input": Number, "Output": Doubled, "example": {"x": "many"}, "summary": "s",
+                                      "setup": lambda self, a, d: None, "predict": lambda self, batch: batch})

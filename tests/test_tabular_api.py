@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
 import pandas as pd
 import pytest
 
-from service.models.house_price import CATEGORICAL, House
-from service.models.phone_price import LABELS, Phone
-from tests.conftest import need_data, running_server
+from service import catalog
+from service.app import create_app
+from service.models.phone_price import LABELS
+from service.settings import Settings
+from tests.conftest import committed, example, need_data, serving
 
-PHONE = Phone.model_config["json_schema_extra"]["examples"][0]
-HOUSE = House.model_config["json_schema_extra"]["examples"][0]
+PHONE = example("phone-price")
+HOUSE = example("house-price")
 
 
 def test_health_ready_and_metadata(client):
@@ -98,7 +101,8 @@ def test_house_unknown_category_lists_allowed_values(client):
     assert response.status_code == 422
     error = response.json()["detail"][0]
     assert error["loc"] == ["body", "Street"] and "'Grvl' or 'Pave'" in error["msg"]
-    assert "MSZoning" in CATEGORICAL
+    zoning = client.post("/house-price", json={**HOUSE, "MSZoning": "X"}).json()["detail"][0]
+    assert zoning["loc"] == ["body", "MSZoning"] and "'C (all)'" in zoning["msg"]  # a category from the artifact
     assert client.post("/house-price", json={**HOUSE, "YearBuilt": 3000}).status_code == 422
     assert client.post("/house-price", json={**HOUSE, "LotArea": "big"}).status_code == 422
     assert client.post("/house-price", json={**HOUSE, "GrLivarea": 1}).status_code == 422  # typo is not ignored
@@ -109,14 +113,10 @@ def test_phone_served_answers_match_the_artifacts_own_pipeline(client, data_dir)
     import numpy as np
     import torch
 
-    from service.artifacts import Artifact
-    from service.models.phone_price import FEATURES, PhonePrice
-    from service.settings import Settings
+    from service.models.phone_price import FEATURES
 
     frame = pd.read_csv(need_data(data_dir, "phone_price", "train.csv")).head(100)
-    artifact = Artifact(Settings().artifacts_dir / PhonePrice.folder)
-    predictor = PhonePrice()
-    predictor.load(artifact, torch.device("cpu"))
+    predictor = committed("phone-price").predictor
     features = predictor.preprocessor.transform(frame[FEATURES].to_numpy(dtype=np.float64))
     with torch.inference_mode():
         expected = torch.softmax(predictor.net(torch.as_tensor(features, dtype=torch.float32)), 1).numpy()
@@ -144,30 +144,46 @@ def test_tampered_artifact_is_refused_while_other_model_serves(artifacts_copy):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     weights.write_bytes(bytes(data))
-    with running_server(artifacts_dir=str(artifacts_copy)) as server, server.client() as client:
-        ready = client.get("/readyz")
-        assert ready.status_code == 503
-        assert "sha256" in ready.json()["models"]["house-price"]
-        assert ready.json()["models"]["phone-price"] == "ready"
-        house = client.post("/house-price", json=HOUSE)
-        assert house.status_code == 503 and "sha256" in house.json()["detail"]
-        assert client.get("/models/house-price").json()["state"] == "failed"
-        assert client.post("/phone-price", json=PHONE).status_code == 200
+    models = [catalog.get("phone-price"), catalog.get("house-price")]
+
+    async def scenario():
+        async with serving(create_app(Settings(artifacts_dir=artifacts_copy), models=models)) as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert "sha256" in ready.json()["models"]["house-price"]
+            assert ready.json()["models"]["phone-price"] == "ready"
+            house = await client.post("/house-price", json=HOUSE)
+            assert house.status_code == 503 and "sha256" in house.json()["detail"]
+            assert (await client.get("/models/house-price")).json()["state"] == "failed"
+            assert (await client.post("/phone-price", json=PHONE)).status_code == 200
+    asyncio.run(scenario())
 
 
 def test_phone_refuses_a_preprocessor_it_cannot_apply(artifacts_copy):
     """The phone model applies a StandardScaler's formula itself, so any other preprocessor is refused."""
     import joblib
-    import torch
     from sklearn.preprocessing import MinMaxScaler
 
     from service.artifacts import Artifact, write_artifact
-    from service.models.phone_price import PhonePrice
+    from service.registry import ModelUnavailableError, open_model
 
-    folder = artifacts_copy / PhonePrice.folder
+    model = catalog.get("phone-price")
+    folder = artifacts_copy / model.folder
     manifest = Artifact(folder).manifest
     joblib.dump(MinMaxScaler().fit([[0.0] * 20, [1.0] * 20]), folder / "preprocessor.joblib")
     write_artifact(folder, name=manifest.name, hyperparameters=manifest.hyperparameters, metrics=manifest.metrics,
                    metrics_method=manifest.metrics_method, data_files=[])
-    with pytest.raises(ValueError, match="must be a StandardScaler"):
-        PhonePrice().load(Artifact(folder), torch.device("cpu"))
+    with pytest.raises(ModelUnavailableError, match="must be a StandardScaler"):
+        open_model(model, artifacts_copy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, reports", [("phone-price", {"learning_curves.png", "confusion_matrix.png"}),
+                                           ("house-price", {"learning_curves.png", "features.json"})])
+def test_quick_training_of_the_tabular_models(quick_artifacts, name, reports):
+    folder = quick_artifacts(name) / catalog.get(name).folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"model.pt", "preprocessor.joblib", "report.json"} | reports <= set(manifest["files"])
+    assert manifest["hyperparameters"]["epochs"] == 15
+    report = json.loads((folder / "report.json").read_text())
+    assert 1 <= len(report["history"]) <= 15

@@ -8,20 +8,17 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-import matplotlib
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")  # headless: reports are files
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from service.artifacts import Manifest, write_artifact  # noqa: E402
-from service.settings import PROJECT_ROOT  # noqa: E402
+from service.artifacts import Manifest, write_artifact
+from service.settings import PROJECT_ROOT
 
 DATA_DIR_ENV = "DATA_DIR"
 
@@ -70,50 +67,55 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class History:
-    """Per-epoch metrics, the best epoch, and wall time."""
+    """Metrics of every evaluation, the best one, and wall time."""
 
-    epochs: list[dict[str, float]] = field(default_factory=list)
+    epochs: list[dict[str, float]] = field(default_factory=list)  # one entry per evaluation ("epoch")
     best_epoch: int = 0
     seconds: float = 0.0
 
 
-def fit(net: nn.Module, batches: Callable[[], object], step: Callable[[nn.Module, object], torch.Tensor],
-        evaluate: Callable[[nn.Module], dict[str, float]], optimizer: torch.optim.Optimizer, *, epochs: int,
-        patience: int, monitor: str, maximize: bool = False, scheduler=None, checkpoint: Path | None = None,
-        desc: str = "train") -> History:
-    """Train with early stopping on ``monitor``; the best weights are restored at the end.
+def train_loop(net: nn.Module, batches: Iterator, loss_of: Callable[[nn.Module, Any], torch.Tensor],
+               evaluate: Callable[[nn.Module], dict[str, float]], optimizer: torch.optim.Optimizer, *,
+               steps: int, eval_every: int, patience: int, monitor: str, maximize: bool = False,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip: float | None = None,
+               desc: str = "train") -> History:
+    """``steps`` optimizer steps on ``next(batches)``, an evaluation every ``eval_every`` steps, early
+    stopping after ``patience`` evaluations without a better ``monitor``; returns with the best weights loaded.
 
-    ``batches()`` yields one epoch of training batches, ``step(net, batch)`` returns the batch loss, and
-    ``evaluate(net)`` returns validation metrics (it runs in eval mode without gradients).
+    ``loss_of(net, batch)`` is the training loss of one batch; ``evaluate(net)`` returns validation
+    metrics (it runs in eval mode without gradients).
     """
     history, best, best_state, waited = History(), None, None, 0
-    start = time.perf_counter()
-    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch")
-    for epoch in bar:
-        net.train()
-        total, count = 0.0, 0
-        for batch in batches():
-            loss = step(net, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count = total + loss.item(), count + 1
+    start, total, count = time.perf_counter(), 0.0, 0
+    net.train()
+    bar = tqdm(range(1, steps + 1), desc=desc, unit="step")
+    for step in bar:
+        loss = loss_of(net, next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(net.parameters(), clip)
+        optimizer.step()
         if scheduler is not None:
-            scheduler.step()
-        net.eval()
+            scheduler.step()  # learning-rate schedules here are per step
+        total, count = total + loss.item(), count + 1
+        if step % eval_every and step != steps:
+            continue
+
+        net.eval()  # evaluation
         with torch.no_grad():
-            metrics = {"epoch": epoch, "train_loss": total / max(count, 1), **evaluate(net)}
+            metrics = {"epoch": len(history.epochs) + 1, "step": step, "train_loss": total / count, **evaluate(net)}
+        net.train()
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         history.epochs.append(metrics)
-        score = metrics[monitor]
+        total, count = 0.0, 0
+        bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k not in ("epoch", "step", "seconds")},
+                        refresh=False)
+
+        score = metrics[monitor]  # checkpoint: the best weights so far, kept in memory
         if best is None or (score > best if maximize else score < best):
-            best, best_state, waited, history.best_epoch = score, copy.deepcopy(net.state_dict()), 0, epoch
-            if checkpoint is not None:
-                torch.save(best_state, checkpoint)
-        else:
-            waited += 1
-        bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k not in ("epoch", "seconds")}, refresh=False)
-        if waited >= patience:
+            best, best_state, waited, history.best_epoch = score, copy.deepcopy(net.state_dict()), 0, metrics["epoch"]
+        elif (waited := waited + 1) >= patience:
             break
     history.seconds = round(time.perf_counter() - start, 2)
     net.load_state_dict(best_state)
@@ -121,8 +123,27 @@ def fit(net: nn.Module, batches: Callable[[], object], step: Callable[[nn.Module
     return history
 
 
+def epochs_of(data_size: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of shuffled passes over ``data_size`` rows, pass after pass (the last batch may be short)."""
+    while True:
+        yield from torch.randperm(data_size, generator=generator).split(batch_size)
+
+
+def steps_per_epoch(data_size: int, batch_size: int) -> int:
+    return -(-data_size // batch_size)
+
+
+def pyplot():
+    """matplotlib, headless (reports are files), imported only when a report is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_history(history: History, path: Path, keys: list[str], title: str) -> None:
     """Learning curves: one panel per metric, with the restored best epoch marked."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
     epochs = [m["epoch"] for m in history.epochs]
     for ax, key in zip(np.atleast_1d(axes), keys):
@@ -138,6 +159,7 @@ def plot_history(history: History, path: Path, keys: list[str], title: str) -> N
 
 
 def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 0.8 + 0.55 * len(labels)))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):

@@ -23,11 +23,13 @@ from sklearn.model_selection import KFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
+from service import catalog
 from service.artifacts import Manifest
-from service.models.house_price import CATEGORICAL, FEATURE_TABLE, NUMERIC, HousePrice, to_frame
+from service.models.house_price import FEATURE_TABLE, to_frame
 from training.common import Options, plot_history, save_artifact, seed_everything
 from training.tabular import fit_mlp, predict
 
+MODEL = catalog.get("house-price")
 # Chosen by 5-fold CV on the development data (log-RMSE 0.120 vs 0.123 for one hidden layer of 128).
 HYPERPARAMETERS = {"hidden": [256, 64], "out_features": 1, "dropout": 0.5, "skip": True, "lr": 1e-3,
                    "weight_decay": 1e-2, "batch_size": 32, "epochs": 600, "patience": 60,
@@ -40,7 +42,7 @@ def read_frame(path) -> pd.DataFrame:
 
 
 def feature_table(description_path, train_path) -> list[dict]:
-    """Names, descriptions and allowed categories of the 79 features, for the service's input schema.
+    """Names, kinds, descriptions and allowed categories of the 79 features: the service's input schema.
 
     Allowed categories are the codes in data_description.txt plus the spellings train.csv really uses
     (Kaggle's data and description disagree on a few, e.g. "NAmes" vs "Names", "C (all)" vs "C").
@@ -67,18 +69,20 @@ def feature_table(description_path, train_path) -> list[dict]:
     return table
 
 
-def make_preprocessor(train: pd.DataFrame, skew_threshold: float) -> ColumnTransformer:
+def make_preprocessor(train: pd.DataFrame, features: list[dict], skew_threshold: float) -> ColumnTransformer:
     """Impute, log-transform the skewed non-negative columns, scale, and one-hot the categories.
 
     A categorical column that has missing values in training (NA = "no alley", "no pool", ...) keeps
     "absent" as a category of its own; in any other column a missing value can only mean unknown, so it
     gets the most frequent category rather than an all-zero one-hot row the net never saw.
     """
-    skew = train[NUMERIC].skew()
-    skewed = [c for c in NUMERIC if abs(skew[c]) > skew_threshold and train[c].min() >= 0]
-    plain = [c for c in NUMERIC if c not in skewed]
-    absent_is_a_category = [c for c in CATEGORICAL if train[c].isna().any()]
-    always_known = [c for c in CATEGORICAL if c not in absent_is_a_category]
+    numeric = [f["name"] for f in features if f["kind"] == "numeric"]
+    categorical = [f["name"] for f in features if f["kind"] == "categorical"]
+    skew = train[numeric].skew()
+    skewed = [c for c in numeric if abs(skew[c]) > skew_threshold and train[c].min() >= 0]
+    plain = [c for c in numeric if c not in skewed]
+    absent_is_a_category = [c for c in categorical if train[c].isna().any()]
+    always_known = [c for c in categorical if c not in absent_is_a_category]
 
     def one_hot(imputer: SimpleImputer):
         return make_pipeline(imputer, OneHotEncoder(handle_unknown="ignore", sparse_output=False))
@@ -92,9 +96,10 @@ def make_preprocessor(train: pd.DataFrame, skew_threshold: float) -> ColumnTrans
     ])
 
 
-def fit_recipe(train: pd.DataFrame, y_train, val: pd.DataFrame, y_val, hp, opts: Options, desc: str):
+def fit_recipe(train: pd.DataFrame, y_train, val: pd.DataFrame, y_val, features: list[dict], hp, opts: Options,
+               desc: str):
     """Preprocessor fitted on the training rows only, then the MLP; returns (preprocessor, net, history)."""
-    pre = make_preprocessor(train, hp["skew_threshold"]).fit(train)
+    pre = make_preprocessor(train, features, hp["skew_threshold"]).fit(train)
     x_train, x_val = pre.transform(train), pre.transform(val)
     hp["in_features"] = x_train.shape[1]
     net, history = fit_mlp(x_train, y_train, x_val, y_val, hp, classify=False, device=opts.torch_device(), desc=desc)
@@ -106,14 +111,19 @@ def rmse(a, b) -> float:
 
 
 def load(opts: Options, hp: dict) -> tuple:
-    """(features, log prices, train rows, validation rows, outliers removed): the exact split used."""
-    raw = read_frame(opts.data_file("house_prices", "train.csv"))
+    """(feature table, features, log prices, train rows, validation rows, outliers removed): the exact split used.
+
+    The feature table comes from all of train.csv and data_description.txt, also with ``--quick``."""
+    data_file = opts.data_file("house_prices", "train.csv")
+    features = feature_table(opts.data_file("house_prices", "data_description.txt"), data_file)
+    raw = read_frame(data_file)
     outliers = int((raw["GrLivArea"] > hp["max_living_area"]).sum())
     raw = raw[raw["GrLivArea"] <= hp["max_living_area"]]
     if opts.quick:
         raw = raw.sample(n=min(300, len(raw)), random_state=opts.seed)
     train_rows, val_rows = train_test_split(np.arange(len(raw)), test_size=hp["val_fraction"], random_state=opts.seed)
-    return to_frame(raw), np.log(raw["SalePrice"].to_numpy(np.float64)), train_rows, val_rows, outliers
+    frame = to_frame(raw, features)
+    return features, frame, np.log(raw["SalePrice"].to_numpy(np.float64)), train_rows, val_rows, outliers
 
 
 def train(opts: Options) -> Manifest:
@@ -121,14 +131,12 @@ def train(opts: Options) -> Manifest:
     hp = dict(HYPERPARAMETERS, seed=opts.seed)
     data_file = opts.data_file("house_prices", "train.csv")
     description_file = opts.data_file("house_prices", "data_description.txt")
-    if not opts.quick:  # the schema the service validates against comes from the full data
-        FEATURE_TABLE.write_text(json.dumps(feature_table(description_file, data_file), indent=1) + "\n")
     if opts.quick:
         hp.update(epochs=15, patience=5)
-    frame, y, train_rows, val_rows, outliers = load(opts, hp)
+    features, frame, y, train_rows, val_rows, outliers = load(opts, hp)
 
-    pre, net, history = fit_recipe(frame.iloc[train_rows], y[train_rows], frame.iloc[val_rows], y[val_rows], hp,
-                                   opts, "house-price")
+    pre, net, history = fit_recipe(frame.iloc[train_rows], y[train_rows], frame.iloc[val_rows], y[val_rows],
+                                   features, hp, opts, "house-price")
     x_train, x_val = pre.transform(frame.iloc[train_rows]), pre.transform(frame.iloc[val_rows])
     ridge = RidgeCV(alphas=np.logspace(-1, 3, 30)).fit(x_train, y[train_rows])
     metrics = {
@@ -141,15 +149,16 @@ def train(opts: Options) -> Manifest:
     if not opts.quick:
         scores = []
         for k, (tr, va) in enumerate(KFold(hp["cv_folds"], shuffle=True, random_state=opts.seed).split(frame)):
-            fold_pre, fold_net, _ = fit_recipe(frame.iloc[tr], y[tr], frame.iloc[va], y[va], dict(hp), opts,
+            fold_pre, fold_net, _ = fit_recipe(frame.iloc[tr], y[tr], frame.iloc[va], y[va], features, dict(hp), opts,
                                                f"cv fold {k + 1}")
             scores.append(rmse(predict(fold_net, fold_pre.transform(frame.iloc[va])), y[va]))
         metrics.update(cv_rmse_log_price_mean=round(float(np.mean(scores)), 4),
                        cv_rmse_log_price_std=round(float(np.std(scores)), 4))
         method += f"; plus {hp['cv_folds']}-fold cross-validation of the whole recipe on all {len(y)} rows"
 
-    folder = opts.artifact_dir(HousePrice.folder)
+    folder = opts.artifact_dir(MODEL.folder)
+    (folder / FEATURE_TABLE).write_text(json.dumps(features, indent=1) + "\n")
     joblib.dump(pre, folder / "preprocessor.joblib")
     plot_history(history, folder / "learning_curves.png", ["train_loss", "val_rmse"], "house-price MLP (log price)")
-    return save_artifact(folder, net, name=HousePrice.name, hyperparameters=hp, metrics=metrics,
+    return save_artifact(folder, net, name=MODEL.name, hyperparameters=hp, metrics=metrics,
                          metrics_method=method, data_files=[data_file, description_file], history=history)

@@ -14,11 +14,13 @@ from sklearn.metrics import accuracy_score, confusion_matrix
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from service import catalog
 from service.artifacts import Manifest
-from service.models.phone_price import FEATURES, LABELS, PhonePrice
+from service.models.phone_price import FEATURES, LABELS
 from training.common import Options, plot_confusion, plot_history, save_artifact, seed_everything
 from training.tabular import fit_mlp, predict
 
+MODEL = catalog.get("phone-price")
 # Chosen by 5-fold CV on the development data: a small hidden layer beside a linear skip path.
 HYPERPARAMETERS = {"in_features": len(FEATURES), "hidden": [16], "out_features": 4, "dropout": 0.2,
                    "skip": True, "lr": 1e-3, "weight_decay": 1e-3, "batch_size": 32, "epochs": 1000, "patience": 100,
@@ -68,11 +70,11 @@ def train(opts: Options) -> Manifest:
         metrics.update(cv_accuracy_mean=round(float(np.mean(scores)), 4), cv_accuracy_std=round(float(np.std(scores)), 4))
         method += f"; plus {hp['cv_folds']}-fold stratified cross-validation of the whole recipe on all {len(y)} rows"
 
-    folder = opts.artifact_dir(PhonePrice.folder)
+    folder = opts.artifact_dir(MODEL.folder)
     joblib.dump(scaler, folder / "preprocessor.joblib")
     plot_history(history, folder / "learning_curves.png", ["train_loss", "val_loss", "val_accuracy"],
                  "phone-price MLP")
     plot_confusion(confusion_matrix(y_val, val_pred, labels=range(4)), LABELS, folder / "confusion_matrix.png",
                    f"validation accuracy {metrics['val_accuracy']:.3f}")
-    return save_artifact(folder, net, name=PhonePrice.name, hyperparameters=hp, metrics=metrics,
+    return save_artifact(folder, net, name=MODEL.name, hyperparameters=hp, metrics=metrics,
                          metrics_method=method, data_files=[data_file], history=history)

@@ -1,13 +1,24 @@
-"""The one class every served model implements: load once, then predict a batch."""
+"""The one class every served model implements: load once, then predict a batch.
 
+A model supplies plain functions; the server owns HTTP, batching, the worker thread, metrics and SSE
+framing. Required: ``Input``, ``Output``, ``example``, ``summary``, ``setup`` and ``predict``. Optional:
+``upload`` + ``decode`` (an extra route taking a file), ``stream_event`` + ``stream`` (Server-Sent Events),
+``input_schema`` (an input schema read from the artifact).
+"""
+
+from __future__ import annotations
+
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, BeforeValidator
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from service.artifacts import Artifact
+from service.settings import Settings
 
 
 def json_number(value: Any) -> Any:
@@ -32,30 +43,84 @@ class InputError(ValueError):
         self.loc = ["body", field] if field else ["body"]
 
 
+class InputRejected(Exception):
+    """An input refused outright with its own status: e.g. 415 (not an image) or 413 (too many pixels)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class UploadRoute:
+    """``POST /{name}/{path}``: a multipart file plus query options, decoded by ``Predictor.decode``."""
+
+    path: str
+    summary: str
+    description: str
+    file_description: str
+    media_types: tuple[str, ...]   # what the part may be, for the docs page and generated clients
+    Options: type[BaseModel]       # query parameters, validated like a body
+    errors: dict[int, str] = field(default_factory=dict)  # extra statuses (from InputRejected) and what they mean
+
+
+@dataclass
+class Upload:
+    """An uploaded file as it waits in the queue: decoded on the model's worker thread, in its batch."""
+
+    data: bytes
+    options: BaseModel
+
+
 class Predictor(ABC):
-    """A served model. Subclasses set the class attributes and write ``setup`` and ``predict``.
+    """A served model. Subclasses set the class attributes and write ``setup`` and ``predict``."""
 
-    The server owns everything else: routes (``POST /{name}`` and ``POST /{name}/batch``), dynamic
-    batching on a worker thread under ``torch.inference_mode()``, metrics and health.
-    """
-
-    name: ClassVar[str]                   # URL path and metric label, e.g. "phone-price"
-    folder: ClassVar[str]                 # artifacts/<folder>/
-    Input: ClassVar[type[BaseModel]]      # one instance, validated at the edge
-    Output: ClassVar[type[BaseModel]]     # one prediction
-    summary: ClassVar[str]                # one line for the docs page
+    Input: ClassVar[type[BaseModel]]       # one instance, validated at the edge
+    Output: ClassVar[type[BaseModel]]      # one prediction
+    example: ClassVar[dict[str, Any]]      # a valid Input: the docs page, tests, benchmarks and smoke script use it
+    summary: ClassVar[str]                 # one line for the docs page
     description: ClassVar[str] = ""
-    threads: ClassVar[int | None] = None  # intra-op threads of this model's worker unless settings say otherwise
-    streams: ClassVar[bool] = False       # True: also POST /{name}/stream and {"stream": true} (see ``events``)
+    threads: ClassVar[int | None] = None   # intra-op threads of this model's worker unless settings say otherwise
     max_batch_size: ClassVar[int | None] = None  # cap on the batching policy, for a model that gains nothing above it
+    upload: ClassVar[UploadRoute | None] = None  # an extra route taking a file; write ``decode`` too
+    stream_event: ClassVar[str | None] = None    # set to stream: POST /{name}/stream (and "stream": true); write ``stream``
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A concrete model without its required parts fails at import, saying what to write."""
+        super().__init_subclass__(**kwargs)
+        if inspect.isabstract(cls):
+            return
+        missing = [name for name in ("Input", "Output", "example", "summary") if not hasattr(cls, name)]
+        if missing:
+            raise TypeError(f"{cls.__name__} must set {', '.join(missing)}, e.g.\n"
+                            "    Input = MyInput                  # pydantic model of one instance\n"
+                            "    Output = MyOutput                # pydantic model of one prediction\n"
+                            "    example = {...}                  # one valid Input, as JSON\n"
+                            "    summary = \"what it predicts\"     # one line for the docs page")
+        if cls.input_schema.__func__ is Predictor.input_schema.__func__:  # a static schema: check the example now
+            cls.check_example(cls.Input)
+
+    @classmethod
+    def check_example(cls, schema: type[BaseModel]) -> None:
+        try:
+            schema.model_validate(cls.example)
+        except ValidationError as exc:
+            raise TypeError(f"{cls.__name__}.example is not a valid {schema.__name__}: {exc}") from None
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.artifact: Artifact | None = None
+        self.settings = Settings()
 
-    def load(self, artifact: Artifact, device: torch.device) -> None:
+    @classmethod
+    def input_schema(cls, artifact: Artifact) -> type[BaseModel]:
+        """The schema of one instance, called before the routes are built. Override to build it from files
+        in the artifact (the server then checks ``example`` against it)."""
+        return cls.Input
+
+    def load(self, artifact: Artifact, device: torch.device, settings: Settings | None = None) -> None:
         """Called once at start-up by the registry, with the artifact already verified."""
-        self.artifact, self.device = artifact, device
+        self.artifact, self.device, self.settings = artifact, device, settings or self.settings
         self.setup(artifact, device)
 
     @abstractmethod
@@ -66,17 +131,34 @@ class Predictor(ABC):
     def predict(self, batch: list[Any]) -> list[BaseModel | Exception]:
         """Preprocess a batch, run one forward pass, return one output (or InputError) per item, in order."""
 
-    def input_schema(self) -> dict:
-        """JSON schema of one input, for GET /models/{name}."""
-        return self.Input.model_json_schema()
+    def decode(self, data: bytes, options: BaseModel) -> Any:
+        """For models with ``upload``: turn the file into an item ``predict`` takes.
 
-    def events(self, item: Any) -> Iterator[str]:
-        """Server-Sent Events for one instance, for models with ``streams = True``.
+        Runs on the model's worker thread; raise InputError (422) or InputRejected (its status)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no upload route")
 
-        Check the input before returning (raise InputError then, so the caller gets a 422 and not a broken
-        stream); the returned iterator yields each event's text and runs on a worker thread.
-        """
-        raise NotImplementedError(f"{self.name} does not stream")
+    def stream(self, item: Any) -> Iterator[str | BaseModel]:
+        """For models with ``stream_event``: check the input now (raise InputError: a 422, not a broken
+        stream), then return an iterator of pieces (strings) ending with the whole Output.
 
-    def add_routes(self, router, submit) -> None:
-        """Hook for routes beyond the two standard ones; ``submit(items)`` runs items through the batcher."""
+        The iterator runs on the model's worker thread, one piece at a time between batches."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
+    @torch.inference_mode()
+    def run(self, batch: list[Any]) -> list[BaseModel | Exception]:
+        """What the batcher calls on the worker thread: decode the uploads, then one ``predict`` for all,
+        without autograd."""
+        outputs: list[Any] = [None] * len(batch)
+        ready: list[tuple[int, Any]] = []
+        for i, item in enumerate(batch):
+            if isinstance(item, Upload):
+                try:
+                    item = self.decode(item.data, item.options)
+                except (InputError, InputRejected) as exc:
+                    outputs[i] = exc
+                    continue
+            ready.append((i, item))
+        if ready:
+            for (i, _), output in zip(ready, self.predict([item for _, item in ready]), strict=True):
+                outputs[i] = output
+        return outputs

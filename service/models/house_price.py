@@ -1,25 +1,21 @@
 """Ames house sale price from the 79 Kaggle features: ColumnTransformer + MLP regressor on log price.
 
-The input schema is built from ``house_features.json`` (names, descriptions, allowed categories), which
-``python -m training house-price`` writes from the dataset's ``data_description.txt`` and ``train.csv``.
+The input schema is built from the artifact's ``features.json`` (names, kinds, descriptions, allowed
+categories), which ``python -m training house-price`` writes from the dataset's ``data_description.txt``
+and ``train.csv``: the schema and the weights come from the same, hash-checked folder.
 """
 
-import json
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
+from service.artifacts import Artifact
 from service.models.base import JsonInt, json_number
 from service.models.tabular import TabularPredictor
 
-FEATURE_TABLE = Path(__file__).with_name("house_features.json")
-FEATURES: list[dict[str, Any]] = json.loads(FEATURE_TABLE.read_text())
-CATEGORICAL = [f["name"] for f in FEATURES if f["kind"] == "categorical"]
-NUMERIC = [f["name"] for f in FEATURES if f["kind"] == "numeric"]
-COLUMNS = [f["name"] for f in FEATURES]
+FEATURE_TABLE = "features.json"  # in the artifact: [{"name", "kind", "description", "categories"?}, ...]
 
 # Sensible bounds for numeric fields: physical limits, not the training range, so unusual but real
 # houses are still accepted.
@@ -53,24 +49,23 @@ class _HouseBase(BaseModel):
         return data
 
 
-_EXAMPLE = {"MSSubClass": 60, "MSZoning": "RL", "LotFrontage": 65, "LotArea": 8450, "Street": "Pave",
-            "LotShape": "Reg", "Neighborhood": "CollgCr", "BldgType": "1Fam", "HouseStyle": "2Story",
-            "OverallQual": 7, "OverallCond": 5, "YearBuilt": 2003, "YearRemodAdd": 2003, "ExterQual": "Gd",
-            "TotalBsmtSF": 856, "1stFlrSF": 856, "2ndFlrSF": 854, "GrLivArea": 1710, "FullBath": 2,
-            "HalfBath": 1, "BedroomAbvGr": 3, "KitchenQual": "Gd", "GarageCars": 2, "GarageArea": 548,
-            "YrSold": 2008, "SaleCondition": "Normal"}
+def house_schema(features: list[dict[str, Any]]) -> type[BaseModel]:
+    """The input model for a feature table: every feature optional, categories as enums, unknown keys refused."""
+    return create_model(
+        "House",
+        __base__=_HouseBase,
+        __doc__="One house, keyed by the Kaggle column names. Every feature is optional: a missing or null "
+                "(or \"NA\") value is imputed exactly as in training. Categorical values must be one of the "
+                "codes in data_description.txt.",
+        Id=(JsonInt | None, Field(None, description="Optional row id, as in the Kaggle files; ignored.")),
+        **{f"f_{f['name']}": _field_for(f) for f in features},
+    )
 
-House = create_model(
-    "House",
-    __base__=_HouseBase,
-    __doc__="One house, keyed by the Kaggle column names. Every feature is optional: a missing or null "
-            "(or \"NA\") value is imputed exactly as in training. Categorical values must be one of the "
-            "codes in data_description.txt.",
-    Id=(JsonInt | None, Field(None, description="Optional row id, as in the Kaggle files; ignored.")),
-    **{f"f_{f['name']}": _field_for(f) for f in FEATURES},
-)
-House.model_config["json_schema_extra"] = {"examples": [_EXAMPLE]}
-House.model_rebuild(force=True)
+
+class HouseWithoutTable(_HouseBase):
+    """Any object: the artifact's feature table could not be read, so the model is not served (503)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 PRICE_RANGE = (1_000.0, 100_000_000.0)
@@ -95,8 +90,8 @@ def _category(value: Any) -> Any:
     return str(value)
 
 
-def to_frame(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
-    """The 79 feature columns with the dtypes the preprocessor expects (categoricals as strings).
+def to_frame(rows: list[dict[str, Any]] | pd.DataFrame, features: list[dict[str, Any]]) -> pd.DataFrame:
+    """The feature columns with the dtypes the preprocessor expects (categoricals as strings).
 
     Values are normalised per row in plain Python and the frame is built once (per-column pandas
     operations cost ~20 ms even for a single row), with object dtype so one row's null never turns
@@ -104,21 +99,35 @@ def to_frame(rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     """
     if isinstance(rows, pd.DataFrame):
         rows = rows.to_dict("records")
-    categorical = set(CATEGORICAL)
-    records = [[_category(row.get(c)) if c in categorical else _number(row.get(c)) for c in COLUMNS] for row in rows]
-    return pd.DataFrame(records, columns=COLUMNS, dtype=object).astype(dict.fromkeys(NUMERIC, np.float64))
+    columns = [f["name"] for f in features]
+    categorical = {f["name"] for f in features if f["kind"] == "categorical"}
+    numeric = [c for c in columns if c not in categorical]
+    records = [[_category(row.get(c)) if c in categorical else _number(row.get(c)) for c in columns] for row in rows]
+    return pd.DataFrame(records, columns=columns, dtype=object).astype(dict.fromkeys(numeric, np.float64))
 
 
 class HousePrice(TabularPredictor):
-    name = "house-price"
-    folder = "house_price"
-    Input = House
+    Input = HouseWithoutTable  # replaced by the artifact's own schema (input_schema)
     Output = HousePrediction
+    example = {"MSSubClass": 60, "MSZoning": "RL", "LotFrontage": 65, "LotArea": 8450, "Street": "Pave",
+               "LotShape": "Reg", "Neighborhood": "CollgCr", "BldgType": "1Fam", "HouseStyle": "2Story",
+               "OverallQual": 7, "OverallCond": 5, "YearBuilt": 2003, "YearRemodAdd": 2003, "ExterQual": "Gd",
+               "TotalBsmtSF": 856, "1stFlrSF": 856, "2ndFlrSF": 854, "GrLivArea": 1710, "FullBath": 2,
+               "HalfBath": 1, "BedroomAbvGr": 3, "KitchenQual": "Gd", "GarageCars": 2, "GarageArea": 548,
+               "YrSold": 2008, "SaleCondition": "Normal"}
     summary = "Predict an Ames house's sale price from the Kaggle features"
     description = "MLP regressor on log price over imputed, scaled and one-hot encoded Ames features."
 
+    @classmethod
+    def input_schema(cls, artifact: Artifact) -> type[BaseModel]:
+        return house_schema(artifact.load_json(FEATURE_TABLE))
+
+    def setup(self, artifact: Artifact, device) -> None:
+        super().setup(artifact, device)
+        self.features = artifact.load_json(FEATURE_TABLE)
+
     def to_table(self, batch: list[BaseModel]) -> pd.DataFrame:
-        return to_frame([house.model_dump(by_alias=True, exclude={"Id"}) for house in batch])
+        return to_frame([house.model_dump(by_alias=True, exclude={"Id"}) for house in batch], self.features)
 
     def from_outputs(self, outputs: np.ndarray) -> list[HousePrediction]:
         # Far outside the training range the net extrapolates without limit and exp() would overflow,

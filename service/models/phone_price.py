@@ -20,11 +20,7 @@ def _flag(what: str) -> object:
 class Phone(BaseModel):
     """One phone, with the Kaggle dataset's column names."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={"examples": [{
-        "battery_power": 842, "blue": 0, "clock_speed": 2.2, "dual_sim": 0, "fc": 1, "four_g": 0,
-        "int_memory": 7, "m_dep": 0.6, "mobile_wt": 188, "n_cores": 2, "pc": 2, "px_height": 20,
-        "px_width": 756, "ram": 2549, "sc_h": 9, "sc_w": 7, "talk_time": 19, "three_g": 0,
-        "touch_screen": 0, "wifi": 1}]})
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     battery_power: JsonInt = Field(ge=100, le=20000, description="Battery capacity, mAh.", examples=[842])
     blue: JsonInt = _flag("Bluetooth")
@@ -60,10 +56,12 @@ class PhonePrediction(BaseModel):
 
 
 class PhonePrice(TabularPredictor):
-    name = "phone-price"
-    folder = "phone_price"
     Input = Phone
     Output = PhonePrediction
+    example = {"battery_power": 842, "blue": 0, "clock_speed": 2.2, "dual_sim": 0, "fc": 1, "four_g": 0,
+               "int_memory": 7, "m_dep": 0.6, "mobile_wt": 188, "n_cores": 2, "pc": 2, "px_height": 20,
+               "px_width": 756, "ram": 2549, "sc_h": 9, "sc_w": 7, "talk_time": 19, "three_g": 0,
+               "touch_screen": 0, "wifi": 1}
     summary = "Predict a phone's price band (0-3) from its specs"
     description = "MLP classifier over the 20 standardised features of the Kaggle Mobile Price dataset."
 

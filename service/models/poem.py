@@ -8,118 +8,28 @@ same parameters give the same poem whatever else the server is doing.
 
 from __future__ import annotations
 
-import json
 import secrets
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
-from pypinyin import Style, lazy_pinyin
-from torch import nn
 
 from service.artifacts import Artifact
 from service.models.base import InputError, JsonFloat, JsonInt, Predictor, json_number
+from service.models.rhymes import HANZI, RHYME_MODEL, is_hanzi, rhyme_of
+from service.nets import char_rnn
+from service.nets.char_rnn import BOS, UNK
 
-UNK, BOS = "<unk>", "<bos>"  # vocabulary ids 0 and 1; every other token is one character
 COMMA, PERIOD = "，", "。"
 MAX_ROWS = 8
 MAX_SEED = 2**63 - 1
 
-ZHI_SYLLABLES = {"zhi", "chi", "shi", "ri", "zi", "ci", "si"}  # final "-i", which does not rhyme with 衣 (yi)
-RHYME_MODEL = ("same final (韵母) in pypinyin (lazy_pinyin, the character's most common reading), with both "
-               "strict=True and strict=False finals equal, and zhi/chi/shi/ri/zi/ci/si kept apart from ji/qi/xi: "
-               "光/霜/窗 share 'uang', 天/年/边 'ian', 雨/居 'v'. A rhyme is never repeated within a poem. Exact "
-               "finals are a stricter rule than the groups of 中华新韵 or 平水韵, so a poem rhymes under those too")
-
-
-@lru_cache(maxsize=None)
-def rhyme_of(char: str) -> str | None:
-    """The rhyme class of a character: its final, e.g. 'uang' for 光 and 霜; None if it has no reading."""
-    if not is_hanzi(char):
-        return None
-    strict = lazy_pinyin(char, style=Style.FINALS, strict=True)[0]
-    loose = lazy_pinyin(char, style=Style.FINALS, strict=False)[0]
-    if not strict:
-        return None
-    if lazy_pinyin(char)[0] in ZHI_SYLLABLES:
-        strict = "-i"
-    return strict if strict == loose else f"{strict}|{loose}"
-
-
-def is_hanzi(char: str) -> bool:
-    """A character of the basic CJK block, the only block the corpus keeps."""
-    return len(char) == 1 and "\u4e00" <= char <= "\u9fff"
-
-
-HANZI = "[\u4e00-\u9fff]"  # the same block, as a regular expression
-
-
-class CharRNN(nn.Module):
-    """Embedding -> recurrent layers -> linear over the vocabulary: the course notes' poem model.
-
-    ``cell`` picks the recurrent layer: "gru" is what is served; "rnn" (plain tanh nn.RNN) is the course
-    baseline that training compares against. ``features`` is split from ``head`` so the sampler can
-    advance the hidden state through a forced character without paying for the vocabulary projection.
-    """
-
-    CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
-
-    def __init__(self, vocab_size: int, embedding: int, hidden: int, layers: int, cell: str = "gru",
-                 dropout: float = 0.0):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, embedding)
-        self.rnn = self.CELLS[cell](embedding, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden, vocab_size)
-
-    def features(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        """(N, T) token ids -> ((N, T, hidden) outputs of the last layer, new recurrent state)."""
-        out, state = self.rnn(self.drop(self.embed(tokens)), state)
-        return self.drop(out), state
-
-    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
-        """(N, T) token ids -> ((N, T, vocab) logits of the next token, new recurrent state)."""
-        out, state = self.features(tokens, state)
-        return self.head(out), state
-
-
-def for_serving(net: CharRNN, device: torch.device) -> CharRNN:
-    """The trained net in the form the service runs (training reports its held-out perplexity too).
-
-    Sampling reads every weight once per character, so it is bound by memory traffic. On a CPU the GRU
-    and the head get int8 weights (dynamic quantization): 64 steps took 58 ms in float16 and 16-22 ms in
-    int8 on the target machine, and float32 -> int8 moved validation perplexity from 149.52 to 149.59. The
-    int8 kernels are CPU-only, so a GPU gets float16.
-    """
-    net = net.eval().requires_grad_(False)
-    if device.type != "cpu":
-        return net.to(device, torch.float16)
-    with warnings.catch_warnings():  # eager-mode quantization is deprecated for torchao; the pinned torch has it
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(net, {nn.Linear, nn.GRU}, dtype=torch.qint8)
-
-
-def serving_precision(device: torch.device) -> str:
-    return "int8 (dynamic quantization)" if device.type == "cpu" else "float16"
-
-
-def build_net(hyperparameters: dict[str, Any], vocab_size: int) -> CharRNN:
-    """The net described by a manifest's hyperparameters (training writes the same keys)."""
-    return CharRNN(vocab_size, hyperparameters["embedding"], hyperparameters["hidden"], hyperparameters["layers"],
-                   hyperparameters["cell"], hyperparameters["dropout"])
-
-
 class PoemRequest(BaseModel):
     """What to write. Structural rules are checked here; characters the model does not know are a 422 too."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"start": "月", "line_num": 2, "line_length": 5, "acrostic": None, "rhyme": True, "temperature": 0.8,
-         "top_k": 0, "seed": None},
-        {"acrostic": "月落乌啼", "line_length": 7, "seed": 42}]})
+    model_config = ConfigDict(extra="forbid")
 
     # The patterns document the rules for clients; the checks below enforce them with messages naming the character.
     start: str | None = Field(None, min_length=1, max_length=7, examples=["月"], json_schema_extra={
@@ -185,11 +95,11 @@ class Plan:
 
 
 class Poem(Predictor):
-    name = "poem"
-    folder = "poem"
     Input = PoemRequest
     Output = PoemResponse
-    streams = True
+    example = {"start": "月", "line_num": 2, "line_length": 5, "acrostic": None, "rhyme": True, "temperature": 0.8,
+               "top_k": 0, "seed": None}
+    stream_event = "char"  # one event per character, then the whole answer
     # One intra-op thread: a step's matrices are too small to split, and with a second thread per worker
     # the idle OpenMP threads of the other models' workers fight it for the cores (a 4x7 poem in-process on
     # a worker thread: 50 ms with 1 thread, 82 ms with 2 once another worker had run).
@@ -208,9 +118,9 @@ class Poem(Predictor):
             raise ValueError(f"vocab.json must start with {UNK} and {BOS}")
         self.ids = {token: i for i, token in enumerate(self.tokens)}
         self.comma, self.period = self.ids[COMMA], self.ids[PERIOD]
-        net = build_net(artifact.manifest.hyperparameters, len(self.tokens))
+        net = char_rnn.build(artifact.manifest.hyperparameters, len(self.tokens))
         net.load_state_dict(artifact.load_state_dict("model.pt", torch.device("cpu")))
-        self.net = for_serving(net, device)
+        self.net = char_rnn.for_serving(net, device)
         # Masks over the vocabulary, on the CPU where the per-request generator draws. A rhyme may only be
         # set by a character whose class has MAX_ROWS members, so every later couplet can end on a new one.
         classes = [rhyme_of(t) for t in self.tokens]
@@ -296,14 +206,13 @@ class Poem(Predictor):
             outputs.append(self.response(plan, list(self.characters(plan))))
         return outputs
 
-    def events(self, request: PoemRequest) -> Iterator[str]:
+    def stream(self, request: PoemRequest) -> Iterator[str | PoemResponse]:
         plan = self.plan(request)  # an InputError here is a 422 before any event is sent
-        return self._events(plan)
+        return self._pieces(plan)
 
-    def _events(self, plan: Plan) -> Iterator[str]:
-        """One ``char`` event per character, then a ``poem`` event with the whole POST /poem response."""
+    def _pieces(self, plan: Plan) -> Iterator[str | PoemResponse]:
         chars = []
         for char in self.characters(plan):
             chars.append(char)
-            yield f"event: char\ndata: {json.dumps({'char': char}, ensure_ascii=False)}\n\n"
-        yield f"event: poem\ndata: {self.response(plan, chars).model_dump_json()}\n\n"
+            yield char
+        yield self.response(plan, chars)

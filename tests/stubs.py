@@ -1,0 +1,62 @@
+"""A stub model for testing the runtime fast, without real weights (MLServer's ``SumModel`` habit).
+
+``Doubler`` doubles a number, can be told to take its time (``sleep_ms``) and refuses negative numbers
+per item, which is all the batching, shedding, timeout, auth, limit, metric and log tests need.
+``uvicorn --factory tests.stubs:create_stub_app`` serves it with settings from ``SERVE_*`` variables.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.app import create_app
+from service.artifacts import write_artifact
+from service.catalog import Model
+from service.models.base import InputError, Predictor
+from service.settings import Settings
+
+
+class Number(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    x: float = Field(ge=-1e6, le=1e6, description="The number to double; negative ones are refused (422).")
+    sleep_ms: float = Field(0, ge=0, le=5000, description="How long the forward pass takes.")
+
+
+class Doubled(BaseModel):
+    y: float
+
+
+class Doubler(Predictor):
+    Input = Number
+    Output = Doubled
+    example = {"x": 21}
+    summary = "Double x: a stub model for the runtime's tests"
+
+    def setup(self, artifact, device) -> None:
+        self.batch_sizes: list[int] = []
+
+    def predict(self, batch: list[Number]) -> list[Doubled | Exception]:
+        self.batch_sizes.append(len(batch))
+        time.sleep(max(item.sleep_ms for item in batch) / 1000)
+        return [Doubled(y=2 * item.x) if item.x >= 0 else InputError("x must not be negative", "x") for item in batch]
+
+
+DOUBLER = Model("doubler", "tests.stubs:Doubler")
+
+
+def write_stub_artifacts(artifacts_dir: Path) -> Path:
+    """An artifacts folder holding the stub's (empty, but verified like any other) artifact."""
+    folder = artifacts_dir / DOUBLER.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    write_artifact(folder, name=DOUBLER.name, hyperparameters={}, metrics={}, metrics_method="none: a stub",
+                   data_files=[])
+    return artifacts_dir
+
+
+def create_stub_app() -> FastAPI:
+    return create_app(Settings(), models=[DOUBLER])
