@@ -1,4 +1,5 @@
-"""HTTP routes: the two standard routes of every model, plus health, readiness, metadata and metrics."""
+"""HTTP routes: each model's routes (single, batch, and its upload and stream routes), plus health, readiness,
+metadata and metrics."""
 
 import json
 import secrets

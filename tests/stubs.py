@@ -1,13 +1,16 @@
 """A stub model for testing the runtime fast, without real weights (MLServer's ``SumModel`` habit).
 
 ``Doubler`` doubles a number, can be told to take its time (``sleep_ms``) and refuses negative numbers
-per item, which is all the batching, shedding, timeout, auth, limit, metric and log tests need.
+per item, which is all the batching, shedding, timeout, auth, limit, metric and log tests need. It also
+takes the number as an uploaded text file and streams the digits of its answer, to test those layers.
 ``uvicorn --factory tests.stubs:create_stub_app`` serves it with settings from ``SERVE_*`` variables.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -16,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.app import create_app
 from service.artifacts import write_artifact
 from service.catalog import Model
-from service.models.base import InputError, Predictor
+from service.models.base import InputError, InputRejected, Predictor, UploadRoute
 from service.settings import Settings
 
 
@@ -31,14 +34,36 @@ class Doubled(BaseModel):
     y: float
 
 
+class Scale(BaseModel):
+    times: int = Field(1, ge=1, le=10, description="Multiply the uploaded number by this first.")
+
+
 class Doubler(Predictor):
     Input = Number
     Output = Doubled
     example = {"x": 21}
     summary = "Double x: a stub model for the runtime's tests"
+    upload = UploadRoute(path="text", summary="Double the number in a text file", description="x as plain text.",
+                         file_description="A text file holding one number.", media_types=("text/plain",),
+                         Options=Scale, errors={415: "The file is not a number."})
+    stream_event = "digit"
 
     def setup(self, artifact, device) -> None:
         self.batch_sizes: list[int] = []
+        self.decoded_on: set[str] = set()
+
+    def decode(self, data: bytes, options: Scale) -> Number:
+        self.decoded_on.add(threading.current_thread().name)
+        try:
+            return Number(x=float(data) * options.times)
+        except ValueError:
+            raise InputRejected(415, "the file must hold one number") from None
+
+    def stream(self, item: Number) -> Iterator[str | Doubled]:
+        if item.x < 0:
+            raise InputError("x must not be negative", "x")
+        answer = Doubled(y=2 * item.x)
+        return iter([*str(answer.y), answer])
 
     def predict(self, batch: list[Number]) -> list[Doubled | Exception]:
         self.batch_sizes.append(len(batch))

@@ -156,7 +156,7 @@ def test_sigterm_finishes_accepted_requests(stub_artifacts):
     assert "Shutting down" in server.output()
 
 
-def test_a_model_that_fails_to_load_is_503_while_readiness_says_why(stub_artifacts, tmp_path, stub_app):
+def test_a_model_that_fails_to_load_is_503_while_readiness_says_why(tmp_path):
     """An artifact folder the stub cannot read: its routes and /readyz say why; /healthz stays up."""
     from service.app import create_app
     from service.settings import Settings
@@ -191,3 +191,42 @@ def test_an_example_that_does_not_validate_fails_at_import():
     with pytest.raises(TypeError, match="Broken.example is not a valid Number"):
         type("Broken", (Predictor,), {"Input": Number, "Output": Doubled, "example": {"x": "many"}, "summary": "s",
                                       "setup": lambda self, a, d: None, "predict": lambda self, batch: batch})
+
+
+def test_uploads_are_decoded_on_the_model_worker_and_batched(stub_app):
+    """The shared upload route queues the bytes; the model's decode runs on its worker thread."""
+    app = stub_app(default_batching={"max_wait_ms": 30})
+
+    async def scenario():
+        async with serving(app) as client:
+            def upload(text: bytes, **params):
+                return client.post("/doubler/text", files={"file": ("x.txt", text, "text/plain")}, params=params)
+            good, scaled, bad, number = await asyncio.gather(upload(b"4"), upload(b"4", times=3), upload(b"four"),
+                                                             client.post("/doubler", json={"x": 1}))
+            too_many = await upload(b"4", times=11)
+            return good, scaled, bad, number, too_many
+    good, scaled, bad, number, too_many = asyncio.run(scenario())
+    assert good.json() == {"y": 8.0} and scaled.json() == {"y": 24.0} and number.json() == {"y": 2.0}
+    assert bad.status_code == 415 and bad.json() == {"detail": "the file must hold one number"}
+    assert too_many.status_code == 422 and too_many.json()["detail"][0]["loc"] == ["query", "times"]
+    predictor = app.state.registry.entries["doubler"].predictor
+    assert predictor.decoded_on == {"model-doubler_0"} and predictor.batch_sizes[0] == 3  # 2 uploads + 1 JSON
+    route = app.openapi()["paths"]["/doubler/text"]["post"]
+    assert {"200", "415", "422"} <= route["responses"].keys()
+    assert route["requestBody"]["content"]["multipart/form-data"]["encoding"]["file"]["contentType"] == "text/plain"
+
+
+def test_streams_are_framed_by_the_shared_layer(stub_app):
+    async def scenario():
+        async with serving(stub_app()) as client:
+            stream = await client.post("/doubler/stream", json={"x": 6.5})
+            flag = await client.post("/doubler", json={"x": 6.5, "stream": True})
+            bad = await client.post("/doubler/stream", json={"x": -1})
+            batch = await client.post("/doubler/batch", json={"instances": [{"x": 1, "stream": True}]})
+            return stream, flag, bad, batch
+    stream, flag, bad, batch = asyncio.run(scenario())
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    expected = "".join(f'event: digit\ndata: {{"digit": "{c}"}}\n\n' for c in "13.0")
+    assert stream.text == expected + 'event: doubler\ndata: {"y":13.0}\n\n' == flag.text
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "x"]
+    assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "instances", 0, "stream"]
