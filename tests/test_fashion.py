@@ -218,6 +218,28 @@ def test_uploads_classify_like_the_dataset_pixels(client, confident):
             assert response.json()["label"] == label, f"{kind} of a {NAMES[label]} read as {response.json()['name']}"
 
 
+def _sideways_jpeg(image: np.ndarray, orientation: int) -> bytes:
+    """A camera-style JPEG: the pixels stored turned, with the EXIF orientation that turns them upright."""
+    turn = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    picture = Image.fromarray(255 - image).resize((112, 112), Image.Resampling.BILINEAR).transpose(turn)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied_before_anything_else(client, confident, orientation):
+    """Phone photos are stored sideways with an EXIF tag; read upright, each garment keeps its class."""
+    images, labels = confident
+    for image, label in zip(images, labels):
+        response = upload(client, _sideways_jpeg(image, orientation))
+        assert response.status_code == 200, response.text
+        assert response.json()["label"] == label, f"{NAMES[label]} stored with orientation {orientation} read as " \
+                                                  f"{response.json()['name']}"
+
+
 def test_validation_accuracy_over_http(client, validation):
     """The committed model on 1000 validation images: as JSON pixels, then as 3x upscaled inverted PNGs."""
     images, labels = validation[0][:1000], validation[1][:1000]

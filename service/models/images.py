@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.models.base import InputError, InputRejected
 from service.nets.fashion_cnn import SIDE
@@ -15,7 +15,8 @@ MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp"
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """The first frame of a PNG/JPEG/WebP/GIF/BMP as 8-bit grayscale, transparency composited onto white."""
+    """The first frame of a PNG/JPEG/WebP/GIF/BMP as 8-bit grayscale, upright as its EXIF orientation says
+    (phone cameras store pictures sideways and say so there), transparency composited onto white."""
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except Image.DecompressionBombError as exc:
@@ -30,6 +31,7 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error... for damaged data
         message = f"the {image.format} image is truncated or corrupt ({exc}); send the whole file"
         raise InputError(message, "file") from None
+    image = ImageOps.exif_transpose(image)  # before anything else looks at the pixels
     if image.has_transparency_data:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
