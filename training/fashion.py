@@ -1,8 +1,10 @@
-"""Train the Fashion-MNIST classifier: a small VGG-style CNN with flips and shifts, sized for 2 CPU cores.
+"""Train the Fashion-MNIST classifier: a small VGG-style CNN with flips, shifts and random erasing, sized
+for 2 CPU cores.
 
 Reads the official IDX files in ``fashion_mnist/`` (only the 60,000 training images are there: the test
 set is held back for independent evaluation, see SOURCE.md), holds out a stratified 10 % validation
-split, and trains with AdamW under a one-cycle learning-rate schedule stepped every batch.
+split, and trains with AdamW under a one-cycle learning-rate schedule stepped every batch, with bfloat16
+matrix products where the CPU has them natively.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from service import catalog
 from service.artifacts import Manifest
 from service.nets import fashion_cnn
 from service.nets.fashion_cnn import NAMES, SIDE
-from training.common import (Options, pyplot, epochs_of, plot_confusion, plot_history, save_artifact, seed_everything,
+from training.common import (Options, epochs_of, plot_confusion, plot_history, pyplot, save_artifact, seed_everything,
                              steps_per_epoch, train_loop)
 
 MODEL = catalog.get("fashion")
 
 # Three stages at 28, 14 and 7 pixels; the first has one conv only, because at full resolution every
-# extra channel costs most of the CPU time. 0.58M parameters, under a minute an epoch on 2 cores.
+# extra channel costs most of the CPU time. 0.58M parameters. A training step of 128 images took 119 ms in
+# float32 and 82 ms with bfloat16 products on the 2-core target machine (best of 3), so 40 epochs fit in
+# about the time 25 took before; 15 epochs without erasing reached 0.9435, still rising.
 HYPERPARAMETERS = {"stages": [[32], [64, 64], [128, 128]], "hidden": 256, "dropout": 0.1, "head_dropout": 0.4,
-                   "lr": 3e-3, "weight_decay": 0.05, "label_smoothing": 0.1, "batch_size": 128, "epochs": 15,
-                   "patience": 4, "max_shift": 2, "flip": True, "val_fraction": 0.1}
+                   "lr": 3e-3, "weight_decay": 0.05, "label_smoothing": 0.1, "batch_size": 128, "epochs": 40,
+                   "patience": 40, "max_shift": 2, "flip": True, "erase_probability": 0.5, "bf16": True,
+                   "val_fraction": 0.1}
 IMAGES, LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 QUICK_IMAGES = 2000
 
@@ -54,15 +59,28 @@ def to_input(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(images[:, None]).float().div_(255)
 
 
-def augment(images: torch.Tensor, max_shift: int, flip: bool) -> torch.Tensor:
-    """Per image: a random horizontal flip and a shift of up to ``max_shift`` pixels, filled with background."""
+def augment(images: torch.Tensor, max_shift: int, flip: bool, erase_probability: float) -> torch.Tensor:
+    """Per image: a random horizontal flip, a shift of up to ``max_shift`` pixels filled with background, and
+    with ``erase_probability`` a random rectangle (2-33 % of the image, aspect 0.3-3.3) erased to noise
+    (random erasing, Zhong et al. 2017: the net must not rely on any one part of a garment)."""
     n = len(images)
     if flip:
         images = torch.where(torch.rand(n, 1, 1, 1) < 0.5, images.flip(-1), images)
     padded = nn.functional.pad(images, [max_shift] * 4)
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n, 1))
     rows, cols = (torch.arange(SIDE) + dy)[:, :, None], (torch.arange(SIDE) + dx)[:, None, :]
-    return padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
+    images = padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
+    area = torch.empty(n).uniform_(0.02, 0.33) * SIDE * SIDE
+    aspect = torch.exp(torch.empty(n).uniform_(np.log(0.3), np.log(3.3)))
+    height = (area * aspect).sqrt().round().clamp(1, SIDE).long()
+    width = (area / aspect).sqrt().round().clamp(1, SIDE).long()
+    top = (torch.rand(n) * (SIDE - height + 1)).long()
+    left = (torch.rand(n) * (SIDE - width + 1)).long()
+    grid = torch.arange(SIDE)
+    inside = (((grid[None, :] >= top[:, None]) & (grid[None, :] < (top + height)[:, None]))[:, :, None]
+              & ((grid[None, :] >= left[:, None]) & (grid[None, :] < (left + width)[:, None]))[:, None, :])
+    erase = (inside & (torch.rand(n, 1, 1) < erase_probability))[:, None]
+    return torch.where(erase, torch.rand_like(images), images)
 
 
 def plot_misclassified(images: np.ndarray, true: np.ndarray, predicted: np.ndarray, path: Path,
@@ -115,8 +133,10 @@ def train(opts: Options) -> Manifest:
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
 
     def loss_of(model: nn.Module, index: torch.Tensor) -> torch.Tensor:
-        x = augment(x_train[index], hp["max_shift"], hp["flip"]).to(device, memory_format=torch.channels_last)
-        return loss_fn(model(x), y_train[index].to(device))
+        x = augment(x_train[index], hp["max_shift"], hp["flip"], hp["erase_probability"])
+        with torch.autocast(device.type, torch.bfloat16, enabled=hp["bf16"] and fashion_cnn.bf16_is_fast(device)):
+            logits = model(x.to(device, memory_format=torch.channels_last))
+        return loss_fn(logits.float(), y_train[index].to(device))
 
     def logits(model: nn.Module) -> torch.Tensor:
         return torch.cat([model(chunk) for chunk in x_val.split(1000)])
