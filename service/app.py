@@ -7,18 +7,16 @@ import logging
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import RedirectResponse
 
-from service.docs import add_docs
-from service.batching import PredictionTimeoutError, QueueFullError
+from service.catalog import MODELS, Model
+from service.docs import add_docs, describe_uploads_as_binary
+from service.errors import add_error_handlers
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, configure_logging
-from service.catalog import MODELS, Model
-from service.models.base import InputError, InputRejected
-from service.registry import ModelUnavailableError, Registry
+from service.registry import Registry
 from service.routes import model_router, ops_router, require_api_key
 from service.settings import Settings
 
@@ -29,39 +27,23 @@ batching. Every input is validated: a bad request gets a 4xx whose message names
 Operations: `/healthz`, `/readyz`, `/models`, `/metrics`."""
 
 
-def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field and rule; the offending input is not echoed (it may be huge or NaN)."""
-    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
-    return JSONResponse({"detail": errors}, status_code=422)
-
-
-def _input_error(request: Request, exc: InputError) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]}, status_code=422)
-
-
-def _rejected(request: Request, exc: InputRejected) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-
-def _error(status: int, headers: dict[str, str] | None = None):
-    def handler(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
-    return handler
-
-
-def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", "?")
-    log.exception("unhandled error", extra={"request_id": request_id})
-    return JSONResponse({"detail": f"internal error; quote request id {request_id} when reporting it"},
-                        status_code=500)
+def selected_models(settings: Settings) -> list[Model]:
+    """The catalog's models, or those ``SERVE_MODELS`` names; an unknown name stops the start with the list."""
+    if settings.models is None:
+        return MODELS
+    known = {m.name for m in MODELS}
+    if unknown := [name for name in settings.models if name not in known]:
+        raise ValueError(f"SERVE_MODELS names {unknown}, which are not models; choose from {sorted(known)}")
+    return [m for m in MODELS if m.name in settings.models]
 
 
 def create_app(settings: Settings | None = None, models: list[Model] | None = None) -> FastAPI:
-    """The app serving ``models`` (default: every model in the catalog) with ``settings`` (default: from env)."""
+    """The app serving ``models`` (default: SERVE_MODELS, else the whole catalog) with ``settings`` (default:
+    from the environment)."""
     settings = settings or Settings()
     configure_logging(settings.log_json, settings.log_level)
     metrics = Metrics()
-    registry = Registry(MODELS if models is None else models, settings, metrics)
+    registry = Registry(selected_models(settings) if models is None else models, settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -73,24 +55,22 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         gc.collect()
         gc.freeze()
         registry.start()
+        ready = [name for name, entry in registry.entries.items() if entry.state == "ready"]
+        log.info("ready: serving %s; API docs at /docs", ", ".join(ready) or "no model")
         yield
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
 
     app = FastAPI(title="Course models server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)  # offline pages below instead of CDN-backed ones
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(InputError, _input_error)
-    app.add_exception_handler(InputRejected, _rejected)
-    app.add_exception_handler(ModelUnavailableError, _error(503))
-    app.add_exception_handler(QueueFullError, _error(503, {"Retry-After": "1"}))
-    app.add_exception_handler(PredictionTimeoutError, _error(504))
-    app.add_exception_handler(Exception, _unexpected)
+    add_error_handlers(app)
 
     # Without keys there is no check at all: a no-op dependency still costs every request its resolution.
     guards = [Depends(require_api_key)] if settings.api_keys else []
     app.include_router(ops_router(registry, [] if settings.public_ops else guards))
     add_docs(app, [] if settings.public_ops else guards)
+    describe_uploads_as_binary(app)
+    app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs
     for entry in registry.entries.values():
         app.include_router(model_router(entry, settings.max_batch_instances, guards, settings.benchmark_routes))
 

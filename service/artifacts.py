@@ -25,14 +25,22 @@ MANIFEST = "manifest.json"
 
 
 class ArtifactError(RuntimeError):
-    """An artifact is missing, tampered with, or was written by libraries that cannot load it."""
+    """An artifact is missing, tampered with, or was written by libraries that cannot load it.
+
+    Messages name files relative to the artifact folder: they reach clients, server paths must not."""
+
+
+class MissingArtifactError(ArtifactError):
+    """The folder has no manifest: the model was never trained (or SERVE_ARTIFACTS_DIR points elsewhere)."""
 
 
 class Manifest(BaseModel):
     name: str
     version: str
     created_at: str
-    git_commit: str
+    git_commit: str | None = Field(description="The training code's commit; null outside a git checkout.")
+    git_tree: str = Field("unknown", description="'clean', 'dirty' (uncommitted changes to the code) or why unknown.")
+    quick: bool = Field(False, description="Trained with --quick on a data slice: a smoke test, not for serving.")
     libraries: dict[str, str]
     hyperparameters: dict[str, Any]
     metrics: dict[str, Any]
@@ -63,13 +71,19 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _git_commit() -> str:
+def source_revision() -> tuple[str | None, str]:
+    """(commit, tree state) of the code doing the training: (HEAD, "clean" or "dirty"), or (None, why not)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
+        if out.returncode:
+            raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"git {args[0]} failed")
+        return out.stdout.strip()
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        commit = git("rev-parse", "--verify", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)service", ":(top)training")
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        return None, f"unknown: {exc}"
+    return commit, "dirty" if dirty else "clean"
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
@@ -102,11 +116,11 @@ class Artifact:
         self.folder = folder
         path = folder / MANIFEST
         if not path.is_file():
-            raise ArtifactError(f"no {MANIFEST} in {folder}; train it with `python -m training <model>`")
+            raise MissingArtifactError(f"no {MANIFEST} in the artifacts folder '{folder.name}'")
         try:
             self.manifest = Manifest.model_validate_json(path.read_bytes())
         except ValueError as exc:
-            raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
+            raise ArtifactError(f"{folder.name}/{MANIFEST} is not a valid manifest: {exc}") from exc
         check_compatible(self.manifest.libraries)
         for name in self.manifest.files:
             self.read(name)  # verify every file up front, so a broken artifact never half-loads
@@ -114,13 +128,13 @@ class Artifact:
     def read(self, name: str) -> bytes:
         expected = self.manifest.files.get(name)
         if expected is None:
-            raise ArtifactError(f"{name} is not listed in {self.folder / MANIFEST}")
+            raise ArtifactError(f"{name} is not listed in {self.folder.name}/{MANIFEST}")
         path = self.folder / name
         if not path.is_file():
-            raise ArtifactError(f"{path} is missing")
+            raise ArtifactError(f"{self.folder.name}/{name} is missing")
         data = path.read_bytes()
         if sha256_bytes(data) != expected:
-            raise ArtifactError(f"sha256 of {path} does not match the manifest; refusing to load it")
+            raise ArtifactError(f"sha256 of {self.folder.name}/{name} does not match the manifest; refusing to load it")
         return data
 
     def load_state_dict(self, name: str = "model.pt", device: str | torch.device = "cpu") -> dict:
@@ -134,15 +148,18 @@ class Artifact:
 
 
 def write_artifact(folder: Path, *, name: str, hyperparameters: dict, metrics: dict, metrics_method: str,
-                   data_files: list[Path], extra: dict | None = None) -> Manifest:
+                   data_files: list[Path], extra: dict | None = None, quick: bool = False) -> Manifest:
     """Hash every file already written to ``folder`` and write its manifest last."""
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     now = datetime.now(timezone.utc)
+    commit, tree = source_revision()
     manifest = Manifest(
         name=name,
         version=now.strftime("%Y.%m.%d.%H%M%S"),
         created_at=now.isoformat(timespec="seconds"),
-        git_commit=_git_commit(),
+        git_commit=commit,
+        git_tree=tree,
+        quick=quick,
         libraries=library_versions(),
         hyperparameters=hyperparameters,
         metrics=metrics,

@@ -35,6 +35,13 @@ class _Pending:
     batch_size: int = 0  # size of the forward pass this item ran in
 
 
+async def _result_or_error(future: asyncio.Future) -> Any:
+    try:
+        return await future
+    except Exception as exc:
+        return exc
+
+
 class Batcher:
     def __init__(self, name: str, predict: Callable[[list], list], policy: BatchPolicy, *, max_queue: int,
                  timeout_s: float, threads: int | None = None, observe: Callable[[int, float, int], None] | None = None):
@@ -71,14 +78,17 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def submit(self, items: list, meta: dict | None = None) -> list:
-        """Queue ``items`` and wait for their outputs (in order); raises QueueFullError or PredictionTimeoutError.
+        """Queue ``items`` and wait for their outputs, in order, with the exception in place of an item that
+        failed (so a batch request can say which instance); raises QueueFullError or PredictionTimeoutError.
 
         ``meta["batch_size"]`` is set to the largest forward pass the items ran in.
         """
         if self._closing:
             raise QueueFullError(f"{self.name} is shutting down")
         if len(self._queue) + len(items) > self.max_queue:
-            raise QueueFullError(f"{self.name} queue is full ({len(self._queue)} of {self.max_queue} waiting)")
+            raise QueueFullError(f"the {self.name} model's queue is full: {len(self._queue)} of its {self.max_queue} "
+                                 f"places are taken and this request needs {len(items)}; retry after the seconds "
+                                 "in Retry-After, or send smaller batches (the server's SERVE_MAX_QUEUE sets the size)")
         loop = asyncio.get_running_loop()
         pending = [_Pending(item, loop.create_future()) for item in items]
         self._queue.extend(pending)
@@ -86,7 +96,7 @@ class Batcher:
         try:
             # asyncio.timeout rather than wait_for(gather(...)): no extra tasks per request on the hot path
             async with asyncio.timeout(self.timeout_s):
-                outputs = [await p.future for p in pending]
+                outputs = [await _result_or_error(p.future) for p in pending]
             if meta is not None:
                 meta["batch_size"] = max(p.batch_size for p in pending)
             return outputs
@@ -96,8 +106,6 @@ class Batcher:
             for p in pending:
                 if not p.future.done():
                     p.future.cancel()
-                elif not p.future.cancelled():
-                    p.future.exception()  # mark as seen: only the first error is raised, the rest would be logged
             if any(p.future.cancelled() for p in pending):
                 self._queue = deque(p for p in self._queue if not p.future.cancelled())
 

@@ -109,3 +109,6 @@ def configure_logging(json_logs: bool, level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # Our access log has every request already, with its id, route, latency and batch size: uvicorn's own
+    # access lines would print each request twice under plain `uvicorn service.app:app`.
+    logging.getLogger("uvicorn.access").disabled = True

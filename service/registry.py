@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
-from service.artifacts import Artifact, Manifest
+from service.artifacts import Artifact, Manifest, MissingArtifactError
 from service.batching import Batcher
 from service.catalog import Model
 from service.metrics import Metrics
@@ -39,12 +39,19 @@ class ModelEntry:
         """Verify the model's artifact and read its input schema (the routes need it before start-up)."""
         predictor_cls = model.predictor_class()
         entry = cls(model, predictor_cls(), predictor_cls.Input)
+        folder = artifacts_dir / model.folder
         try:
-            entry.artifact = Artifact(artifacts_dir / model.folder)
+            entry.artifact = Artifact(folder)
             entry.Input = predictor_cls.input_schema(entry.artifact)
             predictor_cls.check_example(entry.Input)
+        except MissingArtifactError as exc:
+            entry.fail(MissingArtifactError(f"{exc}: train it with `python -m training {model.name}`, or leave it out "
+                                            "of SERVE_MODELS"), folder)
         except Exception as exc:  # one broken model must not take the others down
-            entry.fail(exc)
+            entry.fail(exc, folder)
+        if entry.artifact and entry.artifact.manifest.quick:
+            log.warning("serving %s from a --quick artifact (trained on a data slice as a smoke test): retrain it "
+                        "with `python -m training %s` before relying on its answers", model.name, model.name)
         return entry
 
     def load(self, device: torch.device, settings: Settings) -> None:
@@ -66,9 +73,10 @@ class ModelEntry:
     def manifest(self) -> Manifest | None:
         return self.artifact.manifest if self.artifact and self.state == "ready" else None
 
-    def fail(self, exc: Exception) -> None:
+    def fail(self, exc: Exception, folder: Path | None = None) -> None:
+        """Record why the model is not served; the reason reaches clients, so the server's path is only logged."""
         self.state, self.reason = "failed", f"{type(exc).__name__}: {exc}"
-        log.error("could not load %s: %s", self.name, self.reason)
+        log.error("could not load %s from %s: %s", self.name, folder or "its artifact", self.reason)
 
     def batcher_or_raise(self) -> Batcher:
         if self.state != "ready" or self.batcher is None:

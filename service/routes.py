@@ -6,11 +6,12 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, StrictBool, create_model
 
-from service.models.base import Upload, UploadRoute
+from service.models.base import InputError, Upload, UploadRoute
 from service.registry import ModelEntry, Registry
 
 
@@ -61,11 +62,19 @@ def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route
         f"If true, answer Server-Sent Events like POST /{name}/stream.")))) if predictor.stream_event else Input
     router = APIRouter(tags=[name], dependencies=guards, responses=ERRORS)
 
-    async def submit(items: list, request: Request) -> list:
+    async def submit(items: list, request: Request, batch: bool = False) -> list:
+        """The outputs, in order. An item that failed raises: one request's error as it is; in a batch, every
+        InputError together as one 422 naming each instance, like a validation error of the body."""
         meta: dict[str, int] = {}
         outputs = await entry.batcher_or_raise().submit(items, meta)
         request.state.batch_size = meta.get("batch_size")
-        return outputs
+        failed = [(i, out) for i, out in enumerate(outputs) if isinstance(out, Exception)]
+        if not failed:
+            return outputs
+        if batch and all(isinstance(out, InputError) for _, out in failed):
+            raise RequestValidationError([{"loc": ["body", "instances", i, *out.loc[1:]], "msg": str(out),
+                                           "type": "value_error"} for i, out in failed])
+        raise failed[0][1]
 
     async def predict_one(item: Annotated[One, example], request: Request) -> Output:  # type: ignore[valid-type]
         if getattr(item, "stream", False):
@@ -73,7 +82,7 @@ def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route
         return (await submit([item], request))[0]
 
     async def predict_batch(body: BatchInput, request: Request) -> BatchOutput:  # type: ignore[valid-type]
-        return BatchOutput(predictions=await submit(body.instances, request))
+        return BatchOutput(predictions=await submit(body.instances, request, batch=True))
 
     sse = {200: {"content": {"text/event-stream": {}}}} if predictor.stream_event else {}
     router.add_api_route(f"/{name}", predict_one, methods=["POST"], response_model=Output, summary=predictor.summary,
@@ -177,11 +186,14 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
             input_schema=dict(entry.Input.model_json_schema(), examples=[predictor.example]),
             output_schema=predictor.Output.model_json_schema())
 
-    @router.get("/healthz", summary="Liveness: the process is up")
+    @router.get("/healthz", summary="Liveness: the process is up", operation_id="healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)  # probes that send HEAD
+
     @router.get("/readyz", summary="Readiness: every model is loaded", response_model=Readiness, dependencies=guarded,
+                operation_id="readyz",
                 responses={503: {"model": Readiness, "description": "At least one model is not loaded."}})
     async def readyz():
         states = {name: e.state if e.state == "ready" else f"{e.state}: {e.reason}" for name, e in registry.entries.items()}
@@ -189,11 +201,13 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
         return JSONResponse(Readiness(status="ready" if ready else "not ready", models=states).model_dump(),
                             status_code=200 if ready else 503)
 
-    @router.get("/models", summary="Metadata of every model", response_model=list[ModelInfo], dependencies=guarded)
+    @router.get("/models", summary="Metadata of every model", response_model=list[ModelInfo], dependencies=guarded,
+                operation_id="list_models")
     async def models() -> list[ModelInfo]:
         return [info(e) for e in registry.entries.values()]
 
     @router.get("/models/{name}", summary="Metadata of one model", response_model=ModelInfo, dependencies=guarded,
+                operation_id="get_model",
                 responses={404: {"model": ErrorBody, "description": "No model has that name."}})
     async def model(name: str) -> ModelInfo:
         if name not in registry.entries:
@@ -201,6 +215,7 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
         return info(registry.entries[name])
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=guarded,
+                operation_id="metrics",
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}})
     async def metrics(request: Request) -> Response:
         registry_ = request.app.state.metrics

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     artifacts_dir: Path = PROJECT_ROOT / "artifacts"
+    models: list[str] | None = Field(None, description=(
+        "Names of the models to serve (JSON list), e.g. [\"phone-price\", \"fashion\"]; unset: every model."))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
 
@@ -32,7 +34,9 @@ class Settings(BaseSettings):
     # SERVE_BATCHING='{"fashion": {"max_batch_size": 128, "max_wait_ms": 2}}'.
     default_batching: BatchPolicy = BatchPolicy()
     batching: dict[str, BatchPolicy] = {}
-    max_queue: int = Field(512, ge=1, description="Items waiting per model before new requests get 503.")
+    max_queue: int = Field(4096, ge=1, description=(
+        "Items waiting per model before new requests get 503: 16 batches of the largest size, so a few clients "
+        "sending maximum-size batches at once are queued, not refused."))
     request_timeout_s: float = Field(30.0, gt=0, description="Longest a request may wait for its prediction.")
 
     # Limits and security.

@@ -159,9 +159,10 @@ def _png(width: int, height: int, idat: bytes) -> bytes:
     (np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), 415, "not a PNG"),
     (encode(np.array(EXAMPLE, np.uint8), "TIFF"), 415, "not a PNG, JPEG, WebP, GIF or BMP image"),
     (encode(np.array(EXAMPLE, np.uint8))[:60], 422, "truncated or corrupt"),
-    (_png(100_000, 100_000, zlib.compress(b"\0" * 64)), 413, "too many pixels"),  # Pillow's own bomb check
+    (_png(100_000, 100_000, zlib.compress(b"\0" * 64)), 413, "10000000000 pixels, more than the limit of 40000000"),
+    (_png(20_000, 20_000, zlib.compress(b"\0" * 64)), 413, "400000000 pixels, more than the limit of 40000000"),
     (_png(7000, 7000, zlib.compress(b"\0" * 64)), 413, "more than the limit of 40000000"),  # the service's cap
-], ids=["empty", "text", "noise", "tiff", "truncated-png", "bomb-header", "over-cap-header"])
+], ids=["empty", "text", "noise", "tiff", "truncated-png", "bomb-header", "pillow-cap-header", "over-cap-header"])
 def test_bad_uploads_get_a_clear_4xx(client, data, status, words):
     response = upload(client, data)
     assert response.status_code == status, response.text
@@ -178,12 +179,16 @@ def test_real_image_over_the_pixel_cap(client):
     assert response.status_code == 413 and "49000000 pixels" in response.json()["detail"]
 
 
-def test_blank_picture_is_a_blank_input(client):
-    """Nothing to crop: a plain white picture is classified like all-zero pixels (as a 1x1 image would be)."""
+def test_blank_pictures_are_flagged(client):
+    """Nothing to crop: a plain white, a fully transparent, a 1x1 or a 10000x1 picture is classified like
+    all-zero pixels, and the answer says it is blank; a real garment is not flagged."""
     blank = client.post("/fashion", json={"pixels": [0] * 784}).json()
-    for picture in (np.full((40, 30), 255, np.uint8), np.zeros((1, 1), np.uint8)):
+    assert blank["blank"] is True and client.post("/fashion", json={"pixels": [7] * 784}).json()["blank"] is True
+    clear = np.zeros((20, 20, 4), np.uint8)
+    for picture in (np.full((40, 30), 255, np.uint8), np.zeros((1, 1), np.uint8), clear, np.full((1, 10000), 200, np.uint8)):
         response = upload(client, encode(picture))
         assert response.status_code == 200 and response.json() == blank
+    assert client.post("/fashion", json={"pixels": EXAMPLE}).json()["blank"] is False
 
 
 def test_upload_of_the_example_and_top_k(client):

@@ -61,6 +61,10 @@ def test_defaults_are_a_rhyming_five_character_quatrain_with_a_fresh_seed(client
     first, second = poem(client), poem(client)
     assert_form(first, 2, 5)
     assert isinstance(first["seed"], int) and first["seed"] != second["seed"]
+    drawn = [poem(client, line_num=1)["seed"] for _ in range(20)]
+    assert all(0 <= seed < 2**53 for seed in drawn)  # exact in JavaScript: the docs page can send it back
+    assert max(drawn) > 2**40  # drawn from the whole documented range
+    assert poem(client, seed=2**53 - 1)["seed"] == 2**53 - 1
     assert_rhymes(first["lines"])
 
 
@@ -115,7 +119,7 @@ def test_random_valid_requests_keep_their_form(client, poem_vocabulary):
         rows, length = rng.randint(1, 8), rng.choice([5, 7])
         fields = {"line_num": rows, "line_length": length, "rhyme": rng.random() < 0.7,
                   "temperature": round(rng.uniform(0.05, 2), 2), "top_k": rng.choice([0, 1, 5, 50, 10_000]),
-                  "seed": rng.randrange(2**63)}
+                  "seed": rng.randrange(2**53)}
         if rng.random() < 0.3:
             fields["acrostic"] = "".join(rng.choices(hanzi[:3000], k=2 * rows))
         elif rng.random() < 0.3:
@@ -154,6 +158,13 @@ def test_the_smallest_temperature_is_greedy_not_an_error(client):
     assert poem(client, temperature=5e-324, seed=2)["poem"] == greedy  # 1/T overflows: once a 500
 
 
+def test_a_vocabulary_error_in_a_batch_names_the_instance(client):
+    response = client.post("/poem/batch", json={"instances": [{"start": "月"}, {"start": "㐀"}]})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body", "instances", 1, "start"] and "'㐀'" in error["msg"]
+
+
 @pytest.mark.parametrize("fields, char", [({"start": "㐀"}, "㐀"), ({"start": "月x"}, "x"),
                                           ({"acrostic": "春㐀"}, "㐀"), ({"acrostic": "春，"}, "，")])
 def test_unknown_characters_are_named(client, fields, char):
@@ -166,7 +177,7 @@ def test_unknown_characters_are_named(client, fields, char):
 
 @pytest.mark.parametrize("field, value", [
     ("line_num", 0), ("line_num", 9), ("line_length", 6), ("temperature", 0), ("temperature", 2.5),
-    ("top_k", -1), ("seed", -1), ("seed", 2**63), ("seed", "7"), ("line_num", True), ("start", ""),
+    ("top_k", -1), ("seed", -1), ("seed", 2**53), ("seed", 2**63), ("seed", "7"), ("line_num", True), ("start", ""),
     ("acrostic", "春" * 18), ("stream", "yes"), ("rhyme", 1),
 ])
 def test_out_of_range_parameters_name_the_field(client, field, value):

@@ -50,6 +50,15 @@ def test_a_bad_item_in_a_batch_fails_only_its_own_caller(stub_app):
         {"loc": ["body", "x"], "msg": "x must not be negative", "type": "value_error"}]
 
 
+def test_errors_in_a_batch_name_each_instance(stub_app):
+    async def scenario():
+        async with serving(stub_app()) as client:
+            return await client.post("/doubler/batch", json={"instances": [{"x": 1}, {"x": -1}, {"x": 2}, {"x": -3}]})
+    response = asyncio.run(scenario())
+    assert response.status_code == 422 and response.json()["detail"] == [
+        {"loc": ["body", "instances", i, "x"], "msg": "x must not be negative", "type": "value_error"} for i in (1, 3)]
+
+
 def test_full_queue_sheds_load_with_retry_after(stub_app):
     async def scenario():
         app = stub_app(max_queue=2, default_batching={"max_batch_size": 1})

@@ -176,14 +176,14 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
 
 
 def save_artifact(folder: Path, net: nn.Module, *, name: str, hyperparameters: dict, metrics: dict,
-                  metrics_method: str, data_files: list[Path], history: History, extra: dict | None = None
-                  ) -> Manifest:
+                  metrics_method: str, data_files: list[Path], history: History, extra: dict | None = None,
+                  quick: bool = False) -> Manifest:
     """Write ``model.pt`` (a CPU state_dict), ``report.json`` and the manifest that hashes every file."""
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "model.pt")
     report = {"metrics": metrics, "metrics_method": metrics_method, "best_epoch": history.best_epoch,
               "train_seconds": history.seconds, "history": history.epochs}
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     manifest = write_artifact(folder, name=name, hyperparameters=hyperparameters, metrics=metrics,
-                              metrics_method=metrics_method, data_files=data_files, extra=extra)
+                              metrics_method=metrics_method, data_files=data_files, extra=extra, quick=quick)
     print(f"wrote {folder}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict)))
     return manifest

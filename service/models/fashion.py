@@ -97,6 +97,9 @@ class FashionPrediction(BaseModel):
     probabilities: list[float] = Field(min_length=10, max_length=10,
                                        description="Probability of each class, index = class.")
     top: list[TopClass] = Field(description="The top_k most likely classes, best first.")
+    blank: bool = Field(description=(
+        "True when nothing stands out from the background (brightest pixel less than 16 above the darkest): "
+        "there is no garment to classify, and the classes above are the model's guess for an empty image."))
 
 
 class UploadOptions(BaseModel):
@@ -141,12 +144,13 @@ class Fashion(Predictor):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             logits = self.net(x)
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        return [self._prediction(p, item.top_k) for p, item in zip(probabilities, batch)]
+        blank = np.ptp(pixels.reshape(len(batch), -1), axis=1) * 255 < images.BLANK_CONTRAST
+        return [self._prediction(p, item.top_k, bool(b)) for p, item, b in zip(probabilities, batch, blank)]
 
     @staticmethod
-    def _prediction(p: np.ndarray, top_k: int) -> FashionPrediction:
+    def _prediction(p: np.ndarray, top_k: int, blank: bool) -> FashionPrediction:
         best = [int(i) for i in np.argsort(-p, kind="stable")[:top_k]]
         return FashionPrediction(
             label=best[0], name=NAMES[best[0]], name_zh=NAMES_ZH[best[0]],
             probabilities=[round(float(v), 6) for v in p],
-            top=[TopClass(label=i, name=NAMES[i], probability=round(float(p[i]), 6)) for i in best])
+            top=[TopClass(label=i, name=NAMES[i], probability=round(float(p[i]), 6)) for i in best], blank=blank)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -12,6 +13,12 @@ from service.nets.fashion_cnn import SIDE
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # Pillow's names; anything else is refused with 415
 MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp")
+BLANK_CONTRAST = 16  # brightest pixel minus background, 0-255: below it nothing stands out to classify
+
+
+def too_many_pixels(pixels: int | str, max_pixels: int) -> InputRejected:
+    return InputRejected(413, f"image has {pixels} pixels, more than the limit of {max_pixels} "
+                              "(SERVE_MAX_IMAGE_PIXELS); send a smaller picture")
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
@@ -19,13 +26,13 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     (phone cameras store pictures sideways and say so there), transparency composited onto white."""
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
-    except Image.DecompressionBombError as exc:
-        raise InputRejected(413, f"image has too many pixels: {exc}") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own, far higher cap: answer with ours
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise too_many_pixels(found[1] if found else "too many", max_pixels) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise InputRejected(415, "the upload is not a PNG, JPEG, WebP, GIF or BMP image; send one of those") from None
     if image.width * image.height > max_pixels:  # checked before decoding a byte of pixel data
-        raise InputRejected(413, f"image is {image.width}x{image.height} = {image.width * image.height} pixels, "
-                                 f"more than the limit of {max_pixels}; send a smaller picture")
+        raise too_many_pixels(f"{image.width}x{image.height} = {image.width * image.height}", max_pixels)
     try:
         image.load()
     except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error... for damaged data
@@ -50,7 +57,7 @@ def to_dataset_pixels(data: bytes, max_pixels: int) -> np.ndarray:
         gray, border = 255 - gray, 255 - border
     background = float(np.median(border))
     contrast = float(gray.max()) - background
-    if contrast < 16:  # nothing stands out (stretching would only amplify noise): a blank input, as for /fashion
+    if contrast < BLANK_CONTRAST:  # nothing stands out (stretching would only amplify noise): a blank input
         return np.zeros((SIDE, SIDE), np.float32)
     mask = gray > background + 0.1 * contrast
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))

@@ -24,7 +24,7 @@ from service.nets.char_rnn import BOS, UNK
 
 COMMA, PERIOD = "，", "。"
 MAX_ROWS = 8
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**53 - 1  # the largest integer JavaScript (the docs page, browsers) keeps exact; drawn seeds stay below it
 
 class PoemRequest(BaseModel):
     """What to write. Structural rules are checked here; characters the model does not know are a 422 too."""
@@ -35,7 +35,8 @@ class PoemRequest(BaseModel):
     start: str | None = Field(None, min_length=1, max_length=7, examples=["月"], json_schema_extra={
         "pattern": f"^{HANZI}+$"}, description=(
         "The poem's first character(s), all within the first clause (at most line_length of them)."))
-    line_num: JsonInt | None = Field(None, ge=1, le=MAX_ROWS, examples=[2], description=(
+    # Bounds inside the Optional, so the schema shows them as minimum/maximum for docs and code generators.
+    line_num: Annotated[int, Field(ge=1, le=MAX_ROWS), BeforeValidator(json_number)] | None = Field(None, examples=[2], description=(
         "Printed rows, each one couplet of two clauses: 2 is a quatrain (绝句), 4 a regulated verse (律诗). "
         "Default: half the acrostic's length, else 2."))
     line_length: Annotated[Literal[5, 7], BeforeValidator(json_number)] = Field(5, description="Characters per clause: 5 (五言) or 7 (七言).")
@@ -48,8 +49,9 @@ class PoemRequest(BaseModel):
         + RHYME_MODEL + "."))
     temperature: JsonFloat = Field(0.8, gt=0, le=2, description="Sampling temperature: lower is safer, higher is bolder.")
     top_k: JsonInt = Field(0, ge=0, le=10_000, description="Draw only from the k likeliest characters; 0 = no limit.")
-    seed: JsonInt | None = Field(None, ge=0, le=MAX_SEED, description=(
-        "Random seed; the same seed and parameters give the same poem. Default: a random one, returned."))
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(json_number)] | None = Field(None, description=(
+        "Random seed, 0 to 2^53 - 1 (exact in JavaScript too); the same seed and parameters give the same poem. "
+        "Default: a random one, returned."))
 
     @model_validator(mode="after")
     def _check_form(self) -> PoemRequest:
@@ -76,7 +78,7 @@ class PoemResponse(BaseModel):
     poem: str = Field(description="The whole poem.", examples=["月出东山上，清光照客衣。相思不可见，独坐望春归。"])
     lines: list[str] = Field(description="One row (couplet) per item.",
                              examples=[["月出东山上，清光照客衣。", "相思不可见，独坐望春归。"]])
-    seed: int = Field(description="The seed used; send it back to get the same poem again.")
+    seed: int = Field(ge=0, le=MAX_SEED, description="The seed used; send it back to get the same poem again.")
 
 
 # What a position of the poem holds when no character is forced there (forced ones are token ids >= 0).

@@ -1,0 +1,85 @@
+"""How errors reach clients: every 4xx says what was wrong and what to send instead; a 500 names a request id."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service.batching import PredictionTimeoutError, QueueFullError
+from service.models.base import InputError, InputRejected
+from service.registry import ModelUnavailableError
+
+log = logging.getLogger("service.errors")
+
+SEND_JSON = "send one JSON object with the header 'Content-Type: application/json' (curl: -H 'content-type: application/json')"
+SEND_FILE = "send the file as multipart/form-data in a part named 'file' (curl: -F file=@picture.png)"
+
+
+def _explain(error: dict[str, Any], content_type: str) -> str:
+    """Pydantic's message, or a plainer one for the mistakes people make most: the wrong content type, a
+    body that is not JSON, a text field or a raw body where a file is expected."""
+    loc, kind, msg = tuple(error.get("loc", ())), error.get("type", ""), error.get("msg", "")
+    if loc == ("body",) and kind in ("model_attributes_type", "dict_type") and "json" not in content_type:
+        return f"the body was not read as JSON (Content-Type: {content_type or 'none'}); {SEND_JSON}"
+    if kind == "json_invalid":
+        reason = (error.get("ctx") or {}).get("error", "")
+        return f"the body is not valid JSON ({reason}, at character {loc[-1] if len(loc) > 1 else '?'}); {SEND_JSON}"
+    if loc == ("body", "file") and kind == "missing" and not content_type.startswith("multipart/form-data"):
+        return f"no file part in a {content_type or 'body without Content-Type'}; {SEND_FILE}"
+    if loc == ("body", "file") and "Expected UploadFile" in msg:
+        return f"'file' was sent as a text field, not as a file; {SEND_FILE}"
+    if kind == "finite_number":
+        return "must be a finite number: NaN and Infinity are not JSON numbers; send a number or leave it out if optional"
+    return msg
+
+
+def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field and rule; the offending input is not echoed (it may be huge or NaN)."""
+    content_type = request.headers.get("content-type", "")
+    errors = [{"loc": list(e.get("loc", ())), "msg": _explain(e, content_type), "type": e.get("type", "")}
+              for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    detail = exc.detail
+    if exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's words for non-UTF-8
+        detail = f"the body could not be decoded: JSON must be UTF-8 text; {SEND_JSON}"
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def input_error(request: Request, exc: InputError) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]}, status_code=422)
+
+
+def rejected(request: Request, exc: InputRejected) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+
+def _with_status(status: int, headers: dict[str, str] | None = None):
+    def handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+    return handler
+
+
+def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", "?")
+    log.exception("unhandled error", extra={"request_id": request_id})
+    return JSONResponse({"detail": f"internal error; quote request id {request_id} when reporting it"},
+                        status_code=500)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(InputError, input_error)
+    app.add_exception_handler(InputRejected, rejected)
+    app.add_exception_handler(ModelUnavailableError, _with_status(503))
+    app.add_exception_handler(QueueFullError, _with_status(503, {"Retry-After": "1"}))
+    app.add_exception_handler(PredictionTimeoutError, _with_status(504))
+    app.add_exception_handler(Exception, unexpected)
