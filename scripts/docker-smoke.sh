@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the image from a local wheelhouse, run it, wait for health, call every model route, check the
-# answers and the non-root user, report the image size, stop it. Not part of CI (needs a Docker engine).
+# Build the image from a local wheelhouse, run it, wait for health, call every model route (the upload and
+# the stream too), check the answers and the non-root user, report the image size, stop it. Not part of CI (needs a Docker engine).
 # On a machine with no container registry: ../shared/tools/docker-local-base.sh first, then
 #   BASE_IMAGE=local/python:3.11-slim scripts/docker-smoke.sh
 set -euo pipefail
@@ -53,3 +53,10 @@ status, out = call("/phone-price/batch", {"instances": [models["phone-price"]["i
 assert len(out["predictions"]) == 3
 print("all routes answered")
 PY
+
+echo "== an upload and a stream, as the README sends them"
+curl -sf -F file=@examples/trousers.png "http://127.0.0.1:$PORT/fashion/image?top_k=2" | tee /dev/stderr | grep -q '"name":"Trouser"'
+curl -sfN -X POST "http://127.0.0.1:$PORT/poem/stream" -H 'content-type: application/json' -d '{"line_num": 1}' \
+  | tee /dev/stderr | grep -q '^event: poem'
+echo
+echo "smoke: every route answered"

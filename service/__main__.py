@@ -1,6 +1,7 @@
 """``python -m service [--host H] [--port P]``: run the server with uvicorn on the committed artifacts."""
 
 import argparse
+import os
 
 import uvicorn
 
@@ -14,6 +15,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=settings.port, help="port (default: %(default)s, SERVE_PORT)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default: 1)")
     args = parser.parse_args(argv)
+    # The app reads its settings itself: pass the address on, so its "ready" line shows the real URL.
+    os.environ.update(SERVE_HOST=args.host, SERVE_PORT=str(args.port))
     # SIGTERM: uvicorn stops accepting, finishes in-flight requests, then runs the lifespan shutdown.
     uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
                 timeout_graceful_shutdown=30, log_level="warning")

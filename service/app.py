@@ -56,7 +56,8 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         gc.freeze()
         registry.start()
         ready = [name for name, entry in registry.entries.items() if entry.state == "ready"]
-        log.info("ready: serving %s; API docs at /docs", ", ".join(ready) or "no model")
+        url = f"http://{settings.host}:{settings.port}"  # as `python -m service` was told to bind
+        log.info("ready: serving %s at %s (API docs: %s/docs)", ", ".join(ready) or "no model", url, url)
         yield
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
 

@@ -156,6 +156,8 @@ class ModelInfo(BaseModel):
     version: str | None = None
     created_at: str | None = None
     git_commit: str | None = None
+    git_tree: str | None = Field(None, description="Whether the training code had uncommitted changes.")
+    quick: bool = Field(False, description="A --quick artifact: trained on a data slice as a smoke test.")
     metrics: dict[str, Any] = {}
     metrics_method: str | None = None
     hyperparameters: dict[str, Any] = {}
@@ -179,6 +181,7 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
         return ModelInfo(
             name=entry.name, state=entry.state, reason=entry.reason, device=str(registry.device),
             version=m and m.version, created_at=m and m.created_at, git_commit=m and m.git_commit,
+            git_tree=m and m.git_tree, quick=bool(m and m.quick),
             metrics=m.metrics if m else {}, metrics_method=m and m.metrics_method,
             hyperparameters=m.hyperparameters if m else {}, libraries=m.libraries if m else {},
             batching=dict(entry.batcher.policy.model_dump(), threads=entry.batcher.threads) if entry.batcher

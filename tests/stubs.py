@@ -74,12 +74,12 @@ class Doubler(Predictor):
 DOUBLER = Model("doubler", "tests.stubs:Doubler")
 
 
-def write_stub_artifacts(artifacts_dir: Path) -> Path:
+def write_stub_artifacts(artifacts_dir: Path, quick: bool = False) -> Path:
     """An artifacts folder holding the stub's (empty, but verified like any other) artifact."""
     folder = artifacts_dir / DOUBLER.folder
     folder.mkdir(parents=True, exist_ok=True)
     write_artifact(folder, name=DOUBLER.name, hyperparameters={}, metrics={}, metrics_method="none: a stub",
-                   data_files=[])
+                   data_files=[], quick=quick)
     return artifacts_dir
 
 

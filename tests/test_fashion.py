@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import math
+import re
 import struct
 import zlib
 
@@ -290,3 +291,13 @@ def test_quick_training_writes_a_servable_artifact(quick_artifacts):
     predictor = open_model(MODEL, out).predictor
     (output,) = predictor.run([FashionImage(pixels=EXAMPLE)])
     assert isinstance(output, predictor.Output) and len(output.top) == 3
+
+
+def test_the_readme_sample_pictures_exist_and_say_what_they_show(client):
+    from tests.conftest import ROOT
+    shown = {"trousers": "Trouser", "tshirt": "T-shirt/top", "bag": "Bag"}
+    named = set(re.findall(r"examples/(\w+)\.png", (ROOT / "README.md").read_text()))
+    assert named and named <= shown.keys(), named
+    for name, garment in shown.items():
+        response = upload(client, (ROOT / "examples" / f"{name}.png").read_bytes())
+        assert response.status_code == 200 and response.json()["name"] == garment, (name, response.text)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import running_server, serving
+from tests.conftest import ROOT, running_server, serving
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -239,3 +239,55 @@ def test_streams_are_framed_by_the_shared_layer(stub_app):
     assert stream.text == expected + 'event: doubler\ndata: {"y":13.0}\n\n' == flag.text
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "x"]
     assert batch.status_code == 422 and batch.json()["detail"][0]["loc"] == ["body", "instances", 0, "stream"]
+
+
+def test_serve_models_selects_a_subset_and_refuses_unknown_names():
+    from service.app import selected_models
+    from service.settings import Settings
+    assert [m.name for m in selected_models(Settings(models=["poem", "fashion"]))] == ["poem", "fashion"]
+    assert len(selected_models(Settings())) == 4
+    with pytest.raises(ValueError, match=r"\['iris'\].*choose from"):
+        selected_models(Settings(models=["iris"]))
+
+
+def test_a_quick_artifact_is_marked_and_warned_about(tmp_path, capsys):
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.stubs import DOUBLER, write_stub_artifacts
+    write_stub_artifacts(tmp_path, quick=True)
+
+    async def scenario():
+        async with serving(create_app(Settings(artifacts_dir=tmp_path), models=[DOUBLER])) as client:
+            return (await client.get("/models/doubler")).json()
+    info = asyncio.run(scenario())
+    assert info["quick"] is True and info["state"] == "ready"
+    assert "serving doubler from a --quick artifact" in capsys.readouterr().err
+
+
+def test_manifests_record_the_real_commit_or_say_why_not(tmp_path):
+    """Never the literal "HEAD": the commit and whether the code had uncommitted changes, or null and why."""
+    import shutil
+    import subprocess
+    import sys
+    from service.artifacts import source_revision
+    commit, tree = source_revision()
+    assert commit is None or (len(commit) == 40 and tree in ("clean", "dirty")), (commit, tree)
+    shutil.copytree(ROOT / "service", tmp_path / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = "from service.artifacts import source_revision; print(source_revision())"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(tmp_path), "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert out.stdout.startswith("(None, 'unknown: ") and "not a git repository" in out.stdout
+
+
+def test_no_server_path_in_answers(tmp_path):
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.stubs import DOUBLER
+
+    async def scenario():
+        async with serving(create_app(Settings(artifacts_dir=tmp_path / "nowhere"), models=[DOUBLER])) as client:
+            return [await client.get("/readyz"), await client.post("/doubler", json={"x": 1}),
+                    await client.get("/models/doubler")]
+    for response in asyncio.run(scenario()):
+        assert str(tmp_path) not in response.text and "/nowhere" not in response.text, response.text
+        assert "python -m training doubler" in response.text

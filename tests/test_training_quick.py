@@ -12,7 +12,6 @@ import pytest
 from service.catalog import MODELS
 from service.registry import open_model
 from tests.conftest import ROOT
-from training.__main__ import main
 
 
 @pytest.mark.slow
@@ -33,9 +32,13 @@ def test_quick_training_writes_a_servable_artifact(quick_artifacts, model):
     assert isinstance(output, entry.predictor.Output)
 
 
-def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="DATA_DIR"):
-        main(["phone-price", "--quick", "--out", str(tmp_path), "--data-dir", str(tmp_path / "nowhere")])
+def test_missing_data_is_one_clear_line(tmp_path):
+    command = [sys.executable, "-m", "training", "phone-price", "--quick", "--out", str(tmp_path),
+               "--data-dir", str(tmp_path / "nowhere")]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert "phone_price/train.csv not found: pass --data-dir" in line and "DATA_DIR" in line
 
 
 def test_the_training_command_does_not_import_the_web_stack():

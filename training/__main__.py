@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     opts = Options(data_dir=args.data_dir, out_dir=args.out, device=args.device, seed=args.seed, quick=args.quick)
     for model in MODELS if args.model == "all" else [m for m in MODELS if m.name == args.model]:
-        importlib.import_module(model.trainer).train(opts)
+        try:
+            importlib.import_module(model.trainer).train(opts)
+        except FileNotFoundError as missing:  # no data there: one line saying where to put it, not a traceback
+            parser.exit(2, f"python -m training {model.name}: {missing}\n")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ class Options:
     def data_file(self, dataset: str, name: str) -> Path:
         path = self.data_dir / dataset / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: set ${DATA_DIR_ENV} or --data-dir to the folder that "
-                                    f"holds {dataset}/{name}")
+            raise FileNotFoundError(f"{path} not found: pass --data-dir (or set ${DATA_DIR_ENV}) to the folder "
+                                    f"that holds {dataset}/{name}; the README's 'Data' section says where the "
+                                    "datasets come from")
         return path
 
     def artifact_dir(self, folder: str) -> Path:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the pinned torch into the virtualenv whose pip is $1, choosing the build:
+#   1. a wheel pip can already find without an index (a local wheelhouse in pip's find-links): no download;
+#   2. a visible NVIDIA GPU (nvidia-smi works): the default build from PyPI, which is the CUDA one on Linux;
+#   3. otherwise the CPU-only build from PyTorch's CPU index ($TORCH_CPU_INDEX), ~200 MB instead of
+#      several GB, falling back to PyPI's default build if that index cannot be reached.
+# Set TORCH_INDEX_URL to skip the choice and install from that index.
+set -euo pipefail
+pip="$1"
+version="$(sed -n 's/.*"torch==\([0-9.]*\)".*/\1/p' "$(dirname "$0")/../pyproject.toml")"
+cpu_index="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  exec "$pip" install -q --index-url "$TORCH_INDEX_URL" "torch==$version"
+fi
+if "$pip" install -q --no-index "torch==$version" 2>/dev/null; then
+  echo "torch $version: installed from a local wheel"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  "$pip" install -q "torch==$version" && echo "torch $version: the CUDA build (a GPU is visible)"
+elif "$pip" install -q --timeout 20 --retries 1 --index-url "$cpu_index" "torch==$version"; then
+  echo "torch $version: the CPU build from $cpu_index"
+else
+  echo "torch $version: $cpu_index could not be reached; installing PyPI's default build" >&2
+  "$pip" install -q "torch==$version"
+fi
