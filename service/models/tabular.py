@@ -1,7 +1,8 @@
 """Shared serving side of the two tabular models: rows -> fitted preprocessor -> MLP -> outputs."""
 
 from abc import abstractmethod
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -15,9 +16,11 @@ from service.nets import mlp
 class TabularPredictor(Predictor):
     """Subclasses say how validated rows become a table and how the net's outputs become answers."""
 
+    net_module: ClassVar[ModuleType] = mlp  # the service/nets module whose build(hyperparameters) makes the net
+
     def setup(self, artifact: Artifact, device: torch.device) -> None:
         self.preprocessor = artifact.load_joblib("preprocessor.joblib")
-        self.net = mlp.build(artifact.manifest.hyperparameters)
+        self.net = self.net_module.build(artifact.manifest.hyperparameters)
         self.net.load_state_dict(artifact.load_state_dict("model.pt", device))
         self.net.to(device).eval()
 

@@ -1,0 +1,122 @@
+"""House price: every documented spelling of a category prices like the trained one, codes the model never saw
+are refused by name, and every answer carries a 90 % interval around its point prediction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from service.models.house_price import FEATURE_TABLE, PRICE_RANGE, engineer, to_frame
+from tests.conftest import committed, example
+from training.house_price import same_code, spelling_pairs
+
+HOUSE = example("house-price")
+# Known pairs: (feature, data_description.txt's spelling, the spelling train.csv uses)
+NAMED_PAIRS = [("Neighborhood", "Names", "NAmes"), ("BldgType", "Duplx", "Duplex"), ("MSZoning", "C", "C (all)"),
+               ("Exterior2nd", "CemntBd", "CmentBd"), ("BldgType", "TwnhsI", "Twnhs"), ("BldgType", "2FmCon", "2fmCon"),
+               ("Exterior2nd", "WdShing", "Wd Shng"), ("Exterior2nd", "BrkComm", "Brk Cmn")]
+
+
+def features() -> list[dict]:
+    return committed("house-price").predictor.artifact.load_json(FEATURE_TABLE)
+
+
+def aliases() -> list[tuple[str, str, str]]:
+    """(feature, alias, trained spelling) for every alias in the committed artifact."""
+    return [(f["name"], alias, code) for f in features() if f["kind"] == "categorical"
+            for alias, code in f["aliases"].items()]
+
+
+def test_spelling_pairs_are_found_by_rule_not_listed():
+    zoning = spelling_pairs(["A", "C", "FV", "I", "RH", "RL", "RP", "RM"], ["C (all)", "FV", "RH", "RL", "RM"])
+    assert zoning == {"C": "C (all)"}
+    exterior = spelling_pairs(["BrkComm", "CemntBd", "PreCast", "WdShing", "Stone"],
+                              ["Brk Cmn", "CmentBd", "Wd Shng", "Stone"])
+    assert exterior == {"BrkComm": "Brk Cmn", "CemntBd": "CmentBd", "WdShing": "Wd Shng"}
+    # different codes that merely look alike stay apart: septic tank vs no sewer and water; two railroads
+    assert spelling_pairs(["AllPub", "NoSewr", "NoSeWa", "ELO"], ["AllPub", "NoSeWa"]) == {}
+    assert spelling_pairs(["RRNn", "RRAn", "RRNe", "RRAe"], ["RRNn", "RRAe"]) == {}
+    assert same_code("Names", "NAmes") == 1 and same_code("A", "C (all)") == 0
+
+
+def test_the_artifact_holds_every_named_pair_and_documents_it():
+    table = {f["name"]: f for f in features()}
+    assert {(f, a, c) for f, a, c in NAMED_PAIRS} <= set(aliases())
+    # the other exterior column shares the code list, so it accepts the other column's spellings too
+    assert table["Exterior1st"]["aliases"] == {"Brk Cmn": "BrkComm", "CmentBd": "CemntBd", "Wd Shng": "WdShing"}
+    assert {"A", "I", "RP"} == set(table["MSZoning"]["unseen"]) and "C" not in table["MSZoning"]["categories"]
+    schema = committed("house-price").Input.model_json_schema()["properties"]
+    assert "'Names' for 'NAmes'" in schema["Neighborhood"]["description"]
+    assert "Refused, as no training house had them: 'A', 'I', 'RP'." in schema["MSZoning"]["description"]
+
+
+def test_enums_list_trained_spellings_only_and_never_differ_by_case_alone():
+    """Code generators turn enum values into names; 'NAmes' beside 'Names' fails as a duplicate key."""
+    for name, spec in committed("house-price").Input.model_json_schema()["properties"].items():
+        for option in spec.get("anyOf", []):
+            if "enum" in option:
+                keys = [str(v).lower().replace(" ", "") for v in option["enum"]]
+                assert len(set(keys)) == len(keys), (name, option["enum"])
+                assert set(option["enum"]) == set(next(f for f in features() if f["name"] == name)["categories"])
+
+
+def test_derived_columns_come_from_the_validated_fields():
+    """The served preprocessor starts with ``engineer``: the API keeps the 79 fields, the service derives the rest."""
+    rows = [{"TotalBsmtSF": 800, "1stFlrSF": 900, "2ndFlrSF": 0, "YrSold": 2008, "YearBuilt": 1990,
+             "KitchenQual": "Gd"}, {}]
+    derived = engineer(to_frame(rows, features()))
+    assert derived.loc[0, ["TotalSF", "AgeAtSale", "KitchenQualRank"]].tolist() == [1700, 18, 4]
+    assert derived.loc[1, ["TotalSF", "AgeAtSale", "KitchenQualRank"]].isna().all()  # then imputed as in training
+    assert committed("house-price").predictor.preprocessor.steps[0][1].func is engineer
+
+
+def test_every_alias_prices_exactly_like_its_trained_spelling(client):
+    houses = [{**HOUSE, feature: spelling} for feature, alias, code in aliases() for spelling in (code, alias)]
+    answers = client.post("/house-price/batch", json={"instances": houses})
+    assert answers.status_code == 200, answers.text[:500]
+    predictions = answers.json()["predictions"]
+    for i, pair in enumerate(aliases()):
+        assert predictions[2 * i] == predictions[2 * i + 1], pair
+    # and the trained spelling is really read: another neighbourhood is another price
+    assert client.post("/house-price", json={**HOUSE, "Neighborhood": "Names"}).json() \
+        != client.post("/house-price", json={**HOUSE, "Neighborhood": "NridgHt"}).json()
+
+
+@pytest.mark.parametrize("feature, code", [("MSZoning", "RP"), ("MSZoning", "A"), ("Utilities", "ELO"),
+                                           ("Condition2", "PosN"), ("MSSubClass", 150), ("MSSubClass", 150.0),
+                                           ("RoofMatl", "ClyTile"), ("Exterior1st", "PreCast")])
+def test_documented_codes_the_model_never_saw_are_refused_with_the_accepted_ones(client, feature, code):
+    response = client.post("/house-price", json={**HOUSE, feature: code})
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    categories = next(f for f in features() if f["name"] == feature)["categories"]
+    assert error["loc"] == ["body", feature]
+    assert "no house the model was trained on had it" in error["msg"] and "send null" in error["msg"]
+    assert all(repr(c) in error["msg"] for c in categories)
+
+
+@pytest.mark.parametrize("feature, code", [("BldgType", "Castle"), ("BldgType", "duplx"), ("BldgType", " Duplx"),
+                                           ("MSSubClass", "60")])
+def test_any_other_spelling_is_refused_with_the_accepted_ones(client, feature, code):
+    """Only the documented spellings are mapped: a fuzzer reading the enum must find every other value refused."""
+    (error,) = client.post("/house-price", json={**HOUSE, feature: code}).json()["detail"]
+    categories = next(f for f in features() if f["name"] == feature)["categories"]
+    assert error["loc"] == ["body", feature] and all(repr(c) in error["msg"] for c in categories)
+
+
+def test_every_answer_has_a_sane_interval_around_its_prediction(client):
+    halfwidth = committed("house-price").predictor.interval_log_halfwidth
+    assert 0.05 < halfwidth < 0.5  # a 90 % band of roughly +-5 % to +-65 %, not a degenerate one
+    houses = [HOUSE, {}, {"GrLivArea": 1500}, {**HOUSE, "GrLivArea": 3900, "OverallQual": 10},
+              {**HOUSE, "GrLivArea": 300, "OverallQual": 1, "LotArea": 0, "YearBuilt": 1800},
+              {**HOUSE, "LotArea": 10_000_000, "GrLivArea": 10_000_000, "TotalBsmtSF": 10_000_000}]
+    predictions = client.post("/house-price/batch", json={"instances": houses}).json()["predictions"]
+    assert len(predictions) == len(houses)
+    for prediction in predictions:
+        low, high = prediction["interval_90"]
+        assert PRICE_RANGE[0] <= low <= prediction["sale_price"] <= high <= PRICE_RANGE[1]
+        if PRICE_RANGE[0] < low and high < PRICE_RANGE[1]:  # not capped: the band is the conformal one
+            assert math.log(high / prediction["sale_price"]) == pytest.approx(halfwidth, abs=1e-4)
+            assert math.log(prediction["sale_price"] / low) == pytest.approx(halfwidth, abs=1e-4)
+    assert predictions[0]["interval_90"][0] < predictions[3]["interval_90"][0]  # a bigger, better house
