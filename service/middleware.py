@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 
 from service.metrics import Metrics
 
 log = logging.getLogger("service.access")
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:
@@ -33,7 +35,8 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        # A client's id is kept only if it is a plain token: it goes into logs and response headers.
+        request_id = incoming if SAFE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         status = 500
@@ -95,10 +98,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def _plain(value: object) -> str:
+    """A field value that cannot pass for another field or line: anything but a plain token is JSON-quoted
+    (so CR, LF, spaces and '=' in a client's path show as escapes inside quotes)."""
+    text = str(value)
+    return text if PLAIN_TOKEN.fullmatch(text) else json.dumps(text)
+
+
+PLAIN_TOKEN = re.compile(r"[A-Za-z0-9._:/\-]+")
+
+
 class PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
-        fields = [f"{k}={getattr(record, k)}" for k in JsonFormatter.FIELDS if getattr(record, k, None) is not None]
+        fields = [f"{k}={_plain(getattr(record, k))}" for k in JsonFormatter.FIELDS
+                  if getattr(record, k, None) is not None]
         return " ".join([line, *fields]) + (("\n" + self.formatException(record.exc_info)) if record.exc_info else "")
 
 

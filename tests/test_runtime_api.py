@@ -269,6 +269,7 @@ def test_manifests_record_the_real_commit_or_say_why_not(tmp_path):
     import shutil
     import subprocess
     import sys
+
     from service.artifacts import source_revision
     commit, tree = source_revision()
     assert commit is None or (len(commit) == 40 and tree in ("clean", "dirty")), (commit, tree)
@@ -291,3 +292,17 @@ def test_no_server_path_in_answers(tmp_path):
     for response in asyncio.run(scenario()):
         assert str(tmp_path) not in response.text and "/nowhere" not in response.text, response.text
         assert "python -m training doubler" in response.text
+
+
+def test_log_lines_cannot_be_forged(stub_app, capsys):
+    """A CR/LF in the path stays inside one quoted field; a request id that is not a plain token is replaced."""
+    async def scenario():
+        async with serving(stub_app()) as client:
+            spoof = await client.get("/healthz", headers={"X-Request-ID": "abc route=/forged status=200"})
+            await client.get("/nothing%0D%0A2026-01-01 INFO service.access: forged status=200")
+            return spoof
+    spoof = asyncio.run(scenario())
+    assert re.fullmatch(r"[0-9a-f]{32}", spoof.headers["x-request-id"])  # not echoed
+    lines = [line for line in capsys.readouterr().err.splitlines() if "service.access" in line]
+    assert len(lines) == 2 and not any("route=/forged" in line for line in lines), lines
+    assert any('path="/nothing\\r\\n2026-01-01 INFO service.access: forged status=200"' in line for line in lines), lines
