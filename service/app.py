@@ -62,14 +62,14 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
 
     app = FastAPI(title="Course models server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)  # offline pages below instead of CDN-backed ones
+                  docs_url=None, redoc_url=None, openapi_url=None)  # docs pages and schema added below
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     add_error_handlers(app)
 
     # Without keys there is no check at all: a no-op dependency still costs every request its resolution.
     guards = [Depends(require_api_key)] if settings.api_keys else []
     app.include_router(ops_router(registry, [] if settings.public_ops else guards))
-    add_docs(app, [] if settings.public_ops else guards)
+    add_docs(app, [] if settings.public_ops else guards)  # the pages and /openapi.json, behind the same guard
     describe_uploads_as_binary(app)
     app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs
     for entry in registry.entries.values():

@@ -129,7 +129,13 @@ class Artifact:
         expected = self.manifest.files.get(name)
         if expected is None:
             raise ArtifactError(f"{name} is not listed in {self.folder.name}/{MANIFEST}")
+        # A manifest names plain files in its own folder: no paths, no "..", no links leading out of it.
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ArtifactError(f"{self.folder.name}/{MANIFEST} lists {name!r}, which is not a plain file name "
+                                "in the artifact's folder; refusing to read it")
         path = self.folder / name
+        if path.is_symlink():
+            raise ArtifactError(f"{self.folder.name}/{name} is a symbolic link; artifacts hold plain files only")
         if not path.is_file():
             raise ArtifactError(f"{self.folder.name}/{name} is missing")
         data = path.read_bytes()

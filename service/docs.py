@@ -9,11 +9,12 @@ from pathlib import Path
 import fastapi_offline
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 ASSETS = Path(fastapi_offline.__file__).parent / "static"
 PREFIX = "/docs-assets"
+OPENAPI = "/openapi.json"
 # Same-origin only: also stops ReDoc's hard-coded "Redocly" logo from being fetched from its CDN.
 CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
        "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:")
@@ -25,12 +26,17 @@ def _same_origin_only(page: HTMLResponse) -> HTMLResponse:
 
 
 def add_docs(app: FastAPI, dependencies: list[Depends]) -> None:
+    """/docs, /redoc and /openapi.json, each behind ``dependencies`` (the key check unless ops are public)."""
     app.mount(PREFIX, StaticFiles(directory=ASSETS), name="docs-assets")
     title = app.title
 
+    @app.get(OPENAPI, include_in_schema=False, dependencies=dependencies)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     @app.get("/docs", include_in_schema=False, dependencies=dependencies)
     async def swagger_ui() -> HTMLResponse:
-        return _same_origin_only(get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{title} - Swagger UI",
+        return _same_origin_only(get_swagger_ui_html(openapi_url=OPENAPI, title=f"{title} - Swagger UI",
                                    swagger_js_url=f"{PREFIX}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{PREFIX}/swagger-ui.css",
                                    swagger_favicon_url=f"{PREFIX}/favicon.png",
@@ -38,7 +44,7 @@ def add_docs(app: FastAPI, dependencies: list[Depends]) -> None:
 
     @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
     async def redoc() -> HTMLResponse:
-        return _same_origin_only(get_redoc_html(openapi_url=app.openapi_url, title=f"{title} - ReDoc",
+        return _same_origin_only(get_redoc_html(openapi_url=OPENAPI, title=f"{title} - ReDoc",
                               redoc_js_url=f"{PREFIX}/redoc.standalone.js", redoc_favicon_url=f"{PREFIX}/favicon.png",
                               with_google_fonts=False))
 

@@ -38,11 +38,19 @@ def _explain(error: dict[str, Any], content_type: str) -> str:
     return msg
 
 
+MAX_ERRORS = 20  # a body with thousands of bad fields gets the first few and a count, not a huge answer
+
+
 def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field and rule; the offending input is not echoed (it may be huge or NaN)."""
+    """422 naming each bad field and rule (the first MAX_ERRORS, then a count); the offending input is
+    not echoed (it may be huge or NaN)."""
     content_type = request.headers.get("content-type", "")
+    found = exc.errors()
     errors = [{"loc": list(e.get("loc", ())), "msg": _explain(e, content_type), "type": e.get("type", "")}
-              for e in exc.errors()]
+              for e in found[:MAX_ERRORS]]
+    if len(found) > MAX_ERRORS:
+        errors.append({"loc": ["body"], "msg": f"and {len(found) - MAX_ERRORS} more errors of the same request; "
+                                               "fix these first", "type": "too_many_errors"})
     return JSONResponse({"detail": errors}, status_code=422)
 
 

@@ -28,18 +28,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def require_api_key(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
-    """Allow the request if no keys are configured, or if it carries one (X-API-Key or Bearer)."""
+def has_valid_key(request: Request) -> bool:
+    """Whether the request carries one of the configured keys (X-API-Key or Bearer)."""
     keys: list[str] = request.app.state.settings.api_keys
-    if not keys:
-        return
     supplied = request.headers.get("x-api-key", "")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if not supplied and scheme.lower() == "bearer":
         supplied = token.strip()
     # compare against every key, always, so timing does not reveal which prefix matched
     matches = [secrets.compare_digest(supplied.encode(), key.encode()) for key in keys]
-    if not supplied or not any(matches):
+    return bool(supplied) and any(matches)
+
+
+async def require_api_key(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
+    """Allow the request if no keys are configured, or if it carries one (X-API-Key or Bearer)."""
+    if request.app.state.settings.api_keys and not has_valid_key(request):
         raise HTTPException(401, "missing or invalid API key: send it in the X-API-Key header or as "
                                  "'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
 
@@ -155,13 +158,13 @@ class ModelInfo(BaseModel):
     device: str
     version: str | None = None
     created_at: str | None = None
-    git_commit: str | None = None
-    git_tree: str | None = Field(None, description="Whether the training code had uncommitted changes.")
+    git_commit: str | None = Field(None, description="The training code's commit (for callers with a key).")
+    git_tree: str | None = Field(None, description="Whether the training code had uncommitted changes (idem).")
     quick: bool = Field(False, description="A --quick artifact: trained on a data slice as a smoke test.")
     metrics: dict[str, Any] = {}
     metrics_method: str | None = None
-    hyperparameters: dict[str, Any] = {}
-    libraries: dict[str, str] = {}
+    hyperparameters: dict[str, Any] = Field({}, description="For callers with a key (or SERVE_PUBLIC_MODEL_DETAILS).")
+    libraries: dict[str, str] = Field({}, description="Library versions of training (idem).")
     batching: dict[str, Any] = {}
     input_schema: dict[str, Any]
     output_schema: dict[str, Any]
@@ -176,14 +179,18 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
     """Operations routes. /healthz is always open (liveness probes send no key); the rest take ``guarded``."""
     router = APIRouter(tags=["operations"])
 
-    def info(entry: ModelEntry) -> ModelInfo:
+    def info(entry: ModelEntry, request: Request) -> ModelInfo:
+        """What a client needs (schemas, version, quality); the build details (library versions, the training
+        commit, hyperparameters) only for a caller with a key, or for all with SERVE_PUBLIC_MODEL_DETAILS."""
         m, predictor = entry.manifest, entry.predictor
+        settings = registry.settings
+        detailed = m is not None and (settings.public_model_details or (settings.api_keys and has_valid_key(request)))
         return ModelInfo(
             name=entry.name, state=entry.state, reason=entry.reason, device=str(registry.device),
-            version=m and m.version, created_at=m and m.created_at, git_commit=m and m.git_commit,
-            git_tree=m and m.git_tree, quick=bool(m and m.quick),
+            version=m and m.version, created_at=m and m.created_at, quick=bool(m and m.quick),
+            git_commit=m.git_commit if detailed else None, git_tree=m.git_tree if detailed else None,
             metrics=m.metrics if m else {}, metrics_method=m and m.metrics_method,
-            hyperparameters=m.hyperparameters if m else {}, libraries=m.libraries if m else {},
+            hyperparameters=m.hyperparameters if detailed else {}, libraries=m.libraries if detailed else {},
             batching=dict(entry.batcher.policy.model_dump(), threads=entry.batcher.threads) if entry.batcher
             else registry.settings.policy(entry.name).model_dump(),
             input_schema=dict(entry.Input.model_json_schema(), examples=[predictor.example]),
@@ -206,16 +213,16 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
 
     @router.get("/models", summary="Metadata of every model", response_model=list[ModelInfo], dependencies=guarded,
                 operation_id="list_models")
-    async def models() -> list[ModelInfo]:
-        return [info(e) for e in registry.entries.values()]
+    async def models(request: Request) -> list[ModelInfo]:
+        return [info(e, request) for e in registry.entries.values()]
 
     @router.get("/models/{name}", summary="Metadata of one model", response_model=ModelInfo, dependencies=guarded,
                 operation_id="get_model",
                 responses={404: {"model": ErrorBody, "description": "No model has that name."}})
-    async def model(name: str) -> ModelInfo:
+    async def model(name: str, request: Request) -> ModelInfo:
         if name not in registry.entries:
             raise HTTPException(404, f"no model named '{name}'; known models: {', '.join(registry.entries)}")
-        return info(registry.entries[name])
+        return info(registry.entries[name], request)
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=guarded,
                 operation_id="metrics",

@@ -44,7 +44,11 @@ class Settings(BaseSettings):
     max_batch_instances: int = Field(256, ge=1, description="Most instances in one /batch request.")
     max_image_pixels: int = Field(40_000_000, ge=784, description="Uploads with more pixels are refused.")
     api_keys: list[str] = Field(default_factory=list, description="If set, model routes need one of these keys.")
-    public_ops: bool = Field(True, description="Keep health, readiness, metrics and docs open when api_keys is set.")
+    public_ops: bool = Field(True, description=(
+        "Keep readiness, models, metrics, the docs pages and /openapi.json open when api_keys is set."))
+    public_model_details: bool = Field(False, description=(
+        "Show library versions, the training commit and hyperparameters on /models to callers without a key "
+        "(callers with a valid key always see them)."))
     cors_origins: list[str] = []
 
     benchmark_routes: bool = Field(False, description="Add POST /{model}/noop (validation only) for benchmarks.")

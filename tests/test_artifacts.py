@@ -142,3 +142,24 @@ def test_service_reads_no_file_that_training_writes_outside_artifacts():
     """Service modules hold code only: no data files beside them that a training run could rewrite."""
     service = ARTIFACTS.parent / "service"
     assert sorted(p.name for p in service.rglob("*") if p.is_file() and p.suffix not in {".py", ".pyc"}) == []
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../poem/vocab.json", "sub/file.json", ".."])
+def test_manifest_entries_are_plain_file_names_in_the_folder(artifacts_copy, name):
+    """A re-hashed manifest cannot make the loader read (and hash) a file outside the model's folder."""
+    folder = artifacts_copy / "phone_price"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="not a plain file name"):
+        Artifact(folder)
+
+
+def test_a_listed_file_may_not_be_a_link(artifacts_copy):
+    folder = artifacts_copy / "phone_price"
+    target = folder / "report.json"
+    moved = artifacts_copy / "elsewhere.json"
+    target.rename(moved)
+    target.symlink_to(moved)
+    with pytest.raises(ArtifactError, match="symbolic link"):
+        Artifact(folder)

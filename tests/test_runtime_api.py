@@ -95,9 +95,10 @@ def test_api_keys_guard_model_routes_only(stub_app):
 
     async def closed_ops():
         async with serving(stub_app(api_keys=["k"], public_ops=False)) as client:
-            assert (await client.get("/models")).status_code == 401 and (await client.get("/metrics")).status_code == 401
+            for path in ("/models", "/metrics", "/readyz", "/openapi.json", "/docs", "/redoc"):
+                assert (await client.get(path)).status_code == 401, path
+                assert (await client.get(path, headers={"X-API-Key": "k"})).status_code == 200, path
             assert (await client.get("/healthz")).status_code == 200  # liveness probes carry no key
-            assert (await client.get("/models", headers={"X-API-Key": "k"})).status_code == 200
     asyncio.run(open_ops())
     asyncio.run(closed_ops())
 
@@ -306,3 +307,29 @@ def test_log_lines_cannot_be_forged(stub_app, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if "service.access" in line]
     assert len(lines) == 2 and not any("route=/forged" in line for line in lines), lines
     assert any('path="/nothing\\r\\n2026-01-01 INFO service.access: forged status=200"' in line for line in lines), lines
+
+
+def test_validation_errors_are_capped(stub_app):
+    async def scenario():
+        async with serving(stub_app()) as client:
+            return await client.post("/doubler", json={"x": 1, **{f"junk{i}": i for i in range(5000)}})
+    response = asyncio.run(scenario())
+    detail = response.json()["detail"]
+    assert response.status_code == 422 and len(detail) == 21 and len(response.content) < 5000
+    assert detail[-1] == {"loc": ["body"], "msg": "and 4980 more errors of the same request; fix these first",
+                          "type": "too_many_errors"}
+
+
+@pytest.mark.parametrize("settings, key, detailed", [
+    ({}, None, False),                                   # no keys configured: build details stay private
+    ({"api_keys": ["k"]}, None, False),                  # anonymous caller
+    ({"api_keys": ["k"]}, "k", True),                    # a caller with a key sees them
+    ({"public_model_details": True}, None, True),        # opened by the setting
+])
+def test_models_hide_build_details_from_anonymous_callers(stub_app, settings, key, detailed):
+    async def scenario():
+        async with serving(stub_app(**settings)) as client:
+            return (await client.get("/models/doubler", headers={"X-API-Key": key} if key else {})).json()
+    info = asyncio.run(scenario())
+    assert info["version"] and "input_schema" in info and "metrics" in info  # what a client needs, always
+    assert (info["libraries"] != {} and info["git_tree"] is not None) == detailed, info
