@@ -333,3 +333,25 @@ def test_models_hide_build_details_from_anonymous_callers(stub_app, settings, ke
     info = asyncio.run(scenario())
     assert info["version"] and "input_schema" in info and "metrics" in info  # what a client needs, always
     assert (info["libraries"] != {} and info["git_tree"] is not None) == detailed, info
+
+
+def test_the_documented_largest_batch_works_under_modest_concurrency(stub_app):
+    """Default settings: three clients sending 256-instance batches at once are queued, not refused."""
+    async def scenario():
+        async with serving(stub_app()) as client:
+            body = {"instances": [{"x": i, "sleep_ms": 1} for i in range(256)]}
+            return await asyncio.gather(*(client.post("/doubler/batch", json=body) for _ in range(3)))
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 3
+    assert all(len(r.json()["predictions"]) == 256 for r in responses)
+
+
+def test_a_full_queue_says_what_is_full_and_what_to_do(stub_app):
+    async def scenario():
+        async with serving(stub_app(max_queue=300)) as client:
+            body = {"instances": [{"x": i, "sleep_ms": 20} for i in range(256)]}
+            return await asyncio.gather(*(client.post("/doubler/batch", json=body) for _ in range(3)))
+    refused = [r for r in asyncio.run(scenario()) if r.status_code == 503]
+    assert refused and refused[0].headers["retry-after"] == "1"
+    assert "doubler model's queue is full" in refused[0].json()["detail"]
+    assert "send smaller batches" in refused[0].json()["detail"]
