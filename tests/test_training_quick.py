@@ -23,6 +23,7 @@ def test_quick_training_writes_a_servable_artifact(quick_artifacts, model):
     files = {p.name for p in folder.iterdir()} - {"manifest.json"}
     assert files == set(manifest["files"]) and {"model.pt", "report.json", "learning_curves.png"} <= files
     assert manifest["name"] == model.name and manifest["metrics"] and manifest["metrics_method"]
+    assert manifest["quick"] is True  # marked, so /models says so and the server warns
     assert manifest["data"] and all(len(h) == 64 for h in manifest["data"].values())
     report = json.loads((folder / "report.json").read_text())
     assert report["history"] and 1 <= report["best_epoch"] <= len(report["history"])

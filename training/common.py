@@ -193,8 +193,8 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
 
 
 def save_artifact(folder: Path, net: nn.Module, *, name: str, hyperparameters: dict, metrics: dict,
-                  metrics_method: str, data_files: list[Path], history: History, extra: dict | None = None,
-                  quick: bool = False) -> Manifest:
+                  metrics_method: str, data_files: list[Path], history: History, quick: bool,
+                  extra: dict | None = None) -> Manifest:
     """Write ``model.pt`` (a CPU state_dict), ``report.json`` and the manifest that hashes every file."""
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "model.pt")
     report = {"metrics": metrics, "metrics_method": metrics_method, "best_epoch": history.best_epoch,

@@ -170,4 +170,4 @@ def train(opts: Options) -> Manifest:
     plot_confusion(matrix, NAMES, folder / "confusion_matrix.png", f"validation accuracy {metrics['val_accuracy']:.4f}")
     plot_misclassified(images[val_idx], true, predicted, folder / "misclassified.png")
     return save_artifact(folder, net, name=MODEL.name, hyperparameters=hp, metrics=metrics, metrics_method=method,
-                         data_files=files, history=history)
+                         data_files=files, history=history, quick=opts.quick)

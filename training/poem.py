@@ -197,5 +197,5 @@ def train(opts: Options) -> Manifest:
                  f"poem GRU (one epoch = {hp['eval_every']} steps)")
     plot_comparison(history, base_history, hp["eval_every"], folder / "baseline_comparison.png")
     return save_artifact(folder, net, name=MODEL.name, hyperparameters=hp, metrics=metrics, metrics_method=method,
-                         data_files=[data_file], history=history,
+                         data_files=[data_file], history=history, quick=opts.quick,
                          extra={"baseline": {"hyperparameters": baseline_hp, "history": base_history.epochs}})

@@ -31,4 +31,4 @@ def train(opts: Options) -> Manifest:
     joblib.dump(scaler, folder / "preprocessor.joblib")
     return save_artifact(folder, net, name=MODEL.name, hyperparameters=hp, metrics={"val_accuracy": accuracy},
                          metrics_method=f"stratified 20 % validation split ({len(y_val)} rows)",
-                         data_files=[data_file], history=history)
+                         data_files=[data_file], history=history, quick=opts.quick)
