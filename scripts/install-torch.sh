@@ -12,7 +12,8 @@ cpu_index="${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
   exec "$pip" install -q --index-url "$TORCH_INDEX_URL" "torch==$version"
 fi
-if "$pip" install -q --no-index "torch==$version" 2>/dev/null; then
+if "$pip" install -q --no-index --no-deps "torch==$version" 2>/dev/null; then
+  "$pip" install -q "torch==$version"  # its dependencies, from the usual indexes; torch itself is already there
   echo "torch $version: installed from a local wheel"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
   "$pip" install -q "torch==$version" && echo "torch $version: the CUDA build (a GPU is visible)"
