@@ -178,12 +178,14 @@ class Readiness(BaseModel):
 def ops_router(registry: Registry, guarded: list) -> APIRouter:
     """Operations routes. /healthz is always open (liveness probes send no key); the rest take ``guarded``."""
     router = APIRouter(tags=["operations"])
+    # The schemas are fixed once the app is built: generate them once, not on every /models call.
+    schemas = {name: (dict(e.Input.model_json_schema(), examples=[e.predictor.example]),
+                      e.predictor.Output.model_json_schema()) for name, e in registry.entries.items()}
 
     def info(entry: ModelEntry, request: Request) -> ModelInfo:
         """What a client needs (schemas, version, quality); the build details (library versions, the training
         commit, hyperparameters) only for a caller with a key, or for all with SERVE_PUBLIC_MODEL_DETAILS."""
-        m, predictor = entry.manifest, entry.predictor
-        settings = registry.settings
+        m, settings = entry.manifest, registry.settings
         detailed = m is not None and (settings.public_model_details or (settings.api_keys and has_valid_key(request)))
         return ModelInfo(
             name=entry.name, state=entry.state, reason=entry.reason, device=str(registry.device),
@@ -193,8 +195,7 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
             hyperparameters=m.hyperparameters if detailed else {}, libraries=m.libraries if detailed else {},
             batching=dict(entry.batcher.policy.model_dump(), threads=entry.batcher.threads) if entry.batcher
             else registry.settings.policy(entry.name).model_dump(),
-            input_schema=dict(entry.Input.model_json_schema(), examples=[predictor.example]),
-            output_schema=predictor.Output.model_json_schema())
+            input_schema=schemas[entry.name][0], output_schema=schemas[entry.name][1])
 
     @router.get("/healthz", summary="Liveness: the process is up", operation_id="healthz")
     async def healthz() -> dict[str, str]:
