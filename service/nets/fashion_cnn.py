@@ -16,10 +16,17 @@ class FashionCNN(nn.Module):
 
     The input is pixels on a 0-1 scale, normalised inside the net by fixed buffers, so the service and
     training feed it the same thing and no preprocessing parameters live outside ``model.pt``.
+
+    With ``mirror_average``, evaluation averages the log-probabilities of each image and its mirror image
+    (the net is trained on random flips, so both are garments it knows): on the 6,000 validation images
+    this took the 40-epoch net from 0.9463 to 0.9498, for twice the arithmetic per image. Training mode
+    sees one view, as before.
     """
 
-    def __init__(self, stages: list[list[int]], hidden: int, dropout: float, head_dropout: float):
+    def __init__(self, stages: list[list[int]], hidden: int, dropout: float, head_dropout: float,
+                 mirror_average: bool = False):
         super().__init__()
+        self.mirror_average = mirror_average
         self.register_buffer("mean", torch.tensor(MEAN))
         self.register_buffer("std", torch.tensor(STD))
         layers: list[nn.Module] = []
@@ -35,14 +42,18 @@ class FashionCNN(nn.Module):
                                   nn.Dropout(head_dropout), nn.Linear(hidden, len(NAMES)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, 28, 28) pixels in 0-1 -> (N, 10) logits."""
-        return self.head(self.features((x - self.mean) / self.std))
+        """(N, 1, 28, 28) pixels in 0-1 -> (N, 10) logits (log-probabilities when mirror-averaged)."""
+        if self.training or not self.mirror_average:
+            return self.head(self.features((x - self.mean) / self.std))
+        both = self.head(self.features((torch.cat([x, x.flip(-1)]) - self.mean) / self.std)).log_softmax(1)
+        return (both[:len(x)] + both[len(x):]) / 2  # one pass over 2N images: larger batches run faster
 
 
 def build(hyperparameters: dict[str, Any]) -> FashionCNN:
     """The net described by a manifest's hyperparameters (training writes the same keys)."""
     return FashionCNN([list(s) for s in hyperparameters["stages"]], hyperparameters["hidden"],
-                      hyperparameters["dropout"], hyperparameters["head_dropout"])
+                      hyperparameters["dropout"], hyperparameters["head_dropout"],
+                      hyperparameters.get("mirror_average", False))
 
 
 def for_inference(net: FashionCNN) -> FashionCNN:
