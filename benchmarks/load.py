@@ -64,7 +64,8 @@ def start_server(port: int, batching: dict) -> subprocess.Popen:
     env = {**os.environ, "SERVE_BENCHMARK_ROUTES": "true", "SERVE_DEFAULT_BATCHING": json.dumps(batching),
            "SERVE_LOG_LEVEL": "WARNING", "SERVE_MAX_QUEUE": "4096"}
     process = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:app", "--port", str(port),
-                                "--log-level", "warning", "--no-access-log"], env=env)
+                                "--log-level", "warning", "--no-access-log", "--http", "service.server:GuardedHttpProtocol"],
+                               env=env)
     for _ in range(300):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:

@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     # The app reads its settings itself: pass the address on, so its "ready" line shows the real URL.
     os.environ.update(SERVE_HOST=args.host, SERVE_PORT=str(args.port))
     # SIGTERM: uvicorn stops accepting, finishes in-flight requests, then runs the lifespan shutdown.
+    # The protocol adds a deadline for each request to arrive and a cap on connections (service/server.py).
     uvicorn.run("service.app:app", host=args.host, port=args.port, workers=args.workers,
+                http="service.server:GuardedHttpProtocol", timeout_keep_alive=settings.keep_alive_s,
                 timeout_graceful_shutdown=30, log_level="warning")
 
 

@@ -7,17 +7,17 @@ import logging
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
 from service.catalog import MODELS, Model
-from service.docs import add_docs, describe_uploads_as_binary
+from service.docs import PREFIX as DOCS_ASSETS, add_docs, describe_uploads_as_binary
 from service.errors import add_error_handlers
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware, configure_logging
+from service.middleware import Gate, RequestContextMiddleware, configure_logging
 from service.registry import Registry
-from service.routes import model_router, ops_router, require_api_key
+from service.routes import model_router, ops_router
 from service.settings import Settings
 
 log = logging.getLogger("service.app")
@@ -66,20 +66,38 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
     add_error_handlers(app)
 
-    # Without keys there is no check at all: a no-op dependency still costs every request its resolution.
-    guards = [Depends(require_api_key)] if settings.api_keys else []
-    app.include_router(ops_router(registry, [] if settings.public_ops else guards))
-    add_docs(app, [] if settings.public_ops else guards)  # the pages and /openapi.json, behind the same guard
+    app.include_router(ops_router(registry))
+    add_docs(app)
     describe_uploads_as_binary(app)
     app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs
     for entry in registry.entries.values():
-        app.include_router(model_router(entry, settings.max_batch_instances, guards, settings.benchmark_routes))
+        app.include_router(model_router(entry, settings))
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, gate=gate(settings, registry))
     return app
+
+
+OPS_PATHS = ("/readyz", "/models", "/metrics", "/docs", "/redoc", "/openapi.json", DOCS_ASSETS)
+
+
+def gate(settings: Settings, registry: Registry) -> Gate:
+    """The key check and body limits, applied before the body is read. With keys set, every path needs one
+    but /healthz (liveness probes send none), "/" (a redirect) and, with SERVE_PUBLIC_OPS, the operations
+    routes and docs. Each model route takes the largest valid body its model declares, within
+    SERVE_MAX_BODY_BYTES."""
+    limits: dict[str, int] = {}
+    for name, entry in registry.entries.items():
+        one = entry.predictor.max_instance_bytes
+        limits.update({f"/{name}": one, f"/{name}/stream": one, f"/{name}/noop": one,
+                       f"/{name}/batch": one * settings.max_batch_instances + 1024})
+        if entry.predictor.upload:  # a picture's bytes: only the overall cap applies
+            limits[f"/{name}/{entry.predictor.upload.path}"] = settings.max_body_bytes
+    return Gate(api_keys=settings.api_keys, open_paths=("/healthz", *(OPS_PATHS if settings.public_ops else ())),
+                body_limits={path: min(limit, settings.max_body_bytes) for path, limit in limits.items()},
+                default_body_limit=min(64 * 1024, settings.max_body_bytes))
 
 
 app = create_app()

@@ -7,7 +7,7 @@ FastAPI's default pages load their JavaScript and fonts from CDNs; here the asse
 from pathlib import Path
 
 import fastapi_offline
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -25,16 +25,16 @@ def _same_origin_only(page: HTMLResponse) -> HTMLResponse:
     return page
 
 
-def add_docs(app: FastAPI, dependencies: list[Depends]) -> None:
-    """/docs, /redoc and /openapi.json, each behind ``dependencies`` (the key check unless ops are public)."""
+def add_docs(app: FastAPI) -> None:
+    """/docs, /redoc and /openapi.json (behind the key check unless SERVE_PUBLIC_OPS, see app.gate)."""
     app.mount(PREFIX, StaticFiles(directory=ASSETS), name="docs-assets")
     title = app.title
 
-    @app.get(OPENAPI, include_in_schema=False, dependencies=dependencies)
+    @app.get(OPENAPI, include_in_schema=False)
     async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
-    @app.get("/docs", include_in_schema=False, dependencies=dependencies)
+    @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return _same_origin_only(get_swagger_ui_html(openapi_url=OPENAPI, title=f"{title} - Swagger UI",
                                    swagger_js_url=f"{PREFIX}/swagger-ui-bundle.js",
@@ -42,7 +42,7 @@ def add_docs(app: FastAPI, dependencies: list[Depends]) -> None:
                                    swagger_favicon_url=f"{PREFIX}/favicon.png",
                                    swagger_ui_parameters={"tryItOutEnabled": True, "displayRequestDuration": True}))
 
-    @app.get("/redoc", include_in_schema=False, dependencies=dependencies)
+    @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
         return _same_origin_only(get_redoc_html(openapi_url=OPENAPI, title=f"{title} - ReDoc",
                               redoc_js_url=f"{PREFIX}/redoc.standalone.js", redoc_favicon_url=f"{PREFIX}/favicon.png",

@@ -1,6 +1,9 @@
-"""One pure-ASGI middleware for what every request needs: request id, body-size cap, metrics, access log.
+"""One pure-ASGI middleware for what every request needs: request id, the API-key check, the route's body-size
+cap, metrics, access log.
 
-Pure ASGI (rather than Starlette's BaseHTTPMiddleware) keeps the per-request overhead small.
+Pure ASGI (rather than Starlette's BaseHTTPMiddleware) keeps the per-request overhead small, and it answers
+before the app reads a byte of the body: a request without a valid key, or announcing a body larger than its
+route takes, costs the server its headers only.
 """
 
 from __future__ import annotations
@@ -8,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import time
 import uuid
+from dataclasses import dataclass, field
 
 from service.metrics import Metrics
 
@@ -25,9 +30,40 @@ async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, b
     await send({"type": "http.response.body", "body": payload})
 
 
+@dataclass
+class Gate:
+    """Who may call which path, and how large a body each path takes."""
+
+    api_keys: list[str]
+    open_paths: tuple[str, ...]  # reachable without a key (each with everything below it; "/" always)
+    body_limits: dict[str, int] = field(default_factory=dict)  # per exact path
+    default_body_limit: int = 64 * 1024  # any other path: operations routes take no body at all
+
+    def needs_key(self, path: str) -> bool:
+        return bool(self.api_keys) and path != "/" and not any(path == p or path.startswith(p + "/")
+                                                               for p in self.open_paths)
+
+    def body_limit(self, path: str) -> int:
+        return self.body_limits.get(path, self.default_body_limit)
+
+    def has_valid_key(self, headers: dict[bytes, bytes]) -> bool:
+        """Whether the headers carry one of the keys (X-API-Key, or Authorization: Bearer)."""
+        supplied = headers.get(b"x-api-key", b"")
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if not supplied and scheme.lower() == b"bearer":
+            supplied = token.strip()
+        # compare against every key, always, so timing does not reveal which prefix matched
+        matches = [secrets.compare_digest(supplied, key.encode()) for key in self.api_keys]
+        return bool(supplied) and any(matches)
+
+
+UNAUTHORIZED = {"detail": "missing or invalid API key: send it in the X-API-Key header or as "
+                          "'Authorization: Bearer <key>'"}
+
+
 class RequestContextMiddleware:
-    def __init__(self, app, *, metrics: Metrics, max_body_bytes: int):
-        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+    def __init__(self, app, *, metrics: Metrics, gate: Gate):
+        self.app, self.metrics, self.gate = app, metrics, gate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -37,12 +73,16 @@ class RequestContextMiddleware:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         # A client's id is kept only if it is a plain token: it goes into logs and response headers.
         request_id = incoming if SAFE_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        # /models shows build details to callers with a key; computed here once, where the key is checked
+        state["authenticated"] = bool(self.gate.api_keys) and self.gate.has_valid_key(headers)
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         status = 500
         refused = False  # set once this middleware has answered 413 itself
-        too_large = {"detail": f"request body is larger than the limit of {self.max_body_bytes} bytes; "
-                               "send a smaller body (see SERVE_MAX_BODY_BYTES)"}
+        limit = self.gate.body_limit(scope["path"])
+        too_large = {"detail": f"request body is larger than the limit of {limit} bytes for {scope['path']}; "
+                               "send a smaller body (a batch: fewer instances per request)"}
 
         async def send_with_id(message):
             nonlocal status
@@ -59,7 +99,7 @@ class RequestContextMiddleware:
             nonlocal received, refused, status
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_body_bytes and not refused:
+            if received > limit and not refused:
                 refused, status = True, 413
                 await _send_json(send, 413, too_large, [id_header])
                 return {"type": "http.disconnect"}
@@ -67,7 +107,11 @@ class RequestContextMiddleware:
 
         try:
             declared = headers.get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            if (scope["method"] != "OPTIONS" and self.gate.needs_key(scope["path"])  # CORS preflights carry no key
+                    and not state["authenticated"]):
+                status = 401
+                await _send_json(send, 401, UNAUTHORIZED, [id_header, (b"www-authenticate", b"Bearer")])
+            elif declared is not None and declared.isdigit() and int(declared) > limit:
                 status = 413  # refuse before reading a byte of the body
                 await _send_json(send, 413, too_large, [id_header])
             else:

@@ -33,6 +33,7 @@ class ModelEntry:
     state: Literal["loading", "ready", "failed"] = "loading"
     reason: str | None = None
     batcher: Batcher | None = None
+    streams: int = 0                    # Server-Sent-Event streams open now (capped by SERVE_MAX_STREAMS)
 
     @classmethod
     def describe(cls, model: Model, artifacts_dir: Path) -> ModelEntry:

@@ -1,8 +1,8 @@
 """HTTP routes: each model's routes (single, batch, and its upload and stream routes), plus health, readiness,
 metadata and metrics."""
 
+import asyncio
 import json
-import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, HTTPException, Query, Request, UploadFile
@@ -12,7 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, StrictBool, create_model
 
 from service.models.base import InputError, Upload, UploadRoute
+from service.batching import QueueFullError
 from service.registry import ModelEntry, Registry
+from service.settings import Settings
 
 
 class ErrorBody(BaseModel):
@@ -28,33 +30,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def has_valid_key(request: Request) -> bool:
-    """Whether the request carries one of the configured keys (X-API-Key or Bearer)."""
-    keys: list[str] = request.app.state.settings.api_keys
-    supplied = request.headers.get("x-api-key", "")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if not supplied and scheme.lower() == "bearer":
-        supplied = token.strip()
-    # compare against every key, always, so timing does not reveal which prefix matched
-    matches = [secrets.compare_digest(supplied.encode(), key.encode()) for key in keys]
-    return bool(supplied) and any(matches)
-
-
-async def require_api_key(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
-    """Allow the request if no keys are configured, or if it carries one (X-API-Key or Bearer)."""
-    if request.app.state.settings.api_keys and not has_valid_key(request):
-        raise HTTPException(401, "missing or invalid API key: send it in the X-API-Key header or as "
-                                 "'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-
-
-def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route: bool = False) -> APIRouter:
+def model_router(entry: ModelEntry, settings: Settings) -> APIRouter:
     """Every route of one model, all through its batcher: ``POST /{name}`` for one instance,
     ``POST /{name}/batch`` for many, and where the model declares them an upload route and a stream route.
 
-    ``guards`` are the route dependencies (the API-key check when keys are configured).
+    The API key and the body size are checked before any of these run (``middleware.Gate``).
     """
     predictor, name, folder = entry.predictor, entry.name, entry.model.folder
     Input, Output = entry.Input, predictor.Output
+    max_instances = settings.max_batch_instances
     example = Body(examples=[predictor.example])
     BatchInput = create_model(f"{Input.__name__}Batch", instances=(list[Input], Field(
         min_length=1, max_length=max_instances, description=f"1 to {max_instances} instances, answered in order.")))
@@ -63,7 +47,7 @@ def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route
     # A streaming model's single route also takes "stream"; its batch and /stream routes do not need it.
     One = create_model(f"{Input.__name__}OrStream", __base__=Input, stream=(StrictBool, Field(False, description=(
         f"If true, answer Server-Sent Events like POST /{name}/stream.")))) if predictor.stream_event else Input
-    router = APIRouter(tags=[name], dependencies=guards, responses=ERRORS)
+    router = APIRouter(tags=[name], responses=ERRORS)
 
     async def submit(items: list, request: Request, batch: bool = False) -> list:
         """The outputs, in order. An item that failed raises: one request's error as it is; in a batch, every
@@ -81,7 +65,7 @@ def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route
 
     async def predict_one(item: Annotated[One, example], request: Request) -> Output:  # type: ignore[valid-type]
         if getattr(item, "stream", False):
-            return open_stream(entry, item)
+            return open_stream(entry, item, settings)
         return (await submit([item], request))[0]
 
     async def predict_batch(body: BatchInput, request: Request) -> BatchOutput:  # type: ignore[valid-type]
@@ -96,36 +80,69 @@ def model_router(entry: ModelEntry, max_instances: int, guards: list, noop_route
                          operation_id=f"predict_{folder}_batch")
     if predictor.stream_event:  # Server-Sent Events, computed on the model's worker but outside its queue
         async def predict_stream(item: Annotated[Input, example]) -> StreamingResponse:  # type: ignore[valid-type]
-            return open_stream(entry, item)
+            return open_stream(entry, item, settings)
         router.add_api_route(f"/{name}/stream", predict_stream, methods=["POST"], response_class=StreamingResponse,
                              responses=sse, summary=f"{predictor.summary}, streamed as Server-Sent Events",
                              description=f"Same body as POST /{name} (same as sending \"stream\": true).",
                              operation_id=f"predict_{folder}_stream")
     if predictor.upload:
         add_upload_route(router, entry, predictor.upload, submit)
-    if noop_route:  # the framework's ceiling: same schema and validation, no model
+    if settings.benchmark_routes:  # the framework's ceiling: same schema and validation, no model
         async def noop(item: Input) -> dict[str, bool]:  # type: ignore[valid-type]
             return {"valid": True}
         router.add_api_route(f"/{name}/noop", noop, methods=["POST"], include_in_schema=False)
     return router
 
 
-def open_stream(entry: ModelEntry, item: Any) -> StreamingResponse:
+def open_stream(entry: ModelEntry, item: Any, settings: Settings) -> StreamingResponse:
     """Server-Sent Events: one ``stream_event`` event per piece the model yields, then one named after the
-    model with the whole answer (the same JSON as the single route's)."""
+    model with the whole answer (the same JSON as the single route's).
+
+    At most SERVE_MAX_STREAMS run per model (more get 503): each piece is one job on the model's worker,
+    queued with its batches, so ordinary requests wait behind at most that many pieces. A stream still
+    running after SERVE_STREAM_TIMEOUT_S ends with an ``error`` event."""
     batcher = entry.batcher_or_raise()  # 503 while the model is not loaded, like the other routes
+    if entry.streams >= settings.max_streams:
+        raise QueueFullError(f"{entry.name} is already streaming to its limit of {settings.max_streams} clients "
+                             f"(SERVE_MAX_STREAMS); retry after the seconds in Retry-After, or call POST "
+                             f"/{entry.name} for the whole answer at once")
     pieces = entry.predictor.stream(item)  # checks the input first: a bad one is a 422, not a broken stream
     event = entry.predictor.stream_event
 
     async def relay():  # each piece is computed on the model's worker thread, between its batches
-        while (piece := await batcher.call(next, pieces, None)) is not None:
-            if isinstance(piece, BaseModel):
-                yield f"event: {entry.name}\ndata: {piece.model_dump_json()}\n\n"
-            else:
-                yield f"event: {event}\ndata: {json.dumps({event: piece}, ensure_ascii=False)}\n\n"
+        deadline = asyncio.get_running_loop().time() + settings.stream_timeout_s
+        try:
+            while True:
+                async with asyncio.timeout_at(deadline):  # around the await only, never around a yield
+                    piece = await batcher.call(next, pieces, None)
+                if piece is None:
+                    return
+                if isinstance(piece, BaseModel):
+                    yield f"event: {entry.name}\ndata: {piece.model_dump_json()}\n\n"
+                else:
+                    yield f"event: {event}\ndata: {json.dumps({event: piece}, ensure_ascii=False)}\n\n"
+        except TimeoutError:
+            detail = f"the stream ran longer than {settings.stream_timeout_s:g} s (SERVE_STREAM_TIMEOUT_S)"
+            yield f"event: error\ndata: {json.dumps({'detail': detail})}\n\n"
 
-    return StreamingResponse(relay(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return CountedStream(entry, relay())
+
+
+class CountedStream(StreamingResponse):
+    """An SSE response that holds one of its model's stream places until it ends, however it ends (a client
+    that leaves before the first event included)."""
+
+    def __init__(self, entry: ModelEntry, body: Any):
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                         "X-Accel-Buffering": "no"})
+        self.entry = entry
+        entry.streams += 1
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.entry.streams -= 1
 
 
 def add_upload_route(router: APIRouter, entry: ModelEntry, upload: UploadRoute, submit) -> None:
@@ -175,8 +192,9 @@ class Readiness(BaseModel):
     models: dict[str, str] = Field(description="Each model's state, with the reason when it failed.")
 
 
-def ops_router(registry: Registry, guarded: list) -> APIRouter:
-    """Operations routes. /healthz is always open (liveness probes send no key); the rest take ``guarded``."""
+def ops_router(registry: Registry) -> APIRouter:
+    """Operations routes. /healthz is always open (liveness probes send no key); the rest need a key when keys
+    are set, unless SERVE_PUBLIC_OPS (``app.gate``)."""
     router = APIRouter(tags=["operations"])
     # The schemas are fixed once the app is built: generate them once, not on every /models call.
     schemas = {name: (dict(e.Input.model_json_schema(), examples=[e.predictor.example]),
@@ -186,7 +204,7 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
         """What a client needs (schemas, version, quality); the build details (library versions, the training
         commit, hyperparameters) only for a caller with a key, or for all with SERVE_PUBLIC_MODEL_DETAILS."""
         m, settings = entry.manifest, registry.settings
-        detailed = m is not None and (settings.public_model_details or (settings.api_keys and has_valid_key(request)))
+        detailed = m is not None and (settings.public_model_details or request.state.authenticated)
         return ModelInfo(
             name=entry.name, state=entry.state, reason=entry.reason, device=str(registry.device),
             version=m and m.version, created_at=m and m.created_at, quick=bool(m and m.quick),
@@ -203,8 +221,7 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
 
     router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)  # probes that send HEAD
 
-    @router.get("/readyz", summary="Readiness: every model is loaded", response_model=Readiness, dependencies=guarded,
-                operation_id="readyz",
+    @router.get("/readyz", summary="Readiness: every model is loaded", response_model=Readiness, operation_id="readyz",
                 responses={503: {"model": Readiness, "description": "At least one model is not loaded."}})
     async def readyz():
         states = {name: e.state if e.state == "ready" else f"{e.state}: {e.reason}" for name, e in registry.entries.items()}
@@ -212,21 +229,18 @@ def ops_router(registry: Registry, guarded: list) -> APIRouter:
         return JSONResponse(Readiness(status="ready" if ready else "not ready", models=states).model_dump(),
                             status_code=200 if ready else 503)
 
-    @router.get("/models", summary="Metadata of every model", response_model=list[ModelInfo], dependencies=guarded,
-                operation_id="list_models")
+    @router.get("/models", summary="Metadata of every model", response_model=list[ModelInfo], operation_id="list_models")
     async def models(request: Request) -> list[ModelInfo]:
         return [info(e, request) for e in registry.entries.values()]
 
-    @router.get("/models/{name}", summary="Metadata of one model", response_model=ModelInfo, dependencies=guarded,
-                operation_id="get_model",
+    @router.get("/models/{name}", summary="Metadata of one model", response_model=ModelInfo, operation_id="get_model",
                 responses={404: {"model": ErrorBody, "description": "No model has that name."}})
     async def model(name: str, request: Request) -> ModelInfo:
         if name not in registry.entries:
             raise HTTPException(404, f"no model named '{name}'; known models: {', '.join(registry.entries)}")
         return info(registry.entries[name], request)
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response, dependencies=guarded,
-                operation_id="metrics",
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response, operation_id="metrics",
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}})
     async def metrics(request: Request) -> Response:
         registry_ = request.app.state.metrics

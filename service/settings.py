@@ -39,6 +39,19 @@ class Settings(BaseSettings):
         "sending maximum-size batches at once are queued, not refused."))
     request_timeout_s: float = Field(30.0, gt=0, description="Longest a request may wait for its prediction.")
 
+    # Connections and streams (see service/server.py): limits that hold without a proxy in front.
+    request_read_timeout_s: float = Field(15.0, gt=0, description=(
+        "Longest a request may take to arrive whole (headers and body) once the server waits for it; a slower "
+        "one gets 408 and its connection is closed. 15 s carries an 8 MB upload at 4.5 Mbit/s."))
+    max_connections: int = Field(512, ge=1, description=(
+        "Most open connections per worker process; one beyond it gets 503 and is closed. Keep it well under "
+        "the process's file-descriptor limit (ulimit -n)."))
+    keep_alive_s: float = Field(5.0, gt=0, description="How long an idle keep-alive connection stays open.")
+    max_streams: int = Field(4, ge=1, description=(
+        "Concurrent Server-Sent-Event streams per model; more get 503 with Retry-After. Each stream's pieces "
+        "share the model's worker with its ordinary requests, so this also bounds how long those wait."))
+    stream_timeout_s: float = Field(60.0, gt=0, description="Longest one stream may run before it is ended.")
+
     # Limits and security.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     max_batch_instances: int = Field(256, ge=1, description="Most instances in one /batch request.")

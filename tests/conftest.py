@@ -98,7 +98,8 @@ class Server:
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else []), "--host", "127.0.0.1",
-             "--port", str(self.port), "--timeout-graceful-shutdown", "30"],
+             "--port", str(self.port), "--timeout-graceful-shutdown", "30",
+             "--http", "service.server:GuardedHttpProtocol"],
             cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -63,7 +63,12 @@ class Doubler(Predictor):
         if item.x < 0:
             raise InputError("x must not be negative", "x")
         answer = Doubled(y=2 * item.x)
-        return iter([*str(answer.y), answer])
+
+        def pieces() -> Iterator[str | Doubled]:  # each takes sleep_ms, like a slow model's tokens
+            for piece in [*str(answer.y), answer]:
+                time.sleep(item.sleep_ms / 1000)
+                yield piece
+        return pieces()
 
     def predict(self, batch: list[Number]) -> list[Doubled | Exception]:
         self.batch_sizes.append(len(batch))

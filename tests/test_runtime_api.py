@@ -103,6 +103,39 @@ def test_api_keys_guard_model_routes_only(stub_app):
     asyncio.run(closed_ops())
 
 
+def test_the_key_is_checked_before_the_body_is_read(stub_app):
+    read = []
+
+    async def body():  # records every chunk the server asks for
+        for chunk in (b'{"x": ', b"1}"):
+            read.append(chunk)
+            yield chunk
+
+    async def scenario():
+        async with serving(stub_app(api_keys=["k"])) as client:
+            denied = await client.post("/doubler", content=body(), headers={"content-type": "application/json"})
+            assert denied.status_code == 401 and read == []
+            unknown = await client.post("/no-such-route", content=b"{}")  # no hint which paths exist
+            assert unknown.status_code == 401
+            allowed = await client.post("/doubler", content=body(), headers={"X-API-Key": "k", "content-type": "application/json"})
+            assert allowed.status_code == 200 and read == [b'{"x": ', b"1}"]
+    asyncio.run(scenario())
+
+
+def test_each_route_takes_the_largest_body_it_needs(stub_app):
+    async def scenario():
+        async with serving(stub_app()) as client:
+            padded = {"x": 1.0, "sleep_ms": 0, "pad": " " * 20_000}  # larger than one instance can be
+            single = await client.post("/doubler", json=padded)
+            assert single.status_code == 413 and "16384 bytes for /doubler" in single.json()["detail"]
+            # the largest valid batch, pretty-printed: larger than one instance may be, within the batch's limit
+            batch = json.dumps({"instances": [{"x": 1 / (i + 3), "sleep_ms": 0} for i in range(256)]}, indent=8)
+            assert len(batch) > 16384
+            answered = await client.post("/doubler/batch", content=batch, headers={"content-type": "application/json"})
+            assert answered.status_code == 200 and len(answered.json()["predictions"]) == 256
+    asyncio.run(scenario())
+
+
 def test_body_limit_is_413_before_parsing(stub_app):
     async def scenario():
         async with serving(stub_app(max_body_bytes=2048)) as client:
@@ -226,6 +259,28 @@ def test_uploads_are_decoded_on_the_model_worker_and_batched(stub_app):
     assert route["requestBody"]["content"]["multipart/form-data"]["encoding"]["file"]["contentType"] == "text/plain"
 
 
+def test_streams_are_capped_per_model_and_end_at_their_deadline(stub_app):
+    async def scenario():
+        async with serving(stub_app(max_streams=2, stream_timeout_s=0.5)) as client:
+            slow = {"x": 1234.5, "sleep_ms": 200}  # 7 pieces of 200 ms: longer than the deadline
+            running = [asyncio.create_task(client.post("/doubler/stream", json=slow)) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            refused = await client.post("/doubler/stream", json=slow)
+            ordinary = await client.post("/doubler", json={"x": 1})  # shares the worker, not starved
+            ended = await asyncio.gather(*running)
+            again = await client.post("/doubler", json={"x": 2, "stream": True})  # the places are free again
+            return refused, ordinary, ended, again
+    refused, ordinary, ended, again = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "SERVE_MAX_STREAMS" in refused.json()["detail"]
+    assert ordinary.status_code == 200 and ordinary.json() == {"y": 2.0}
+    for response in ended:
+        assert response.status_code == 200 and response.text.startswith("event: digit")
+        assert response.text.rstrip().split("\n")[-2:] == [
+            "event: error", 'data: {"detail": "the stream ran longer than 0.5 s (SERVE_STREAM_TIMEOUT_S)"}']
+    assert again.status_code == 200 and again.text.endswith('event: doubler\ndata: {"y":4.0}\n\n')
+
+
 def test_streams_are_framed_by_the_shared_layer(stub_app):
     async def scenario():
         async with serving(stub_app()) as client:
@@ -312,11 +367,11 @@ def test_log_lines_cannot_be_forged(stub_app, capsys):
 def test_validation_errors_are_capped(stub_app):
     async def scenario():
         async with serving(stub_app()) as client:
-            return await client.post("/doubler", json={"x": 1, **{f"junk{i}": i for i in range(5000)}})
+            return await client.post("/doubler", json={"x": 1, **{f"junk{i}": i for i in range(800)}})
     response = asyncio.run(scenario())
     detail = response.json()["detail"]
     assert response.status_code == 422 and len(detail) == 21 and len(response.content) < 5000
-    assert detail[-1] == {"loc": ["body"], "msg": "and 4980 more errors of the same request; fix these first",
+    assert detail[-1] == {"loc": ["body"], "msg": "and 780 more errors of the same request; fix these first",
                           "type": "too_many_errors"}
 
 

@@ -9,6 +9,7 @@ framing. Required: ``Input``, ``Output``, ``example``, ``summary``, ``setup`` an
 from __future__ import annotations
 
 import inspect
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class Predictor(ABC):
     max_batch_size: ClassVar[int | None] = None  # cap on the batching policy, for a model that gains nothing above it
     upload: ClassVar[UploadRoute | None] = None  # an extra route taking a file; write ``decode`` too
     stream_event: ClassVar[str | None] = None    # set to stream: POST /{name}/stream (and "stream": true); write ``stream``
+    # The largest valid JSON body of one instance, with room for pretty-printing: a bigger body is refused (413)
+    # before it is parsed; the batch route allows max_batch_instances of these.
+    max_instance_bytes: ClassVar[int] = 16 * 1024
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A concrete model without its required parts fails at import, saying what to write."""
@@ -97,6 +101,9 @@ class Predictor(ABC):
                             "    Output = MyOutput                # pydantic model of one prediction\n"
                             "    example = {...}                  # one valid Input, as JSON\n"
                             "    summary = \"what it predicts\"     # one line for the docs page")
+        if len(json.dumps(cls.example, indent=2)) > cls.max_instance_bytes:
+            raise TypeError(f"{cls.__name__}.example is larger than max_instance_bytes ({cls.max_instance_bytes}); "
+                            "raise max_instance_bytes to the largest valid body")
         if cls.input_schema.__func__ is Predictor.input_schema.__func__:  # a static schema: check the example now
             cls.check_example(cls.Input)
 

@@ -1,0 +1,88 @@
+"""uvicorn's HTTP protocol with the connection limits it lacks, so the server holds without a proxy in front.
+
+uvicorn closes idle keep-alive connections, but a connection that trickles a header line every few seconds,
+or announces a large body and sends it a kilobyte at a time, is kept forever, and it accepts connections
+until the process runs out of file descriptors. This protocol adds, per connection:
+
+- a deadline for each request to arrive whole (headers and body), ``SERVE_REQUEST_READ_TIMEOUT_S``, counted
+  from the moment the server waits for it; a request still incomplete then gets 408 and the connection
+  closes;
+- a cap on open connections, ``SERVE_MAX_CONNECTIONS``: one beyond it gets 503 and is closed at once.
+
+Use it with ``uvicorn --http service.server:GuardedHttpProtocol`` (``python -m service`` does).
+hypercorn has a read timeout but no connection cap; keeping uvicorn keeps its worker manager and httptools'
+parser, and the whole addition is the two timers below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from functools import cache
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.settings import Settings
+
+log = logging.getLogger("service.server")
+
+
+@cache
+def limits() -> tuple[float, int]:
+    """(request read timeout in seconds, most open connections), from the environment like every setting."""
+    settings = Settings()
+    return settings.request_read_timeout_s, settings.max_connections
+
+
+def _raw_response(status: str, detail: str, extra: str = "") -> bytes:
+    body = json.dumps({"detail": detail}).encode()
+    head = (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"{extra}connection: close\r\n\r\n")
+    return head.encode() + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        timeout, most = limits()
+        if len(self.connections) > most:
+            transport.write(_raw_response("503 Service Unavailable", f"the server holds its limit of {most} open "
+                                          "connections (SERVE_MAX_CONNECTIONS); retry shortly", "retry-after: 1\r\n"))
+            transport.close()
+            return
+        self._arm(timeout)
+
+    def _arm(self, timeout: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(timeout, self._read_too_slow, timeout)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _read_too_slow(self, timeout: float) -> None:
+        cycle = self.cycle
+        if self.transport.is_closing() or (cycle is not None and not cycle.more_body and not cycle.response_complete):
+            return  # closed already, or a (pipelined) request is whole and its handler is at work
+        if cycle is None or not self.cycle.response_started:
+            self.transport.write(_raw_response("408 Request Timeout", f"the request did not arrive whole within "
+                                               f"{timeout:g} s (SERVE_REQUEST_READ_TIMEOUT_S); send it at once"))
+        log.info("closed a connection whose request did not arrive within %g s", timeout)
+        self.transport.close()  # a handler still waiting for the body sees a disconnect
+
+    def on_message_complete(self) -> None:
+        self._disarm()  # the whole request is in; what the handler does with it has its own timeout
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm(limits()[0])  # the next request on this keep-alive connection gets the same deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
