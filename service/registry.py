@@ -34,6 +34,7 @@ class ModelEntry:
     reason: str | None = None
     batcher: Batcher | None = None
     streams: int = 0                    # Server-Sent-Event streams open now (capped by SERVE_MAX_STREAMS)
+    uploads: int = 0                    # uploaded files held in memory now (capped by SERVE_MAX_UPLOADS)
 
     @classmethod
     def describe(cls, model: Model, artifacts_dir: Path) -> ModelEntry:

@@ -86,7 +86,7 @@ def model_router(entry: ModelEntry, settings: Settings) -> APIRouter:
                              description=f"Same body as POST /{name} (same as sending \"stream\": true).",
                              operation_id=f"predict_{folder}_stream")
     if predictor.upload:
-        add_upload_route(router, entry, predictor.upload, submit)
+        add_upload_route(router, entry, predictor.upload, submit, settings.max_uploads)
     if settings.benchmark_routes:  # the framework's ceiling: same schema and validation, no model
         async def noop(item: Input) -> dict[str, bool]:  # type: ignore[valid-type]
             return {"valid": True}
@@ -145,14 +145,22 @@ class CountedStream(StreamingResponse):
             self.entry.streams -= 1
 
 
-def add_upload_route(router: APIRouter, entry: ModelEntry, upload: UploadRoute, submit) -> None:
+def add_upload_route(router: APIRouter, entry: ModelEntry, upload: UploadRoute, submit, max_uploads: int) -> None:
     """``POST /{name}/{path}``: a multipart ``file`` plus query options. The bytes are queued as they came
-    and decoded by the model on its worker thread, batched with the other requests."""
+    and decoded by the model on its worker thread, batched with the other requests. At most ``max_uploads``
+    files per model are held in memory at once (the parser keeps larger parts on disk until then)."""
     Options, Output = upload.Options, entry.predictor.Output
 
     async def predict_upload(request: Request, options: Annotated[Options, Query()],  # type: ignore[valid-type]
                              file: UploadFile = File(description=upload.file_description)) -> Output:  # type: ignore[valid-type]
-        return (await submit([Upload(await file.read(), options)], request))[0]
+        if entry.uploads >= max_uploads:
+            raise QueueFullError(f"{entry.name} already holds its limit of {max_uploads} uploads (SERVE_MAX_UPLOADS); "
+                                 "retry after the seconds in Retry-After")
+        entry.uploads += 1
+        try:
+            return (await submit([Upload(await file.read(), options)], request))[0]
+        finally:
+            entry.uploads -= 1
 
     validation_errors = {"$ref": "#/components/schemas/HTTPValidationError"}  # the body of FastAPI's own 422s
     responses: dict[int | str, dict[str, Any]] = {

@@ -51,11 +51,16 @@ class Settings(BaseSettings):
         "Concurrent Server-Sent-Event streams per model; more get 503 with Retry-After. Each stream's pieces "
         "share the model's worker with its ordinary requests, so this also bounds how long those wait."))
     stream_timeout_s: float = Field(60.0, gt=0, description="Longest one stream may run before it is ended.")
+    max_uploads: int = Field(16, ge=1, description=(
+        "Uploaded files per model held in memory at once (each up to SERVE_MAX_BODY_BYTES); more get 503 with "
+        "Retry-After. The README's memory budget shows how this, the body and the pixel caps add up."))
 
     # Limits and security.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     max_batch_instances: int = Field(256, ge=1, description="Most instances in one /batch request.")
-    max_image_pixels: int = Field(40_000_000, ge=784, description="Uploads with more pixels are refused.")
+    max_image_pixels: int = Field(40_000_000, ge=784, description=(
+        "Pictures that would decode to more pixels are refused before decoding (a JPEG counts at the 1/2-1/8 "
+        "scale a large photo is decoded at). One decode peaks at 6 bytes a pixel: 240 MB at the default."))
     api_keys: list[str] = Field(default_factory=list, description="If set, model routes need one of these keys.")
     public_ops: bool = Field(True, description=(
         "Keep readiness, models, metrics, the docs pages and /openapi.json open when api_keys is set."))

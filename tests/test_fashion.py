@@ -8,7 +8,10 @@ import json
 import math
 import re
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from service import catalog
 from service.models.fashion import NAMES_ZH, FashionImage
 from service.nets.fashion_cnn import NAMES
 from service.registry import open_model
-from tests.conftest import ARTIFACTS, example, need_data
+from tests.conftest import ARTIFACTS, ROOT, example, need_data
 from training.common import Options
 from training.fashion import IMAGES, LABELS, load, read_idx
 
@@ -163,7 +166,9 @@ def _png(width: int, height: int, idat: bytes) -> bytes:
     (_png(100_000, 100_000, zlib.compress(b"\0" * 64)), 413, "10000000000 pixels, more than the limit of 40000000"),
     (_png(20_000, 20_000, zlib.compress(b"\0" * 64)), 413, "400000000 pixels, more than the limit of 40000000"),
     (_png(7000, 7000, zlib.compress(b"\0" * 64)), 413, "more than the limit of 40000000"),  # the service's cap
-], ids=["empty", "text", "noise", "tiff", "truncated-png", "bomb-header", "pillow-cap-header", "over-cap-header"])
+    (encode(np.array(EXAMPLE, np.uint8), icc_profile=bytes(7_000_000)), 413, "ICC colour profile"),
+], ids=["empty", "text", "noise", "tiff", "truncated-png", "bomb-header", "pillow-cap-header", "over-cap-header",
+        "icc-bomb"])
 def test_bad_uploads_get_a_clear_4xx(client, data, status, words):
     response = upload(client, data)
     assert response.status_code == status, response.text
@@ -178,6 +183,38 @@ def test_real_image_over_the_pixel_cap(client):
     """An actual blank 7000x7000 PNG (about 60 KB compressed) is refused without being decoded."""
     response = upload(client, encode(np.zeros((7000, 7000), np.uint8)))
     assert response.status_code == 413 and "49000000 pixels" in response.json()["detail"]
+
+
+DECODE_PEAK = """
+import sys, numpy as np
+from service.models import images
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":")) / 1024
+data = open(sys.argv[1], "rb").read()
+before = status("VmRSS")
+images.to_dataset_pixels(data, 40_000_000)
+print(status("VmHWM") - before, status("VmRSS") - before)
+"""
+
+
+@pytest.mark.parametrize("mode, size, fmt, most_mb", [
+    ("RGBA", (6300, 6300), "PNG", 260),  # 39.7 M pixels: 6 bytes each at the peak (it was 480 MB before)
+    ("RGB", (6000, 4000), "JPEG", 40),   # a phone photo: decoded at 1/4 scale, in grayscale
+])
+def test_decoding_a_large_picture_takes_bounded_memory_and_gives_it_back(tmp_path, mode, size, fmt, most_mb):
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to read the peak memory of a process")
+    rng = np.random.default_rng(0)
+    picture = Image.new(mode, size, "white")
+    picture.paste(Image.fromarray(rng.integers(0, 255, (size[1] // 2, size[0] // 3), np.uint8)).convert(mode),
+                  (size[0] // 3, size[1] // 4))  # a garment-sized patch of noise on white
+    path = tmp_path / f"big.{fmt.lower()}"
+    picture.save(path, fmt)
+    del picture
+    out = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    peak, kept = map(float, out.stdout.split())
+    assert peak < most_mb and kept < 30, f"decoding took {peak:.0f} MB at its peak and kept {kept:.0f} MB"
 
 
 def test_blank_pictures_are_flagged(client):

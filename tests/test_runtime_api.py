@@ -281,6 +281,22 @@ def test_streams_are_capped_per_model_and_end_at_their_deadline(stub_app):
     assert again.status_code == 200 and again.text.endswith('event: doubler\ndata: {"y":4.0}\n\n')
 
 
+def test_uploads_held_in_memory_are_capped_per_model(stub_app):
+    async def scenario():
+        async with serving(stub_app(max_uploads=1)) as client:
+            busy = asyncio.create_task(client.post("/doubler", json={"x": 1, "sleep_ms": 500}))  # holds the worker
+            await asyncio.sleep(0.1)
+            held = asyncio.create_task(client.post("/doubler/text", files={"file": ("n.txt", b"2")}))
+            await asyncio.sleep(0.1)
+            refused = await client.post("/doubler/text", files={"file": ("n.txt", b"3")})
+            await asyncio.gather(busy, held)
+            again = await client.post("/doubler/text", files={"file": ("n.txt", b"4")})
+            return held.result(), refused, again
+    held, refused, again = asyncio.run(scenario())
+    assert refused.status_code == 503 and "SERVE_MAX_UPLOADS" in refused.json()["detail"]
+    assert held.json() == {"y": 4.0} and again.json() == {"y": 8.0}
+
+
 def test_streams_are_framed_by_the_shared_layer(stub_app):
     async def scenario():
         async with serving(stub_app()) as client:
