@@ -21,7 +21,7 @@ from service import catalog
 from service.models.fashion import NAMES_ZH, FashionImage
 from service.nets.fashion_cnn import NAMES
 from service.registry import open_model
-from tests.conftest import ARTIFACTS, ROOT, example, need_data
+from tests.conftest import ARTIFACTS, ROOT, committed, example, need_data
 from training.common import Options
 from training.fashion import IMAGES, LABELS, load, read_idx
 
@@ -283,6 +283,22 @@ def test_exif_orientation_is_applied_before_anything_else(client, confident, ori
                                                   f"{response.json()['name']}"
 
 
+def test_the_served_model_reaches_its_validation_accuracy(validation):
+    """The committed artifact as served (batch norms folded, bf16 products where native, mirror-averaged) on
+    all 6,000 validation images: the manifest's float32 accuracy (at least the issue's 0.952), give or take
+    the few images bf16 rounding tips over (0.9518 on the target machine: 3 images)."""
+    images, labels = validation
+    predictor = committed("fashion").predictor
+    predicted = []
+    for start in range(0, len(images), 500):
+        batch = [FashionImage.model_construct(pixels=image.astype(np.float32), top_k=1) for image in images[start:start + 500]]
+        predicted += [p.label for p in predictor.run(batch)]
+    accuracy = float(np.mean(np.array(predicted) == labels))
+    manifest = json.loads((ARTIFACTS / MODEL.folder / "manifest.json").read_text())
+    assert manifest["metrics"]["val_accuracy"] >= 0.952
+    assert abs(accuracy - manifest["metrics"]["val_accuracy"]) <= 0.001, accuracy
+
+
 def test_validation_accuracy_over_http(client, validation):
     """The committed model on 1000 validation images: as JSON pixels, then as 3x upscaled inverted PNGs."""
     images, labels = validation[0][:1000], validation[1][:1000]
@@ -292,7 +308,7 @@ def test_validation_accuracy_over_http(client, validation):
         response = client.post("/fashion/batch", json=body)
         assert response.status_code == 200, response.text[:300]
         predicted += [p["label"] for p in response.json()["predictions"]]
-    assert np.mean(np.array(predicted) == labels) >= 0.92
+    assert np.mean(np.array(predicted) == labels) >= 0.93
 
     uploaded = []
     for image in images:
