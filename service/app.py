@@ -97,7 +97,15 @@ def gate(settings: Settings, registry: Registry) -> Gate:
             limits[f"/{name}/{entry.predictor.upload.path}"] = settings.max_body_bytes
     return Gate(api_keys=settings.api_keys, open_paths=("/healthz", *(OPS_PATHS if settings.public_ops else ())),
                 body_limits={path: min(limit, settings.max_body_bytes) for path, limit in limits.items()},
-                default_body_limit=min(64 * 1024, settings.max_body_bytes))
+                default_body_limit=min(64 * 1024, settings.max_body_bytes),
+                inflight_body_budget=settings.max_inflight_body_bytes, max_streams=settings.max_streams,
+                streams={f"/{name}/stream": e for name, e in registry.entries.items() if e.predictor.stream_event})
 
 
-app = create_app()
+def __getattr__(name: str):
+    """``service.app:app`` is built on first use (``uvicorn service.app:app``), not by every import of this
+    module: ``python -m service`` with several workers builds its own, once, before forking."""
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(f"module 'service.app' has no attribute {name!r}")

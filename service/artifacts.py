@@ -1,27 +1,63 @@
 """Versioned model artifacts: the manifest contract between training/ and service/.
 
-An artifact folder holds ``manifest.json`` plus the files it lists with their sha256. Readers go through
-:class:`Artifact`, which refuses any file whose bytes do not match the manifest, so nothing is unpickled
-or deserialised before its hash is checked.
+An artifact folder holds ``manifest.json`` plus the files it lists with their sha256 (and, when training
+was given a signing key, ``manifest.sig``: an ed25519 signature of the manifest's bytes). Readers go
+through :class:`Artifact`, which refuses any file whose bytes do not match the manifest, so nothing is
+deserialised before its hash is checked; with a public key it also refuses a manifest that is not signed
+by the matching private key, so a re-hashed manifest is refused too.
+
+Nothing is unpickled: weights load with ``torch.load(weights_only=True)``, preprocessors are JSON or
+``skops`` files whose every type must be in :data:`TRUSTED_TYPES` (checked before anything is built).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import json
 import platform
 import subprocess
+import zipfile
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import joblib
 import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, Field
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # base64 of the raw 64-byte ed25519 signature of manifest.json's exact bytes
+PICKLES = (".joblib", ".pkl", ".pickle")  # what older artifacts held; never opened
+
+# Every type a skops file may contain, as "module.name" (skops's own notation): exactly what the committed
+# preprocessors hold (the house-price Pipeline; a plain StandardScaler, like the toy model's, needs a subset).
+# Listed from the written files (every node of their schema.json; skops.io.get_untrusted_types names the
+# two that skops does not trust by default: numpy.dtype and engineer). A file holding any other type is
+# refused before anything is built from it. A preprocessor with new kinds of steps needs its types added here.
+TRUSTED_TYPES: tuple[str, ...] = (
+    "builtins.dict",
+    "builtins.list",
+    "builtins.slice",
+    "builtins.str",
+    "builtins.tuple",
+    "numpy.dtype",
+    "numpy.float64",
+    "numpy.log1p",
+    "numpy.ndarray",
+    "service.models.house_price.engineer",
+    "sklearn.compose._column_transformer.ColumnTransformer",
+    "sklearn.impute._base.SimpleImputer",
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._encoders.OneHotEncoder",
+    "sklearn.preprocessing._function_transformer.FunctionTransformer",
+)
 
 
 class ArtifactError(RuntimeError):
@@ -93,7 +129,7 @@ def _major_minor(version: str) -> tuple[int, ...]:
 def check_compatible(libraries: dict[str, str]) -> None:
     """Refuse artifacts that the installed libraries cannot be trusted to load.
 
-    Pickled scikit-learn objects are only guaranteed to load in the same minor release; torch state
+    Fitted scikit-learn objects are only guaranteed to work in the same minor release; torch state
     dicts load in the same major release at the same or a newer minor one.
     """
     have = library_versions()
@@ -109,26 +145,98 @@ def check_compatible(libraries: dict[str, str]) -> None:
                                 "install a torch of the same major version, at least as new, or retrain")
 
 
-class Artifact:
-    """A verified artifact folder: every read checks the file's bytes against the manifest."""
+def skops_types(data: bytes) -> set[str]:
+    """Every type named in a skops file ("module.name"), read from its schema without building anything."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        schema = json.loads(archive.read("schema.json"))
+    types, stack = set(), [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "__class__" in node or "__module__" in node:
+                types.add(f"{node.get('__module__')}.{node.get('__class__')}")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return types
 
-    def __init__(self, folder: Path):
+
+def public_key(value: str | Ed25519PublicKey) -> Ed25519PublicKey:
+    """An ed25519 public key from PEM text or the path of a PEM file (SERVE_MANIFEST_PUBLIC_KEY)."""
+    if isinstance(value, Ed25519PublicKey):
+        return value
+    text = value.strip()
+    try:
+        pem = text.encode() if text.startswith("-----BEGIN") else Path(text).expanduser().read_bytes()
+        key = serialization.load_pem_public_key(pem)
+    except (OSError, ValueError, TypeError) as exc:
+        # The message may reach clients (/readyz): it names the setting, never the path.
+        raise ArtifactError("SERVE_MANIFEST_PUBLIC_KEY is neither a PEM public key nor the path of a readable "
+                            f"file holding one ({type(exc).__name__})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ArtifactError(f"SERVE_MANIFEST_PUBLIC_KEY must be an ed25519 key, not {type(key).__name__}")
+    return key
+
+
+def private_key(path: Path) -> Ed25519PrivateKey:
+    """The ed25519 private key that training signs manifests with (an unencrypted PEM file)."""
+    key = serialization.load_pem_private_key(Path(path).expanduser().read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} holds a {type(key).__name__}, not an ed25519 private key")
+    return key
+
+
+def sign_manifest(folder: Path, key: Ed25519PrivateKey) -> Path:
+    """Write ``manifest.sig`` beside ``manifest.json``: the signature of its exact bytes, base64."""
+    signature = key.sign((folder / MANIFEST).read_bytes())
+    (folder / SIGNATURE).write_text(base64.b64encode(signature).decode() + "\n")
+    return folder / SIGNATURE
+
+
+class Artifact:
+    """A verified artifact folder: every read checks the file's bytes against the manifest.
+
+    With ``public_key`` (PEM text, a PEM file's path, or a key), the manifest must also carry a valid
+    ``manifest.sig`` made by the matching private key; without one, the hashes alone guard against
+    corruption (not against someone who can rewrite the manifest too)."""
+
+    def __init__(self, folder: Path, public_key: str | Ed25519PublicKey | None = None):
         self.folder = folder
         path = folder / MANIFEST
         if not path.is_file():
             raise MissingArtifactError(f"no {MANIFEST} in the artifacts folder '{folder.name}'")
+        raw = path.read_bytes()  # read once: the bytes verified are the bytes parsed
+        if public_key is not None:
+            self._verify_signature(raw, public_key)
         try:
-            self.manifest = Manifest.model_validate_json(path.read_bytes())
+            self.manifest = Manifest.model_validate_json(raw)
         except ValueError as exc:
             raise ArtifactError(f"{folder.name}/{MANIFEST} is not a valid manifest: {exc}") from exc
         check_compatible(self.manifest.libraries)
         for name in self.manifest.files:
             self.read(name)  # verify every file up front, so a broken artifact never half-loads
 
+    def _verify_signature(self, manifest: bytes, key: str | Ed25519PublicKey) -> None:
+        verifier = public_key(key)
+        path = self.folder / SIGNATURE
+        if path.is_symlink() or not path.is_file():
+            raise ArtifactError(f"{self.folder.name}/{MANIFEST} is not signed (no {SIGNATURE}), and a manifest "
+                                "public key is configured: sign it when training (--sign-key) or unset "
+                                "SERVE_MANIFEST_PUBLIC_KEY")
+        try:
+            verifier.verify(base64.b64decode(path.read_bytes().strip(), validate=True), manifest)
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise ArtifactError(f"{self.folder.name}/{SIGNATURE} is not a valid signature of {MANIFEST} by the "
+                                "configured public key: the manifest was changed after signing, or signed with "
+                                "another key; refusing to load it") from None
+
     def read(self, name: str) -> bytes:
         expected = self.manifest.files.get(name)
         if expected is None:
-            raise ArtifactError(f"{name} is not listed in {self.folder.name}/{MANIFEST}")
+            pickles = sorted(n for n in self.manifest.files if n.endswith(PICKLES))
+            hint = (f"; it lists {', '.join(pickles)}: pickles can run code, so the service never opens them. "
+                    f"Retrain with `python -m training {self.manifest.name}`") if pickles else ""
+            raise ArtifactError(f"{name} is not listed in {self.folder.name}/{MANIFEST}{hint}")
         # A manifest names plain files in its own folder: no paths, no "..", no links leading out of it.
         if Path(name).name != name or name in ("", ".", ".."):
             raise ArtifactError(f"{self.folder.name}/{MANIFEST} lists {name!r}, which is not a plain file name "
@@ -146,8 +254,23 @@ class Artifact:
     def load_state_dict(self, name: str = "model.pt", device: str | torch.device = "cpu") -> dict:
         return torch.load(io.BytesIO(self.read(name)), map_location=device, weights_only=True)
 
-    def load_joblib(self, name: str = "preprocessor.joblib") -> Any:
-        return joblib.load(io.BytesIO(self.read(name)))
+    def load_skops(self, name: str = "preprocessor.skops", trusted: tuple[str, ...] = TRUSTED_TYPES) -> Any:
+        """A fitted scikit-learn object from a skops file whose every type is in ``trusted`` (no pickle):
+        the types are listed from the file's schema and checked before skops builds anything."""
+        data = self.read(name)
+        try:
+            untrusted = sorted(skops_types(data) - set(trusted))
+        except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+            raise ArtifactError(f"{self.folder.name}/{name} is not a skops file: {exc}") from None
+        if untrusted:
+            raise ArtifactError(f"{self.folder.name}/{name} holds types outside the trusted list: "
+                                f"{', '.join(untrusted)}; refusing to load it")
+        import skops.io  # here, not at the top: the training command never loads a preprocessor
+
+        try:  # skops audits the tree again against its own defaults plus ours before building it
+            return skops.io.loads(data, trusted=list(trusted))
+        except Exception as exc:
+            raise ArtifactError(f"{self.folder.name}/{name} did not load: {type(exc).__name__}: {exc}") from None
 
     def load_json(self, name: str) -> Any:
         return json.loads(self.read(name))
@@ -155,8 +278,9 @@ class Artifact:
 
 def write_artifact(folder: Path, *, name: str, hyperparameters: dict, metrics: dict, metrics_method: str,
                    data_files: list[Path], extra: dict | None = None, quick: bool = False) -> Manifest:
-    """Hash every file already written to ``folder`` and write its manifest last."""
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    """Hash every file already written to ``folder`` and write its manifest last (sign it afterwards)."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
     now = datetime.now(timezone.utc)
     commit, tree = source_revision()
     manifest = Manifest(

@@ -1,6 +1,14 @@
-"""Prometheus metrics, one registry per app (so several apps in one process never clash)."""
+"""Prometheus metrics, one registry per app (so several apps in one process never clash).
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set, see service/workers.py) each worker writes
+its values to files there and :meth:`Metrics.exposition` adds up every worker's, so ``/metrics`` describes
+the whole server whichever worker answers; the queue depth is kept per worker (a ``pid`` label).
+"""
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -18,8 +26,18 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.inference = Histogram("model_inference_seconds", "Time of one batched forward pass.", ["model"],
                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("model_queue_depth", "Items waiting for a forward pass.", ["model"], registry=r)
-        self.model_up = Gauge("model_up", "1 if the model is loaded and serving, else 0.", ["model"], registry=r)
+        self.queue_depth = Gauge("model_queue_depth", "Items waiting for a forward pass (per worker process).",
+                                 ["model"], registry=r, multiprocess_mode="all")
+        self.model_up = Gauge("model_up", "1 if the model is loaded and serving, else 0.", ["model"], registry=r,
+                              multiprocess_mode="livemin")  # 0 if any live worker lacks the model
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text of /metrics and its content type: this app's registry, or every worker's values."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def batch_observer(self, model: str):
         """A callback for the batcher: record one forward pass."""

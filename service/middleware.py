@@ -15,6 +15,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.metrics import Metrics
 
@@ -38,6 +39,9 @@ class Gate:
     open_paths: tuple[str, ...]  # reachable without a key (each with everything below it; "/" always)
     body_limits: dict[str, int] = field(default_factory=dict)  # per exact path
     default_body_limit: int = 64 * 1024  # any other path: operations routes take no body at all
+    inflight_body_budget: int = 128 * 2**20  # bytes of request bodies being received or handled at once
+    streams: dict[str, Any] = field(default_factory=dict)  # a stream route's path -> its model's entry
+    max_streams: int = 4
 
     def needs_key(self, path: str) -> bool:
         return bool(self.api_keys) and path != "/" and not any(path == p or path.startswith(p + "/")
@@ -64,6 +68,7 @@ UNAUTHORIZED = {"detail": "missing or invalid API key: send it in the X-API-Key 
 class RequestContextMiddleware:
     def __init__(self, app, *, metrics: Metrics, gate: Gate):
         self.app, self.metrics, self.gate = app, metrics, gate
+        self.inflight_bytes = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -115,7 +120,28 @@ class RequestContextMiddleware:
                 status = 413  # refuse before reading a byte of the body
                 await _send_json(send, 413, too_large, [id_header])
             else:
-                await self.app(scope, limited_receive, send_with_id)
+                # Bodies in flight are bounded as a whole: each holds what it may grow to (its declared length,
+                # or its route's limit when sent in chunks) until it is answered; a request without a body
+                # (/healthz) holds nothing, so probes are never refused.
+                hold = int(declared) if declared is not None and declared.isdigit() else (
+                    limit if b"transfer-encoding" in headers else 0)
+                stream_of = self.gate.streams.get(scope["path"])
+                refusal = stream_of.streams_full(self.gate.max_streams) if stream_of is not None else None
+                if refusal:  # a full model refuses more streams here, before their bodies are parsed
+                    status = 503
+                    await _send_json(send, 503, {"detail": refusal}, [id_header, (b"retry-after", b"1")])
+                elif hold and self.inflight_bytes + hold > self.gate.inflight_body_budget:
+                    status = 503
+                    await _send_json(send, 503, {"detail": (
+                        f"the server is receiving its limit of {self.gate.inflight_body_budget} bytes of request "
+                        "bodies (SERVE_MAX_INFLIGHT_BODY_BYTES); retry after the seconds in Retry-After")},
+                        [id_header, (b"retry-after", b"1")])
+                else:
+                    self.inflight_bytes += hold
+                    try:
+                        await self.app(scope, limited_receive, send_with_id)
+                    finally:
+                        self.inflight_bytes -= hold
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("route")

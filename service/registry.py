@@ -37,13 +37,14 @@ class ModelEntry:
     uploads: int = 0                    # uploaded files held in memory now (capped by SERVE_MAX_UPLOADS)
 
     @classmethod
-    def describe(cls, model: Model, artifacts_dir: Path) -> ModelEntry:
-        """Verify the model's artifact and read its input schema (the routes need it before start-up)."""
+    def describe(cls, model: Model, artifacts_dir: Path, public_key: str | None = None) -> ModelEntry:
+        """Verify the model's artifact (its manifest's signature too, given ``public_key``) and read its input
+        schema (the routes need it before start-up)."""
         predictor_cls = model.predictor_class()
         entry = cls(model, predictor_cls(), predictor_cls.Input)
         folder = artifacts_dir / model.folder
         try:
-            entry.artifact = Artifact(folder)
+            entry.artifact = Artifact(folder, public_key)
             entry.Input = predictor_cls.input_schema(entry.artifact)
             predictor_cls.check_example(entry.Input)
         except MissingArtifactError as exc:
@@ -80,6 +81,13 @@ class ModelEntry:
         self.state, self.reason = "failed", f"{type(exc).__name__}: {exc}"
         log.error("could not load %s from %s: %s", self.name, folder or "its artifact", self.reason)
 
+    def streams_full(self, max_streams: int) -> str | None:
+        """Why a new stream is refused now (SERVE_MAX_STREAMS reached), or None."""
+        if self.streams < max_streams:
+            return None
+        return (f"{self.name} is already streaming to its limit of {max_streams} clients (SERVE_MAX_STREAMS); retry "
+                f"after the seconds in Retry-After, or call POST /{self.name} for the whole answer at once")
+
     def batcher_or_raise(self) -> Batcher:
         if self.state != "ready" or self.batcher is None:
             raise ModelUnavailableError(f"model '{self.name}' is not available: {self.reason or self.state}")
@@ -88,8 +96,9 @@ class ModelEntry:
 
 def open_model(model: Model, artifacts_dir: Path, device: str = "cpu") -> ModelEntry:
     """One model described and loaded outside a server (tests, benchmarks, tools); raises if it cannot be."""
-    entry = ModelEntry.describe(model, artifacts_dir)
-    entry.load(torch.device(device), Settings())
+    settings = Settings()
+    entry = ModelEntry.describe(model, artifacts_dir, settings.manifest_public_key)
+    entry.load(torch.device(device), settings)
     if entry.state != "ready":
         raise ModelUnavailableError(f"model '{model.name}' did not load: {entry.reason}")
     return entry
@@ -107,7 +116,8 @@ class Registry:
     def __init__(self, models: list[Model], settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
         self.device = resolve_device(settings.device)
-        self.entries = {model.name: ModelEntry.describe(model, settings.artifacts_dir) for model in models}
+        self.entries = {model.name: ModelEntry.describe(model, settings.artifacts_dir, settings.manifest_public_key)
+                        for model in models}
 
     def load_all(self) -> None:
         for name, entry in self.entries.items():

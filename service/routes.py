@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, StrictBool, create_model
 
 from service.models.base import InputError, Upload, UploadRoute
@@ -102,10 +102,8 @@ def open_stream(entry: ModelEntry, item: Any, settings: Settings) -> StreamingRe
     queued with its batches, so ordinary requests wait behind at most that many pieces. A stream still
     running after SERVE_STREAM_TIMEOUT_S ends with an ``error`` event."""
     batcher = entry.batcher_or_raise()  # 503 while the model is not loaded, like the other routes
-    if entry.streams >= settings.max_streams:
-        raise QueueFullError(f"{entry.name} is already streaming to its limit of {settings.max_streams} clients "
-                             f"(SERVE_MAX_STREAMS); retry after the seconds in Retry-After, or call POST "
-                             f"/{entry.name} for the whole answer at once")
+    if refusal := entry.streams_full(settings.max_streams):  # "stream": true on the single route comes here
+        raise QueueFullError(refusal)
     pieces = entry.predictor.stream(item)  # checks the input first: a bad one is a 422, not a broken stream
     event = entry.predictor.stream_event
 
@@ -191,6 +189,7 @@ class ModelInfo(BaseModel):
     hyperparameters: dict[str, Any] = Field({}, description="For callers with a key (or SERVE_PUBLIC_MODEL_DETAILS).")
     libraries: dict[str, str] = Field({}, description="Library versions of training (idem).")
     batching: dict[str, Any] = {}
+    workers: int = Field(1, description="Worker processes serving it, each with its own batcher (SERVE_WORKERS).")
     input_schema: dict[str, Any]
     output_schema: dict[str, Any]
 
@@ -221,7 +220,8 @@ def ops_router(registry: Registry) -> APIRouter:
             hyperparameters=m.hyperparameters if detailed else {}, libraries=m.libraries if detailed else {},
             batching=dict(entry.batcher.policy.model_dump(), threads=entry.batcher.threads) if entry.batcher
             else registry.settings.policy(entry.name).model_dump(),
-            input_schema=schemas[entry.name][0], output_schema=schemas[entry.name][1])
+            input_schema=schemas[entry.name][0], output_schema=schemas[entry.name][1],
+            workers=settings.workers or 1)
 
     @router.get("/healthz", summary="Liveness: the process is up", operation_id="healthz")
     async def healthz() -> dict[str, str]:
@@ -251,9 +251,10 @@ def ops_router(registry: Registry) -> APIRouter:
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response, operation_id="metrics",
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}})
     async def metrics(request: Request) -> Response:
-        registry_ = request.app.state.metrics
+        metrics_ = request.app.state.metrics
         for name, entry in registry.entries.items():
-            registry_.queue_depth.labels(name).set(entry.batcher.depth if entry.batcher else 0)
-        return Response(generate_latest(registry_.registry), media_type=CONTENT_TYPE_LATEST)
+            metrics_.queue_depth.labels(name).set(entry.batcher.depth if entry.batcher else 0)
+        text, media_type = metrics_.exposition()
+        return Response(text, media_type=media_type)
 
     return router

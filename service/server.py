@@ -7,7 +7,10 @@ until the process runs out of file descriptors. This protocol adds, per connecti
 - a deadline for each request to arrive whole (headers and body), ``SERVE_REQUEST_READ_TIMEOUT_S``, counted
   from the moment the server waits for it; a request still incomplete then gets 408 and the connection
   closes;
-- a cap on open connections, ``SERVE_MAX_CONNECTIONS``: one beyond it gets 503 and is closed at once.
+- a cap on open connections, ``SERVE_MAX_CONNECTIONS``. A connection beyond it first makes room by
+  closing the connection that has waited longest for its request (an idle keep-alive one, or a slow
+  sender): so a liveness probe still gets through while slow connections hold every place. Only when
+  every connection is busy with a request does the new one get 503 and close.
 
 Use it with ``uvicorn --http service.server:GuardedHttpProtocol`` (``python -m service`` does).
 hypercorn has a read timeout but no connection cap; keeping uvicorn keeps its worker manager and httptools'
@@ -44,22 +47,37 @@ def _raw_response(status: str, detail: str, extra: str = "") -> bytes:
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     _deadline: asyncio.TimerHandle | None = None
+    _waiting_since: float | None = None  # when this connection began to wait for a request; None while one runs
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         timeout, most = limits()
-        if len(self.connections) > most:
+        if len(self.connections) > most and not self._close_longest_waiting():
             transport.write(_raw_response("503 Service Unavailable", f"the server holds its limit of {most} open "
-                                          "connections (SERVE_MAX_CONNECTIONS); retry shortly", "retry-after: 1\r\n"))
+                                          "connections (SERVE_MAX_CONNECTIONS), all busy; retry shortly",
+                                          "retry-after: 1\r\n"))
             transport.close()
             return
         self._arm(timeout)
 
+    def _close_longest_waiting(self) -> bool:
+        """Close the other connection that has waited longest for its request; False if every one is busy."""
+        waiting = [c for c in self.connections if c is not self and getattr(c, "_waiting_since", None) is not None
+                   and not c.transport.is_closing()]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c._waiting_since)
+        oldest._disarm()
+        oldest.transport.close()
+        return True
+
     def _arm(self, timeout: float) -> None:
         self._disarm()
         self._deadline = self.loop.call_later(timeout, self._read_too_slow, timeout)
+        self._waiting_since = self.loop.time()
 
     def _disarm(self) -> None:
+        self._waiting_since = None
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None

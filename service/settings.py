@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     artifacts_dir: Path = PROJECT_ROOT / "artifacts"
     models: list[str] | None = Field(None, description=(
         "Names of the models to serve (JSON list), e.g. [\"phone-price\", \"fashion\"]; unset: every model."))
+    workers: int | None = Field(None, ge=1, le=256, description=(
+        "Worker processes of `python -m service`, sharing the port and one copy of the weights; unset: the CPUs "
+        "this process may use (affinity and cgroup quota)."))
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
 
@@ -58,6 +61,9 @@ class Settings(BaseSettings):
     # Limits and security.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     max_batch_instances: int = Field(256, ge=1, description="Most instances in one /batch request.")
+    max_inflight_body_bytes: int = Field(128 * 2**20, ge=1024, description=(
+        "Request bodies being received or handled at once, in bytes (each counts its Content-Length until it is "
+        "answered); a request that would go over gets 503 with Retry-After. Requests without a body never do."))
     max_image_pixels: int = Field(40_000_000, ge=784, description=(
         "Pictures that would decode to more pixels are refused before decoding (a JPEG counts at the 1/2-1/8 "
         "scale a large photo is decoded at). One decode peaks at 6 bytes a pixel: 240 MB at the default."))
@@ -68,6 +74,9 @@ class Settings(BaseSettings):
         "Show library versions, the training commit and hyperparameters on /models to callers without a key "
         "(callers with a valid key always see them)."))
     cors_origins: list[str] = []
+    manifest_public_key: str | None = Field(None, description=(
+        "An ed25519 public key (PEM text, or the path of a PEM file): when set, a model loads only if its "
+        "manifest.json carries a valid manifest.sig made with the matching private key (see the README)."))
 
     benchmark_routes: bool = Field(False, description="Add POST /{model}/noop (validation only) for benchmarks.")
 

@@ -26,7 +26,7 @@ def test_every_model_in_the_catalog_has_a_committed_artifact():
 def test_committed_artifact_matches_its_manifest(folder):
     path = ARTIFACTS / folder
     manifest = json.loads((path / "manifest.json").read_text())
-    files = {p.name for p in path.iterdir() if p.is_file()} - {"manifest.json"}
+    files = {p.name for p in path.iterdir() if p.is_file()} - {"manifest.json", "manifest.sig"}
     assert files == set(manifest["files"]), "every file is listed and every listed file exists"
     for name, digest in manifest["files"].items():
         assert sha256_file(path / name) == digest
@@ -38,7 +38,7 @@ def test_committed_artifact_matches_its_manifest(folder):
 
 def test_tampered_or_unlisted_files_are_refused(artifacts_copy):
     folder = artifacts_copy / "phone_price"
-    (folder / "preprocessor.joblib").write_bytes(b"not the scaler")
+    (folder / "preprocessor.json").write_bytes(b"not the scaler")
     with pytest.raises(ArtifactError, match="sha256"):
         Artifact(folder)
     with pytest.raises(ArtifactError, match="no manifest.json"):
@@ -75,7 +75,8 @@ def test_phone_manifest_metrics_reproduce(data_dir):
         recipe = phone_price.recipe(phone_price.Choice.served(hp), phone_price.Folds(x, y, hp), hp)
         cv = cross_validate(y, {"served": recipe}, phone_price.NET_SCORES, phone_price.PROTOCOL)["served"]
     assert ranking[:hp["features"]].tolist() == hp["inputs"]
-    assert np.allclose(scaler.mean_, predictor.preprocessor.mean_)
+    assert np.allclose(scaler.mean_, predictor.preprocessor.mean)
+    assert np.allclose(scaler.scale_, predictor.preprocessor.scale)
     committed_weights = predictor.net.state_dict()
     for name, value in net.float().state_dict().items():
         assert torch.allclose(value, committed_weights[name], rtol=1e-3, atol=1e-4), name

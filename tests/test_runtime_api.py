@@ -136,6 +136,22 @@ def test_each_route_takes_the_largest_body_it_needs(stub_app):
     asyncio.run(scenario())
 
 
+def test_request_bodies_in_flight_are_bounded_as_a_whole(stub_app):
+    async def scenario():
+        async with serving(stub_app(max_inflight_body_bytes=2048)) as client:
+            body = json.dumps({"x": 1, "sleep_ms": 400}).encode().ljust(1500)  # JSON allows trailing blanks
+            headers = {"content-type": "application/json"}
+            first = asyncio.create_task(client.post("/doubler", content=body, headers=headers))
+            await asyncio.sleep(0.1)
+            second = await client.post("/doubler", content=body, headers=headers)  # 1500 + 1500 > 2048
+            probe = await client.get("/healthz")  # no body, never refused
+            return await first, second, probe
+    first, second, probe = asyncio.run(scenario())
+    assert second.status_code == 503 and second.headers["retry-after"] == "1"
+    assert "SERVE_MAX_INFLIGHT_BODY_BYTES" in second.json()["detail"]
+    assert probe.status_code == 200 and first.status_code == 200 and first.json() == {"y": 2.0}
+
+
 def test_body_limit_is_413_before_parsing(stub_app):
     async def scenario():
         async with serving(stub_app(max_body_bytes=2048)) as client:

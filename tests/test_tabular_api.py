@@ -74,6 +74,18 @@ def test_phone_missing_field_and_malformed_json(client):
     assert broken.status_code == 422
 
 
+def test_unknown_keys_a_few_named_many_counted(client):
+    few = client.post("/phone-price", json={**PHONE, "colour": "red", "weight": 180})
+    assert few.status_code == 422
+    assert sorted((e["loc"][-1], e["type"]) for e in few.json()["detail"]) == [
+        ("colour", "extra_forbidden"), ("weight", "extra_forbidden")]
+    many = {**PHONE, **{f"junk{i}": i for i in range(500)}}
+    flood = client.post("/phone-price/batch", json={"instances": [many] * 3})
+    assert flood.status_code == 422 and len(flood.json()["detail"]) == 3  # one error per instance
+    first = flood.json()["detail"][0]
+    assert first["loc"] == ["body", "instances", 0] and first["msg"].startswith("Value error, 500 unknown fields (junk0")
+
+
 def test_batch_limits(client, server):
     assert client.post("/phone-price/batch", json={"instances": []}).status_code == 422
     too_many = client.post("/phone-price/batch", json={"instances": [PHONE] * 257})
@@ -159,32 +171,15 @@ def test_tampered_artifact_is_refused_while_other_model_serves(artifacts_copy):
     asyncio.run(scenario())
 
 
-def test_phone_refuses_a_preprocessor_it_cannot_apply(artifacts_copy):
-    """The phone model applies a StandardScaler's formula itself, so any other preprocessor is refused."""
-    import joblib
-    from sklearn.preprocessing import MinMaxScaler
-
-    from service.artifacts import Artifact, write_artifact
-    from service.registry import ModelUnavailableError, open_model
-
-    model = catalog.get("phone-price")
-    folder = artifacts_copy / model.folder
-    manifest = Artifact(folder).manifest
-    joblib.dump(MinMaxScaler().fit([[0.0] * 20, [1.0] * 20]), folder / "preprocessor.joblib")
-    write_artifact(folder, name=manifest.name, hyperparameters=manifest.hyperparameters, metrics=manifest.metrics,
-                   metrics_method=manifest.metrics_method, data_files=[])
-    with pytest.raises(ModelUnavailableError, match="must be a StandardScaler"):
-        open_model(model, artifacts_copy)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name, reports", [("phone-price", {"learning_curves.png", "confusion_matrix.png"}),
-                                           ("house-price", {"learning_curves.png", "features.json",
-                                                            "cv_predictions.json"})])
+@pytest.mark.parametrize("name, reports", [("phone-price", {"preprocessor.json", "learning_curves.png",
+                                                            "confusion_matrix.png"}),
+                                           ("house-price", {"preprocessor.skops", "learning_curves.png",
+                                                            "features.json", "cv_predictions.json"})])
 def test_quick_training_of_the_tabular_models(quick_artifacts, name, reports):
     folder = quick_artifacts(name) / catalog.get(name).folder
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert {"model.pt", "preprocessor.joblib", "report.json"} | reports <= set(manifest["files"])
+    assert {"model.pt", "report.json"} | reports <= set(manifest["files"])
     key, most = ("iterations", 15) if name == "phone-price" else ("epochs", 15)  # the phone net's: L-BFGS
     assert manifest["hyperparameters"][key] == most
     report = json.loads((folder / "report.json").read_text())

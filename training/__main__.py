@@ -1,11 +1,16 @@
-"""Command line: ``python -m training <model> [--quick] ...``, one of the catalog's models or ``all``."""
+"""Command line: ``python -m training <model> [--quick] [--sign-key KEY.pem] ...``, one of the catalog's models
+or ``all``."""
 
 import argparse
 import importlib
+import os
 from pathlib import Path
 
+from service.artifacts import private_key, sign_manifest
 from service.catalog import MODELS
 from training.common import Options, default_data_dir
+
+SIGNING_KEY_ENV = "TRAINING_SIGNING_KEY"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -18,13 +23,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Options.out_dir, help="artifacts folder (default: %(default)s)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sign-key", type=Path, default=os.environ.get(SIGNING_KEY_ENV) or None,
+                        help="an unencrypted ed25519 private key (PEM): sign each manifest.json with it, writing "
+                             f"manifest.sig beside it (default: ${SIGNING_KEY_ENV}, else unsigned)")
     args = parser.parse_args(argv)
+    try:  # read before training, so a bad key costs seconds, not a training run
+        key = private_key(args.sign_key) if args.sign_key else None
+    except (OSError, ValueError, TypeError) as exc:
+        parser.exit(2, f"python -m training: --sign-key {args.sign_key}: {exc}\n")
     opts = Options(data_dir=args.data_dir, out_dir=args.out, device=args.device, seed=args.seed, quick=args.quick)
     for model in MODELS if args.model == "all" else [m for m in MODELS if m.name == args.model]:
         try:
             importlib.import_module(model.trainer).train(opts)
         except FileNotFoundError as missing:  # no data there: one line saying where to put it, not a traceback
             parser.exit(2, f"python -m training {model.name}: {missing}\n")
+        if key is not None:
+            print(f"signed {sign_manifest(opts.out_dir / model.folder, key)}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
-from service.artifacts import Manifest, write_artifact
+from service.artifacts import TRUSTED_TYPES, Manifest, skops_types, write_artifact
 from service.settings import PROJECT_ROOT
 
 DATA_DIR_ENV = "DATA_DIR"
@@ -190,6 +190,19 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def save_preprocessor(preprocessor: Any, path: Path) -> None:
+    """Write a fitted scikit-learn preprocessor with skops (no pickle), checking that the service will load
+    it: every type in the file must be in service.artifacts.TRUSTED_TYPES."""
+    import skops.io
+
+    data = skops.io.dumps(preprocessor)
+    new = sorted(skops_types(data) - set(TRUSTED_TYPES))
+    if new:
+        raise ValueError(f"{path.name} would hold types the service does not trust, so it would refuse to load it: "
+                         f"{', '.join(new)}; add them to TRUSTED_TYPES in service/artifacts.py if they are safe")
+    path.write_bytes(data)
 
 
 def save_artifact(folder: Path, net: nn.Module, *, name: str, hyperparameters: dict, metrics: dict,

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from itertools import count
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import torch
@@ -38,8 +37,8 @@ from service import catalog
 from service.artifacts import Manifest
 from service.models.house_price import FEATURE_TABLE, ORDINALS, engineer, to_frame
 from service.nets import house_net
-from training.common import (History, Options, epochs_of, plot_history, save_artifact, seed_everything,
-                             single_threaded, steps_per_epoch)
+from training.common import (History, Options, epochs_of, plot_history, save_artifact, save_preprocessor,
+                             seed_everything, single_threaded, steps_per_epoch)
 from training.selection import FitPredict, Protocol, cross_validate
 
 MODEL = catalog.get("house-price")
@@ -405,7 +404,7 @@ def fit_and_save(opts: Options) -> Manifest:
     (folder / CV_PREDICTIONS).write_text(json.dumps({
         "candidate": served, "folds": protocol.folds, "repeats": protocol.repeats, "seed": protocol.seed,
         "log_price": out_of_fold.tolist()}) + "\n")
-    joblib.dump(pre, folder / "preprocessor.joblib")
+    save_preprocessor(pre, folder / "preprocessor.skops")
     plot_history(history, folder / "learning_curves.png", ["train_loss", "train_rmse"],
                  f"house-price net refitted on the typical sales of all {len(y)} rows: members' loss, blend's RMSE "
                  f"({hp['epochs']} epochs, no validation split)")

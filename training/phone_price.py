@@ -9,11 +9,11 @@ The chosen net is refitted on all rows and served. No single validation split is
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 import torch
@@ -26,6 +26,7 @@ from sklearn.svm import SVC
 from service import catalog
 from service.artifacts import Manifest
 from service.models.phone_price import FEATURES, LABELS
+from service.models.tabular import Standardiser
 from service.nets import phone_net
 from training.common import History, Options, plot_confusion, plot_history, save_artifact, single_threaded
 from training.selection import FitPredict, Protocol, cross_validate
@@ -277,7 +278,7 @@ def fit_and_save(opts: Options) -> Manifest:
               f"served recipe's out-of-fold predictions, every row once per repeat.")
 
     folder = opts.artifact_dir(MODEL.folder)
-    joblib.dump(scaler, folder / "preprocessor.joblib")
+    (folder / "preprocessor.json").write_text(json.dumps(Standardiser.from_scaler(scaler, FEATURES).to_json()) + "\n")
     plot_history(history, folder / "learning_curves.png", ["train_loss", "train_accuracy"],
                  "phone-price ordinal net, L-BFGS on all rows")
     matrix = sum(confusion_matrix(y[rows], labels_of(p), labels=range(len(LABELS))) for rows, p in out_of_fold)

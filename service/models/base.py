@@ -8,15 +8,17 @@ framing. Required: ``Input``, ``Output``, ``example``, ``summary``, ``setup`` an
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import json
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from service.artifacts import Artifact
 from service.settings import Settings
@@ -50,6 +52,42 @@ class InputRejected(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+
+
+def return_freed_memory() -> None:
+    """Give freed pages back to the system now. After an upload (megabytes of bytes, a decoded picture),
+    glibc would otherwise keep them in the arena of whichever thread freed them: ten seconds of 7 MB
+    uploads raised the server from 410 to 800 MB for good. Costs about a millisecond, once per batch."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+MANY_UNKNOWN_KEYS = 20  # beyond this many unknown keys in one instance, one error lists a few and counts them
+
+
+class StrictInput(BaseModel):
+    """An instance that refuses keys it does not know. A few are reported one error each, as pydantic does;
+    beyond MANY_UNKNOWN_KEYS they are one error, found with one set difference before any field is
+    validated: a body of thousands of unknown keys would otherwise cost thousands of error objects on the
+    event loop (256 instances x 1,000 keys: 1.1 s before, see the README)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_many_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and len(data) > MANY_UNKNOWN_KEYS and cls.model_config.get("extra") == "forbid":
+            fields = cls.model_fields.values()
+            known = set(cls.model_fields) | {f.alias for f in fields if f.alias}
+            unknown = data.keys() - known
+            if len(unknown) > MANY_UNKNOWN_KEYS:
+                listed = ", ".join(sorted(map(str, unknown))[:5])
+                raise ValueError(f"{len(unknown)} unknown fields ({listed}, ...); send only the fields of the "
+                                 "input schema (GET /models/{name})")
+        return data
 
 
 @dataclass(frozen=True)
@@ -157,14 +195,18 @@ class Predictor(ABC):
         without autograd."""
         outputs: list[Any] = [None] * len(batch)
         ready: list[tuple[int, Any]] = []
+        uploads = False
         for i, item in enumerate(batch):
             if isinstance(item, Upload):
+                uploads = True
                 try:
                     item = self.decode(item.data, item.options)
                 except (InputError, InputRejected) as exc:
                     outputs[i] = exc
                     continue
             ready.append((i, item))
+        if uploads:
+            return_freed_memory()
         if ready:
             for (i, _), output in zip(ready, self.predict([item for _, item in ready]), strict=True):
                 outputs[i] = output

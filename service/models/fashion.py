@@ -13,11 +13,11 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from pydantic import BaseModel, Field, field_serializer, field_validator
 
 from service.artifacts import Artifact
 from service.models import images
-from service.models.base import JsonInt, Predictor, UploadRoute
+from service.models.base import JsonInt, Predictor, StrictInput, UploadRoute
 from service.nets import fashion_cnn
 from service.nets.fashion_cnn import NAMES, SIDE
 
@@ -63,10 +63,8 @@ Flat = Annotated[list[Pixel], Field(min_length=SIDE * SIDE, max_length=SIDE * SI
 TOP_K = "How many of the most likely classes to list in `top`."
 
 
-class FashionImage(BaseModel):
+class FashionImage(StrictInput):
     """One 28x28 grayscale image in the dataset's convention: light garment on a dark background."""
-
-    model_config = ConfigDict(extra="forbid")
 
     pixels: Rows | Flat = Field(
         description="Brightness 0-255 (0 = background) as 28 rows of 28 numbers, or 784 numbers row by row.")

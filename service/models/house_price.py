@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from service.artifacts import Artifact
-from service.models.base import JsonInt, json_number
+from service.models.base import JsonInt, StrictInput, json_number
 from service.models.tabular import TabularPredictor
 from service.nets import house_net
 
@@ -74,8 +74,8 @@ def _field_for(feature: dict[str, Any]) -> tuple[Any, Any]:
     return bounded | None, Field(None, alias=name, description=f"{description} (range {low}-{high})")
 
 
-class _HouseBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+class _HouseBase(StrictInput):
+    model_config = ConfigDict(allow_inf_nan=False, populate_by_name=True)
 
     @model_validator(mode="before")
     @classmethod

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import io
 import re
-import sys
 
 import numpy as np
 from PIL import ExifTags, Image, ImageChops, PngImagePlugin, UnidentifiedImageError
@@ -18,12 +16,10 @@ MEDIA_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp"
 # Decoded pictures are shrunk to this on their long side before anything else: the garment is then cropped
 # and fitted into 28x28, so more detail is never used, and what is kept is at most 1024^2 x 4 bytes (4 MiB).
 WORKING_SIDE = 1024
-RETURN_MEMORY_ABOVE = 4_000_000  # pixels: after a decode this large, freed memory goes back to the system
 # EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose does)
 TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
              8: Image.Transpose.ROTATE_90}
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
 BLANK_CONTRAST = 16  # brightest pixel minus background, 0-255: below it nothing stands out to classify
 
 
@@ -63,7 +59,6 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         message = f"the {image.format} image is truncated or corrupt ({exc}); send the whole file"
         raise InputError(message, "file") from None
     orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    large = image.width * image.height > RETURN_MEMORY_ABOVE
     factor = -(-max(image.size) // WORKING_SIDE)  # box-averaged to at most WORKING_SIDE on the long side
     if image.has_transparency_data:  # onto white, in 1-byte planes: gray x alpha + (255 - alpha)
         alpha = (image if image.mode in ("RGBA", "LA") else image.convert("RGBA")).getchannel("A")
@@ -75,8 +70,6 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         del alpha
     else:
         image = shrink(image if image.mode in ("L", "RGB") else image.convert("L"), factor)
-    if large:
-        return_freed_memory()
     if orientation in TRANSPOSE:  # before anything else looks at the pixels
         image = image.transpose(TRANSPOSE[orientation])
     return image.convert("L")
@@ -95,11 +88,6 @@ def chunk_too_large(exc: ValueError) -> InputRejected:
                               "the profile or metadata and send it again")
 
 
-def return_freed_memory() -> None:
-    """Give the pages of a large decoded image back to the system now: glibc otherwise keeps them for the
-    next allocation, so one large upload would raise the server's memory for good."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 def to_dataset_pixels(data: bytes, max_pixels: int) -> np.ndarray:

@@ -1,14 +1,14 @@
-"""Phone price band (0-3) from 20 hardware features: StandardScaler + an ordinal net on the informative few."""
+"""Phone price band (0-3) from 20 hardware features: standard scaling + an ordinal net on the informative few."""
 
 from operator import attrgetter
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from sklearn.preprocessing import StandardScaler
 
-from service.models.base import JsonFloat, JsonInt
-from service.models.tabular import TabularPredictor
+from service.artifacts import Artifact, ArtifactError
+from service.models.base import JsonFloat, JsonInt, StrictInput
+from service.models.tabular import Standardiser, TabularPredictor
 from service.nets import phone_net
 
 LABELS = ["low cost", "medium cost", "high cost", "very high cost"]
@@ -18,10 +18,10 @@ def _flag(what: str) -> object:
     return Field(ge=0, le=1, description=f"1 if the phone has {what}, else 0.", examples=[1])
 
 
-class Phone(BaseModel):
+class Phone(StrictInput):
     """One phone, with the Kaggle dataset's column names."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False)
 
     battery_power: JsonInt = Field(ge=100, le=20000, description="Battery capacity, mAh.", examples=[842])
     blue: JsonInt = _flag("Bluetooth")
@@ -71,16 +71,20 @@ class PhonePrice(TabularPredictor):
     def to_table(self, batch: list[Phone]) -> np.ndarray:
         return np.array([_features(phone) for phone in batch], dtype=np.float64)
 
-    def setup(self, artifact, device) -> None:
-        super().setup(artifact, device)
-        scaler = self.preprocessor  # transform() below applies a standard scaler's formula itself
-        if not (isinstance(scaler, StandardScaler) and scaler.with_mean and scaler.with_std):
-            raise ValueError(f"preprocessor.joblib must be a StandardScaler with mean and std, not {scaler!r}")
+    preprocessor_file = "preprocessor.json"  # the fitted StandardScaler's mean and scale, as plain numbers
+
+    def load_preprocessor(self, artifact: Artifact) -> Standardiser:
+        where = f"{artifact.folder.name}/{self.preprocessor_file}"
+        scaler = Standardiser.from_json(artifact.load_json(self.preprocessor_file), where)
+        if list(scaler.features) != FEATURES:
+            raise ArtifactError(f"{where} must be a StandardScaler over the {len(FEATURES)} phone features in the "
+                                f"order of the API, not over {list(scaler.features)}")
+        return scaler
 
     def transform(self, table: np.ndarray) -> np.ndarray:
         # The fitted StandardScaler's own formula, without sklearn's per-call input checks: those cost
         # more than the forward pass at serving batch sizes (the inputs are already validated).
-        return (table - self.preprocessor.mean_) / self.preprocessor.scale_
+        return self.preprocessor.transform(table)
 
     def from_outputs(self, outputs: np.ndarray) -> list[PhonePrediction]:
         # The net's outputs are log-probabilities: softmax gives the probabilities back, normalised.

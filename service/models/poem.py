@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool, model_validator
 
 from service.artifacts import Artifact
-from service.models.base import InputError, JsonFloat, JsonInt, Predictor, json_number
+from service.models.base import InputError, JsonFloat, JsonInt, Predictor, StrictInput, json_number
 from service.models.rhymes import HANZI, RHYME_MODEL, is_hanzi, rhyme_of
 from service.nets import char_rnn
 from service.nets.char_rnn import BOS, UNK
@@ -26,10 +26,8 @@ COMMA, PERIOD = "，", "。"
 MAX_ROWS = 8
 MAX_SEED = 2**53 - 1  # the largest integer JavaScript (the docs page, browsers) keeps exact; drawn seeds stay below it
 
-class PoemRequest(BaseModel):
+class PoemRequest(StrictInput):
     """What to write. Structural rules are checked here; characters the model does not know are a 422 too."""
-
-    model_config = ConfigDict(extra="forbid")
 
     # The patterns document the rules for clients; the checks below enforce them with messages naming the character.
     start: str | None = Field(None, min_length=1, max_length=7, examples=["月"], json_schema_extra={

@@ -1,13 +1,12 @@
 """Train the toy iris model (copied to training/iris.py by tests/test_adding_a_model.py): scaler + MLP."""
 
-import joblib
 import pandas as pd
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from service import catalog
 from service.artifacts import Manifest
-from training.common import Options, save_artifact, seed_everything
+from training.common import Options, save_artifact, save_preprocessor, seed_everything
 from training.tabular import fit_mlp, predict
 
 MODEL = catalog.get("iris")
@@ -28,7 +27,7 @@ def train(opts: Options) -> Manifest:
                            device=opts.torch_device(), desc="iris")
     accuracy = float((predict(net, scaler.transform(x_val)).argmax(1) == y_val).mean())
     folder = opts.artifact_dir(MODEL.folder)
-    joblib.dump(scaler, folder / "preprocessor.joblib")
+    save_preprocessor(scaler, folder / "preprocessor.skops")
     return save_artifact(folder, net, name=MODEL.name, hyperparameters=hp, metrics={"val_accuracy": accuracy},
                          metrics_method=f"stratified 20 % validation split ({len(y_val)} rows)",
                          data_files=[data_file], history=history, quick=opts.quick)

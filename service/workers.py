@@ -1,0 +1,98 @@
+"""Several worker processes on one port, sharing one copy of the weights.
+
+``python -m service`` with ``SERVE_WORKERS`` > 1 runs gunicorn's arbiter with uvicorn workers. The app,
+and with it every model, is built and loaded once in the arbiter before it forks (``preload_app``): the
+workers start with the weights already in memory, in pages they share copy-on-write, and only start
+their batchers. torch runs single-threaded until the fork (its OpenMP pool must not exist before one) and
+the loaded objects are frozen out of the garbage collector, whose scans would otherwise write to (and so
+copy) every shared page. gunicorn replaces a worker that dies and drains every worker on SIGTERM.
+
+Metrics come from every worker: prometheus-client's multiprocess mode keeps each worker's values in files
+under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` adds them up, whichever worker answers.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+from uvicorn_worker import UvicornWorker
+
+from service.settings import Settings
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, lowered by a cgroup (v2 or v1) CPU quota, as in a
+    container limited to fewer cores than the host has."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            quota = limit / int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text()) if limit > 0 else None
+        except (OSError, ValueError):
+            pass
+    return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
+
+
+class GuardedUvicornWorker(UvicornWorker):
+    """uvicorn's gunicorn worker with our connection limits (service/server.py)."""
+
+    CONFIG_KWARGS = {"loop": "auto", "http": "service.server:GuardedHttpProtocol"}
+
+
+class PreforkServer(BaseApplication):
+    """gunicorn, configured from our settings instead of its command line."""
+
+    def __init__(self, settings: Settings, workers: int):
+        self.settings, self.workers = settings, workers
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        for key, value in {
+            "bind": f"{s.host}:{s.port}", "workers": self.workers,
+            "worker_class": "service.workers.GuardedUvicornWorker", "preload_app": True,
+            "keepalive": math.ceil(s.keep_alive_s), "graceful_timeout": 30, "timeout": 60, "loglevel": "warning",
+            "child_exit": forget_worker_metrics,
+        }.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        import torch  # noqa: PLC0415 - imported here, after the metrics directory is set
+
+        from service.app import create_app  # noqa: PLC0415
+
+        torch.set_num_threads(1)  # no OpenMP pool before the fork; each worker sets its own threads
+        app = create_app(self.settings)
+        app.state.registry.load_all()  # once, here: the workers' start-up finds the models loaded
+        gc.collect()
+        gc.freeze()
+        return app
+
+
+def forget_worker_metrics(server, worker) -> None:
+    """gunicorn's child_exit hook: a dead worker's live gauges (queue depth) stop counting."""
+    from prometheus_client import multiprocess  # noqa: PLC0415
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def serve(settings: Settings, workers: int) -> None:
+    """Run ``workers`` processes on settings.host:settings.port until SIGTERM; metrics in a fresh folder."""
+    folder = tempfile.mkdtemp(prefix="serve-metrics-")
+    os.environ[MULTIPROC_ENV] = folder  # before prometheus_client is imported anywhere
+    try:
+        PreforkServer(settings, workers).run()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,79 @@
+"""``python -m service`` with several worker processes: one port, weights loaded once before the fork,
+metrics of the whole server, a killed worker replaced while the others answer, SIGTERM drains all."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from service.workers import usable_cpus
+from tests.conftest import ROOT, free_port
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def memory_mb(pid: int, field: str) -> float:
+    path = f"/proc/{pid}/smaps_rollup" if field == "Pss" else f"/proc/{pid}/status"
+    return sum(int(line.split()[1]) for line in open(path) if line.startswith(field + ":")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup") or sys.platform != "linux",
+                    reason="needs Linux /proc to find the workers and read their memory")
+def test_workers_share_weights_and_metrics_and_replace_a_dead_worker():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SERVE_WORKERS": "2", "SERVE_PORT": str(port), "SERVE_MODELS": '["phone-price", "fashion"]'}
+    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200 and len(children(server.pid)) == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        workers = children(server.pid)
+        assert len(workers) == 2
+        info = httpx.get(url + "/models/phone-price").json()
+        assert info["workers"] == 2
+        body = info["input_schema"]["examples"][0]
+
+        # each request on a new connection, so both workers answer; /metrics counts them all
+        assert {httpx.post(url + "/phone-price", json=body).status_code for _ in range(40)} == {200}
+        metrics = httpx.get(url + "/metrics").text
+        assert 'http_requests_total{method="POST",route="/phone-price",status="200"} 40.0' in metrics
+        depths = {line.split('pid="')[1].split('"')[0] for line in metrics.splitlines()
+                  if line.startswith('model_queue_depth{model="phone-price"')}
+        assert depths == {str(pid) for pid in workers}, depths  # one queue depth per worker
+
+        # the weights were loaded once, before the fork: the workers share their pages
+        one = memory_mb(workers[0], "VmRSS")
+        together = sum(memory_mb(pid, "Pss") for pid in [server.pid, *workers])
+        assert together < 1.5 * one, (together, one)
+
+        os.kill(workers[0], signal.SIGKILL)
+        killed_at, answered = time.monotonic(), 0
+        while time.monotonic() - killed_at < 5:
+            answered += httpx.post(url + "/phone-price", json=body).status_code == 200
+            now = children(server.pid)
+            if len(now) == 2 and workers[0] not in now:
+                break
+            time.sleep(0.05)
+        assert len(now) == 2 and workers[0] not in now, "the killed worker was not replaced within 5 s"
+        assert answered >= 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(45) == 0
+
+
+def test_usable_cpus_is_within_the_affinity_mask():
+    assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
