@@ -7,7 +7,8 @@ environment variables), and while it runs a separate monitor process measures wh
   every 100 ms on one kept-alive connection: p50/p99/max latency and failures (non-200, error, over 2 s);
 - a well-behaved client: steady valid requests (20/s over 4 connections, the model's example from
   ``GET /models``, with the API key when one is set): latency and every non-2xx answer or error;
-- the server's memory: VmRSS of the server process and its descendants from /proc every 50 ms (peak, and
+- the server's memory: PSS (VmRSS without smaps_rollup) of the server process and its worker processes
+  summed, from /proc every 50 ms (peak, and
   the value at the end, after a 2 s settle).
 
 Attacks (``--only`` picks some; each is bounded in time, the whole suite takes about four minutes):
@@ -23,7 +24,8 @@ Attacks (``--only`` picks some; each is bounded in time, the whole suite takes a
     slowloris          --slow-connections (1000) connections that send nothing, trickle a header line every
                        3 s, or announce 8 MB and send 1 KB every 3 s, with SERVE_REQUEST_READ_TIMEOUT_S=5;
                        target: each closed within the timeout + 3 s
-    conn-cap           SERVE_MAX_CONNECTIONS=256 and 356 idle connections: how many are held, how many get 503
+    conn-cap           SERVE_MAX_CONNECTIONS=256 (one worker: the cap is per process) and 356 idle connections:
+                       how many stay open (the longest-waiting are closed to make room), how many get 503
                        or are closed, and what the prober and the client saw meanwhile (they need a
                        connection too)
     stream-flood       500 concurrent POST /poem/stream (a refused one retries after its Retry-After) while
@@ -156,8 +158,13 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+HAVE_PSS = os.path.exists("/proc/self/smaps_rollup")
+
+
 def process_tree_rss(pid: int) -> int | None:
-    """VmRSS in bytes of ``pid`` and every descendant (via /proc/<pid>/task/*/children); None once it is gone."""
+    """Memory in bytes of ``pid`` and every descendant (via /proc/<pid>/task/*/children): the sum of their
+    PSS (proportional set size: a page shared by the workers counts once in all), or of VmRSS where the
+    kernel has no smaps_rollup; None once the server is gone."""
     total, seen, todo = 0, set(), [pid]
     found = False
     while todo:
@@ -166,9 +173,9 @@ def process_tree_rss(pid: int) -> int | None:
             continue
         seen.add(p)
         try:
-            with open(f"/proc/{p}/status") as handle:
+            with open(f"/proc/{p}/smaps_rollup" if HAVE_PSS else f"/proc/{p}/status") as handle:
                 for line in handle:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Pss:" if HAVE_PSS else "VmRSS:"):
                         total += int(line.split()[1]) * 1024
                         found = True
                         break
@@ -939,6 +946,13 @@ async def attack_slowloris(ctx: Ctx) -> None:
     modes = ("idle", "headers", "body")
     tasks = [asyncio.create_task(slow_connection(ctx.port, modes[i % 3], t0 + hold, semaphore, ctx.key_header(), t0))
              for i in range(n)]
+    records = await collect(tasks, out)
+    out["modes"] = summarize_slow(records, opts.read_timeout_s + 3)
+    out["all_closed_after_s"] = round(time.monotonic() - t0, 2)
+
+
+async def collect(tasks: list[asyncio.Task], out: dict) -> list[dict]:
+    """Each connection's record as it ends (kept in ``out["records"]`` as they come, for a cut-short run)."""
     records: list[dict] = []
     out["records"] = records
     try:
@@ -947,8 +961,7 @@ async def attack_slowloris(ctx: Ctx) -> None:
     finally:
         for task in tasks:
             task.cancel()
-    out["modes"] = summarize_slow(records, opts.read_timeout_s + 3)
-    out["all_closed_after_s"] = round(time.monotonic() - t0, 2)
+    return records
 
 
 async def attack_conn_cap(ctx: Ctx) -> None:
@@ -959,14 +972,7 @@ async def attack_conn_cap(ctx: Ctx) -> None:
     semaphore = asyncio.Semaphore(100)
     tasks = [asyncio.create_task(slow_connection(ctx.port, "idle", t0 + opts.seconds, semaphore, b"", t0))
              for _ in range(n)]
-    records: list[dict] = []
-    out["records"] = records
-    try:
-        for task in asyncio.as_completed(tasks):
-            records.append(await task)
-    finally:
-        for task in tasks:
-            task.cancel()
+    records = await collect(tasks, out)
     refused = [r for r in records if r["lifetime_s"] is not None and r["lifetime_s"] < 1.0]
     out["held_to_end"] = sum(r["ended"] == "still open" for r in records)
     out["refused_within_1s"] = len(refused)
@@ -1333,8 +1339,9 @@ def _finish_conn_cap(ctx: Ctx) -> None:
 
 def _checks_conn_cap(result: dict, opts: Options) -> dict[str, bool]:
     out = result["outcome"]
-    return {"cap_enforced": out.get("held_to_end", 10 ** 9) <= opts.connection_cap
-            and out.get("refused_within_1s", 0) + out.get("connect_errors", 0) > 0,
+    # Over the cap, the connection that waited longest is closed to make room (so a probe gets in): the
+    # check is that no more than the cap stay open, not that the newest are refused.
+    return {"cap_enforced": out.get("held_to_end", 10 ** 9) <= opts.connection_cap,
             "healthz_after_release_ok": out.get("healthz_after_release", {}).get("status") == 200}
 
 
@@ -1393,7 +1400,7 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
            prepare=_prepare_slowloris, finish=_finish_slow, bound=lambda o: max(o.seconds, o.read_timeout_s + 6) + 20,
            checks=_checks_slowloris),
     Attack("conn-cap", attack_conn_cap,
-           settings=lambda o: {"SERVE_MAX_CONNECTIONS": str(o.connection_cap),
+           settings=lambda o: {"SERVE_MAX_CONNECTIONS": str(o.connection_cap), "SERVE_WORKERS": "1",  # a per-process cap
                                "SERVE_REQUEST_READ_TIMEOUT_S": f"{o.seconds + 30:g}"},
            prepare=_prepare_conn_cap, finish=_finish_conn_cap, bound=lambda o: o.seconds + 20, checks=_checks_conn_cap),
     Attack("stream-flood", attack_stream_flood, good_model="poem", finish=_finish_streams,

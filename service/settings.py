@@ -47,8 +47,8 @@ class Settings(BaseSettings):
         "Longest a request may take to arrive whole (headers and body) once the server waits for it; a slower "
         "one gets 408 and its connection is closed. 15 s carries an 8 MB upload at 4.5 Mbit/s."))
     max_connections: int = Field(512, ge=1, description=(
-        "Most open connections per worker process; one beyond it gets 503 and is closed. Keep it well under "
-        "the process's file-descriptor limit (ulimit -n)."))
+        "Most open connections per worker process. One beyond it closes the connection that has waited longest "
+        "for its request; if every one is busy, it gets 503 and is closed. Keep it under ulimit -n."))
     keep_alive_s: float = Field(5.0, gt=0, description="How long an idle keep-alive connection stays open.")
     max_streams: int = Field(4, ge=1, description=(
         "Concurrent Server-Sent-Event streams per model; more get 503 with Retry-After. Each stream's pieces "

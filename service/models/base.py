@@ -202,7 +202,10 @@ class Predictor(ABC):
                 try:
                     item = self.decode(item.data, item.options)
                 except (InputError, InputRejected) as exc:
-                    outputs[i] = exc
+                    # without its traceback and context: they reach the frames holding the upload's bytes,
+                    # which would then live until a full garbage collection
+                    exc.__context__ = None
+                    outputs[i] = exc.with_traceback(None)
                     continue
             ready.append((i, item))
         if uploads:
