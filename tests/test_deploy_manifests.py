@@ -1,10 +1,12 @@
 """The Kubernetes manifests and docker-compose file agree with the service's real settings and routes."""
 
+import re
 from pathlib import Path
 
 import yaml
 
 from service.app import create_app
+from service.metrics import Metrics
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +45,17 @@ def test_kubernetes_manifests_match_the_service():
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     # the pod must outlive the server's graceful drain (python -m service uses 30 s)
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 30
+
+
+def test_the_keda_triggers_query_metrics_the_service_exports():
+    (scaled,) = yaml.safe_load_all((K8S / "keda" / "scaledobject.yaml").read_text())
+    assert scaled["spec"]["scaleTargetRef"]["name"] == _docs()["Deployment"]["metadata"]["name"]
+    exported = set()
+    for family in Metrics().registry.collect():  # names as Prometheus sees them, suffixes included
+        exported |= {family.name, *(family.name + suffix for suffix in ("_total", "_bucket", "_sum", "_count"))}
+    queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+    used = {name for query in queries for name in re.findall(r"\b([a-z_]+)\{", query)}
+    assert used and used <= exported, f"not exported by /metrics: {used - exported}"
 
 
 def test_compose_file_matches_the_service():

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
-from service.models.house_price import FEATURE_TABLE, PRICE_RANGE, engineer, to_frame
-from tests.conftest import committed, example
+from service.models.compiled import UnknownStepError, compile_preprocessor
+from service.models.house_price import FEATURE_TABLE, PRICE_RANGE, engineer, to_columns, to_frame
+from tests.conftest import committed, example, need_data
 from training.house_price import same_code, spelling_pairs
 
 HOUSE = example("house-price")
@@ -120,3 +127,24 @@ def test_every_answer_has_a_sane_interval_around_its_prediction(client):
             assert math.log(high / prediction["sale_price"]) == pytest.approx(halfwidth, abs=1e-4)
             assert math.log(prediction["sale_price"] / low) == pytest.approx(halfwidth, abs=1e-4)
     assert predictions[0]["interval_90"][0] < predictions[3]["interval_90"][0]  # a bigger, better house
+
+
+def test_the_compiled_preprocessor_equals_scikit_learn_on_every_development_row(data_dir):
+    need_data(data_dir, "house_prices", "train.csv")
+    raw = pd.read_csv(data_dir / "house_prices" / "train.csv", keep_default_na=False, na_values=["NA"])
+    rows = [{k: None if isinstance(v, float) and v != v else v for k, v in row.items()}
+            for row in raw.drop(columns=["SalePrice", "Id"]).to_dict("records")]
+    predictor = committed("house-price").predictor
+    expected = predictor.preprocessor.transform(to_frame(rows, features()))
+    compiled = predictor.compiled.transform(to_columns(rows, features()))
+    assert compiled.shape == expected.shape == (len(rows), expected.shape[1])
+    assert np.array_equal(compiled, expected)  # the same numbers, not merely close
+
+
+def test_a_preprocessor_step_the_compiler_does_not_know_is_refused():
+    x = np.array([[1.0, 2.0], [3.0, np.nan]])
+    known = make_pipeline(ColumnTransformer([("n", make_pipeline(SimpleImputer(), StandardScaler()), [0, 1])]))
+    assert compile_preprocessor(known.fit(x)).blocks[0].columns == ["0", "1"]
+    unknown = make_pipeline(ColumnTransformer([("n", make_pipeline(SimpleImputer(), MinMaxScaler()), [0, 1])]))
+    with pytest.raises(UnknownStepError, match="MinMaxScaler"):
+        compile_preprocessor(unknown.fit(x))
