@@ -86,7 +86,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self.transport.is_closing() or (cycle is not None and not cycle.more_body and not cycle.response_complete):
             return  # closed already, or a (pipelined) request is whole and its handler is at work
-        if cycle is None or not self.cycle.response_started:
+        if cycle is None or cycle.response_complete or not cycle.response_started:  # no answer under way
             self.transport.write(_raw_response("408 Request Timeout", f"the request did not arrive whole within "
                                                f"{timeout:g} s (SERVE_REQUEST_READ_TIMEOUT_S); send it at once"))
         log.info("closed a connection whose request did not arrive within %g s", timeout)
