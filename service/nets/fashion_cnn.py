@@ -8,6 +8,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 SIDE = 28
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CHUNK_PER_THREAD = 32  # images per CPU thread in one evaluation pass (see FashionCNN._in_chunks)
 MEAN, STD = 0.2860, 0.3530  # of the training pixels on a 0-1 scale; kept in the net so callers send raw pixels
 
 
@@ -43,10 +44,23 @@ class FashionCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 28, 28) pixels in 0-1 -> (N, 10) logits (log-probabilities when mirror-averaged)."""
-        if self.training or not self.mirror_average:
-            return self.head(self.features((x - self.mean) / self.std))
-        both = self.head(self.features((torch.cat([x, x.flip(-1)]) - self.mean) / self.std)).log_softmax(1)
-        return (both[:len(x)] + both[len(x):]) / 2  # one pass over 2N images: larger batches run faster
+        if self.training:
+            return self._logits(x)
+        if not self.mirror_average:
+            return self._in_chunks(x)
+        both = self._in_chunks(torch.cat([x, x.flip(-1)])).log_softmax(1)
+        return (both[:len(x)] + both[len(x):]) / 2
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features((x - self.mean) / self.std))
+
+    def _in_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation on a CPU in passes of at most 32 images per thread: a larger pass falls out of the
+        cache (128 images on one thread: 15.7 ms in passes of 32, 20.9 ms in passes of 64 or more)."""
+        size = CHUNK_PER_THREAD * torch.get_num_threads()
+        if x.device.type != "cpu" or len(x) <= size:
+            return self._logits(x)
+        return torch.cat([self._logits(chunk) for chunk in x.split(size)])
 
 
 def build(hyperparameters: dict[str, Any]) -> FashionCNN:
