@@ -18,6 +18,7 @@ from service.metrics import Metrics
 from service.middleware import Gate, RequestContextMiddleware, configure_logging
 from service.registry import Registry
 from service.routes import model_router, ops_router
+from service.v2 import v2_router
 from service.settings import Settings
 
 log = logging.getLogger("service.app")
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs
     for entry in registry.entries.values():
         app.include_router(model_router(entry, settings))
+    app.include_router(v2_router(registry, app.title, app.version))
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
@@ -80,7 +82,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     return app
 
 
-OPS_PATHS = ("/readyz", "/models", "/metrics", "/docs", "/redoc", "/openapi.json", DOCS_ASSETS)
+OPS_PATHS = ("/readyz", "/models", "/metrics", "/docs", "/redoc", "/openapi.json", DOCS_ASSETS, "/v2/health/ready")
 
 
 def gate(settings: Settings, registry: Registry) -> Gate:
@@ -95,7 +97,11 @@ def gate(settings: Settings, registry: Registry) -> Gate:
                        f"/{name}/batch": one * settings.max_batch_instances + 1024})
         if entry.predictor.upload:  # a picture's bytes: only the overall cap applies
             limits[f"/{name}/{entry.predictor.upload.path}"] = settings.max_body_bytes
-    return Gate(api_keys=settings.api_keys, open_paths=("/healthz", *(OPS_PATHS if settings.public_ops else ())),
+        limits[f"/v2/models/{name}/infer"] = limits[f"/{name}/batch"]  # the same instances as tensors
+        if entry.artifact is not None:
+            limits[f"/v2/models/{name}/versions/{entry.artifact.manifest.version}/infer"] = limits[f"/{name}/batch"]
+    return Gate(api_keys=settings.api_keys, open_paths=("/healthz", "/v2/health/live",
+                                                        *(OPS_PATHS if settings.public_ops else ())),
                 body_limits={path: min(limit, settings.max_body_bytes) for path, limit in limits.items()},
                 default_body_limit=min(64 * 1024, settings.max_body_bytes),
                 inflight_body_budget=settings.max_inflight_body_bytes, max_streams=settings.max_streams,

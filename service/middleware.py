@@ -23,8 +23,9 @@ log = logging.getLogger("service.access")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:
-    payload = json.dumps(body).encode()
+async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]], v2: bool = False) -> None:
+    # the Open Inference Protocol's clients read {"error": ...}; ours, {"detail": ...}
+    payload = json.dumps({**body, "error": body["detail"]} if v2 else body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             *headers]})
@@ -86,6 +87,7 @@ class RequestContextMiddleware:
         status = 500
         refused = False  # set once this middleware has answered 413 itself
         limit = self.gate.body_limit(scope["path"])
+        v2 = scope["path"] == "/v2" or scope["path"].startswith("/v2/")  # its clients read {"error": ...}
         too_large = {"detail": f"request body is larger than the limit of {limit} bytes for {scope['path']}; "
                                "send a smaller body (a batch: fewer instances per request)"}
 
@@ -106,7 +108,7 @@ class RequestContextMiddleware:
             received += len(message.get("body", b""))
             if received > limit and not refused:
                 refused, status = True, 413
-                await _send_json(send, 413, too_large, [id_header])
+                await _send_json(send, 413, too_large, [id_header], v2)
                 return {"type": "http.disconnect"}
             return message
 
@@ -115,10 +117,10 @@ class RequestContextMiddleware:
             if (scope["method"] != "OPTIONS" and self.gate.needs_key(scope["path"])  # CORS preflights carry no key
                     and not state["authenticated"]):
                 status = 401
-                await _send_json(send, 401, UNAUTHORIZED, [id_header, (b"www-authenticate", b"Bearer")])
+                await _send_json(send, 401, UNAUTHORIZED, [id_header, (b"www-authenticate", b"Bearer")], v2)
             elif declared is not None and declared.isdigit() and int(declared) > limit:
                 status = 413  # refuse before reading a byte of the body
-                await _send_json(send, 413, too_large, [id_header])
+                await _send_json(send, 413, too_large, [id_header], v2)
             else:
                 # Bodies in flight are bounded as a whole: each holds what it may grow to (its declared length,
                 # or its route's limit when sent in chunks) until it is answered; a request without a body
@@ -129,13 +131,13 @@ class RequestContextMiddleware:
                 refusal = stream_of.streams_full(self.gate.max_streams) if stream_of is not None else None
                 if refusal:  # a full model refuses more streams here, before their bodies are parsed
                     status = 503
-                    await _send_json(send, 503, {"detail": refusal}, [id_header, (b"retry-after", b"1")])
+                    await _send_json(send, 503, {"detail": refusal}, [id_header, (b"retry-after", b"1")], v2)
                 elif hold and self.inflight_bytes + hold > self.gate.inflight_body_budget:
                     status = 503
                     await _send_json(send, 503, {"detail": (
                         f"the server is receiving its limit of {self.gate.inflight_body_budget} bytes of request "
                         "bodies (SERVE_MAX_INFLIGHT_BODY_BYTES); retry after the seconds in Retry-After")},
-                        [id_header, (b"retry-after", b"1")])
+                        [id_header, (b"retry-after", b"1")], v2)
                 else:
                     self.inflight_bytes += hold
                     try:

@@ -16,6 +16,9 @@ from service.app import create_app
 from tests.conftest import ROOT
 
 
+V2_INFER = {"POST /v2/models/{model}/infer", "POST /v2/models/{model}/versions/{version}/infer"}
+
+
 def test_live_server_publishes_this_schema(server):
     assert httpx.get(server.url + "/openapi.json").json() == create_app().openapi()
 
@@ -26,6 +29,12 @@ def test_every_operation_in_every_phase(server):
                           "--seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     summary = run.stdout[run.stdout.find("SUMMARY"):]
     assert run.returncode == 0, run.stdout[-6000:]
-    assert "No issues found" in summary, summary
+    # Warnings are allowed only for the v2 inference operations: their tensors are valid only if they fit
+    # the model's metadata, which the protocol's fixed schema cannot say (schemathesis.toml), so most
+    # generated requests are (rightly) refused. tests/test_v2.py sends valid ones with Triton's client.
+    warned = run.stdout[run.stdout.find("WARNINGS"):run.stdout.find("SUMMARY")] if "WARNINGS" in run.stdout else ""
+    operations_warned = {line.strip()[2:] for line in warned.splitlines() if line.startswith("  - ")}
+    assert operations_warned <= V2_INFER, operations_warned
+    assert "No issues found" in summary or operations_warned, summary
     operations = len([1 for path in create_app().openapi()["paths"].values() for _ in path])
     assert f"Tested: {operations}" in summary, summary

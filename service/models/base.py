@@ -126,6 +126,10 @@ class Predictor(ABC):
     # The largest valid JSON body of one instance, with room for pretty-printing: a bigger body is refused (413)
     # before it is parsed; the batch route allows max_batch_instances of these.
     max_instance_bytes: ClassVar[int] = 16 * 1024
+    # Open Inference Protocol v2 (service/v2.py): the datatype and shape of a list-valued input field, and
+    # fields left out of the model's v2 metadata.
+    v2_tensors: ClassVar[dict[str, tuple[str, list[int]]]] = {}
+    v2_hidden: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A concrete model without its required parts fails at import, saying what to write."""

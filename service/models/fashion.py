@@ -114,6 +114,7 @@ class Fashion(Predictor):
     description = ("CNN over 28x28 grayscale pixels, light garment on a dark background, as in Fashion-MNIST. "
                    "For an ordinary picture use POST /fashion/image.")
     max_instance_bytes = 64 * 1024  # 784 numbers with 17 significant digits, one per line, fit in ~22 KB
+    v2_tensors = {"pixels": ("FP32", [-1, SIDE, SIDE])}  # UINT8 and [-1, 784] are accepted too
     upload = UploadRoute(
         path="image", summary="Classify an uploaded picture of a garment",
         description="Any size; a light background is inverted, the garment is cropped, fitted into 28x28 "

@@ -211,6 +211,7 @@ class HousePrice(TabularPredictor):
                "HalfBath": 1, "BedroomAbvGr": 3, "KitchenQual": "Gd", "GarageCars": 2, "GarageArea": 548,
                "YrSold": 2008, "SaleCondition": "Normal"}
     summary = "Predict an Ames house's sale price, with a 90 % interval, from the Kaggle features"
+    v2_hidden = ("Id",)
     description = ("Lasso path blended with an MLP ensemble on log price, over imputed, scaled and one-hot "
                    "encoded Ames features plus derived ones (total area, age, bathrooms); the interval is "
                    "split-conformal on out-of-fold errors.")

@@ -1,0 +1,98 @@
+"""The Open Inference Protocol v2 over REST, called with Triton's own client (tritonclient.http), JSON and
+binary tensors, on all four models: the answers equal the JSON routes'."""
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import example
+
+
+@pytest.fixture(scope="module")
+def v2(server):
+    return triton.InferenceServerClient(server.url.removeprefix("http://"))
+
+
+def named_inputs(rows: list[dict], fields: list[dict], binary: bool) -> list:
+    """One input per field present in the rows, typed as the model's metadata says."""
+    inputs = []
+    for field in fields:
+        values = [row.get(field["name"]) for row in rows]
+        if None in values:  # left out: the model's default
+            continue
+        numpy_type = {"BYTES": object, "FP64": np.float64, "INT64": np.int64, "BOOL": np.bool_}[field["datatype"]]
+        array = np.array([str(v).encode() for v in values] if numpy_type is object else values, dtype=numpy_type)
+        tensor = triton.InferInput(field["name"], list(array.shape), field["datatype"])
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_server_and_model_metadata(v2, client):
+    assert v2.is_server_live() and v2.is_server_ready()
+    assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert client.get("/v2/health/live").json() == {"live": True}
+    for name in ("phone-price", "house-price", "fashion", "poem"):
+        meta = v2.get_model_metadata(name)
+        version = client.get(f"/models/{name}").json()["version"]
+        assert meta["versions"] == [version] and v2.is_model_ready(name) and v2.is_model_ready(name, version)
+        assert {t["name"] for t in meta["outputs"]} == set(client.get(f"/models/{name}").json()["output_schema"]["properties"])
+    fashion = {t["name"]: t for t in v2.get_model_metadata("fashion")["inputs"]}
+    assert fashion["pixels"]["shape"] == [-1, 28, 28] and fashion["pixels"]["datatype"] == "FP32"
+    assert not v2.is_model_ready("phone-price", "no-such-version")
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("name", ["phone-price", "house-price", "poem"])
+def test_named_inputs_answer_as_the_json_route(v2, client, name, binary):
+    rows = [{**example(name), "seed": 5}, {**example(name), "seed": 11}] if name == "poem" else [example(name)] * 2
+    fields = v2.get_model_metadata(name)["inputs"]
+    outputs = [triton.InferRequestedOutput(o["name"], binary_data=binary) for o in v2.get_model_metadata(name)["outputs"]]
+    result = v2.infer(name, named_inputs(rows, fields, binary), outputs=outputs, request_id="r-1")
+    assert result.get_response()["id"] == "r-1" and result.get_response()["model_name"] == name
+    expected = client.post(f"/{name}/batch", json={"instances": rows}).json()["predictions"]
+    for o in v2.get_model_metadata(name)["outputs"]:
+        got = result.as_numpy(o["name"])
+        want = [e[o["name"]] for e in expected]
+        if o["datatype"] == "BYTES":
+            got = [g.decode() if isinstance(g, bytes) else g for g in got.tolist()]
+            want = [w if isinstance(w, str) else json.dumps(w, ensure_ascii=False) for w in want]
+            assert got == want, o["name"]
+        else:
+            assert np.allclose(got, np.array(want, dtype=np.float64)), o["name"]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize("datatype, shape", [("UINT8", (3, 28, 28)), ("FP32", (3, 784))])
+def test_fashion_tensors_answer_as_the_json_route(v2, client, binary, datatype, shape):
+    pixels = np.zeros((3, 28, 28), np.uint8)
+    pixels[0, 4:24, 9:19] = 220
+    pixels[1] = np.array(example("fashion")["pixels"], np.uint8)
+    pixels[2, 8:20, 4:24] = 150
+    tensor = triton.InferInput("pixels", list(shape), datatype)
+    tensor.set_data_from_numpy(pixels.reshape(shape).astype(datatype.lower().replace("fp", "float")), binary_data=binary)
+    result = v2.infer("fashion", [tensor], outputs=[triton.InferRequestedOutput(n, binary_data=binary)
+                                                     for n in ("label", "probabilities", "name")])
+    expected = client.post("/fashion/batch", json={"instances": [{"pixels": p.tolist()} for p in pixels]}).json()
+    assert result.as_numpy("label").tolist() == [p["label"] for p in expected["predictions"]]
+    assert np.allclose(result.as_numpy("probabilities"), [p["probabilities"] for p in expected["predictions"]])
+
+
+def test_errors_name_the_tensor_and_instance(v2, server):
+    bad = triton.InferInput("ram", [1], "FP64")
+    bad.set_data_from_numpy(np.array([-5.0]))
+    with pytest.raises(InferenceServerException, match="instance 0, input"):
+        v2.infer("phone-price", [bad])
+    pixels = triton.InferInput("pixels", [1, 27, 28], "UINT8")
+    pixels.set_data_from_numpy(np.zeros((1, 27, 28), np.uint8))
+    with pytest.raises(InferenceServerException, match="pixels must be 28 rows of 28 numbers"):
+        v2.infer("fashion", [pixels])
+    with pytest.raises(InferenceServerException, match="no model named"):
+        v2.get_model_metadata("nope")
+    raw = httpx.post(f"{server.url}/v2/models/fashion/infer", content=b"{not json",
+                     headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "JSON could not be read" in raw.json()["error"]
