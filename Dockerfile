@@ -24,7 +24,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 FROM ${BASE_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    SERVE_HOST=0.0.0.0 SERVE_PORT=8000 SERVE_ARTIFACTS_DIR=/app/artifacts SERVE_LOG_JSON=true
+    SERVE_HOST=0.0.0.0 SERVE_PORT=8000 SERVE_GRPC_PORT=8001 SERVE_ARTIFACTS_DIR=/app/artifacts SERVE_LOG_JSON=true
 # useradd where the base has it; minimal bases (the Debian minbase stand-in) get the entries written directly
 RUN (groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --no-create-home app) 2>/dev/null \
  || (echo "app:x:10001:" >> /etc/group && echo "app:x:10001:10001::/app:/usr/sbin/nologin" >> /etc/passwd)
@@ -33,7 +33,7 @@ COPY --from=build /opt/venv /opt/venv
 COPY service/ service/
 COPY artifacts/ artifacts/
 USER app
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"SERVE_PORT\"]}/healthz', timeout=2)"
 STOPSIGNAL SIGTERM

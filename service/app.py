@@ -56,10 +56,18 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         gc.collect()
         gc.freeze()
         registry.start()
+        grpc_server = None
+        if settings.grpc_port:
+            from service.v2_grpc.server import start_grpc  # noqa: PLC0415 - grpc only when it is on
+
+            grpc_server = await start_grpc(registry, checks, settings.host, settings.grpc_port,
+                                           settings.max_body_bytes, app.title, app.version)
         ready = [name for name, entry in registry.entries.items() if entry.state == "ready"]
         url = f"http://{settings.host}:{settings.port}"  # as `python -m service` was told to bind
         log.info("ready: serving %s at %s (API docs: %s/docs)", ", ".join(ready) or "no model", url, url)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=30)  # in-flight calls finish, like HTTP's drain
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
 
     app = FastAPI(title="Course models server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
@@ -74,11 +82,12 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     for entry in registry.entries.values():
         app.include_router(model_router(entry, settings))
     app.include_router(v2_router(registry, app.title, app.version))
+    checks = gate(settings, registry)  # the HTTP middleware's, and the gRPC server's key check
 
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Request-ID"])
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, gate=gate(settings, registry))
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, gate=checks)
     return app
 
 

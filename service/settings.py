@@ -74,6 +74,8 @@ class Settings(BaseSettings):
         "Show library versions, the training commit and hyperparameters on /models to callers without a key "
         "(callers with a valid key always see them)."))
     cors_origins: list[str] = []
+    grpc_port: int | None = Field(None, ge=1, le=65535, description=(
+        "Serve the Open Inference Protocol v2 over gRPC on this port too (the container sets 8001); unset: off."))
     manifest_public_key: str | None = Field(None, description=(
         "An ed25519 public key (PEM text, or the path of a PEM file): when set, a model loads only if its "
         "manifest.json carries a valid manifest.sig made with the matching private key (see the README)."))

@@ -231,13 +231,7 @@ def v2_router(registry: Registry, server_name: str, server_version: str) -> APIR
         return JSONResponse({"error": message}, status_code=status)
 
     def entry_of(model: str, version: str | None) -> ModelEntry:
-        entry = registry.entries.get(model)
-        if entry is None:
-            raise ProtocolError(f"no model named '{model}'; models: {', '.join(registry.entries)}", 404)
-        if version is not None and (entry.manifest is None or version != entry.manifest.version):
-            have = entry.manifest.version if entry.manifest else "none loaded"
-            raise ProtocolError(f"model '{model}' has no version '{version}' (served: {have})", 404)
-        return entry
+        return find_entry(registry, model, version)
 
     @router.get("/v2", summary="Server metadata (v2)", operation_id="v2_server_metadata")
     async def server_metadata() -> dict:
@@ -288,20 +282,10 @@ def v2_router(registry: Registry, server_name: str, server_version: str) -> APIR
         try:
             entry = entry_of(model, version)
             header, binary = parse_body(await request.body(), request.headers.get(HEADER_LENGTH))
-            instances, wanted, as_binary = read_request(entry, header, binary, registry.settings.max_batch_instances)
-            outputs = await entry.batcher_or_raise().submit(instances)
-            failed = [(i, out) for i, out in enumerate(outputs) if isinstance(out, Exception)]
-            if failed:
-                i, exc = failed[0]
-                if isinstance(exc, InputError):
-                    raise ProtocolError(f"instance {i}: {exc}")
-                raise exc
+            outputs, wanted, as_binary = await run_inference(entry, header, binary, registry.settings.max_batch_instances)
         except ProtocolError as exc:
-            return error(str(exc), exc.status)
-        except (QueueFullError, ModelUnavailableError) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
-        except PredictionTimeoutError as exc:
-            return error(str(exc), 504)
+            return JSONResponse({"error": str(exc)}, status_code=exc.status,
+                                headers={"Retry-After": "1"} if exc.status == 503 else None)
         return write_response(entry, header.get("id"), outputs, wanted, as_binary)
 
     routes = {"metadata": routes_for(model_metadata), "ready": routes_for(model_ready), "infer": routes_for(infer)}
@@ -314,6 +298,36 @@ def v2_router(registry: Registry, server_name: str, server_version: str) -> APIR
                              summary="Inference (v2, JSON or binary)", operation_id="v2_infer" + suffix,
                              openapi_extra=INFER_BODY, responses=_errors(400, 401, 404, 413, 422, 503, 504))
     return router
+
+
+def find_entry(registry: Registry, model: str, version: str | None) -> ModelEntry:
+    """The served model, checking the version when one is named (404 otherwise)."""
+    entry = registry.entries.get(model)
+    if entry is None:
+        raise ProtocolError(f"no model named '{model}'; models: {', '.join(registry.entries)}", 404)
+    if version and (entry.manifest is None or version != entry.manifest.version):
+        have = entry.manifest.version if entry.manifest else "none loaded"
+        raise ProtocolError(f"model '{model}' has no version '{version}' (served: {have})", 404)
+    return entry
+
+
+async def run_inference(entry: ModelEntry, header: dict, binary: bytes,
+                        max_instances: int) -> tuple[list[BaseModel], list[str], set[str]]:
+    """The predictions for a v2 request (REST or gRPC, already as a JSON header and binary data), the
+    outputs asked for and those to send as binary. Every failure is a ProtocolError with its status."""
+    instances, wanted, as_binary = read_request(entry, header, binary, max_instances)
+    try:
+        outputs = await entry.batcher_or_raise().submit(instances)
+    except (QueueFullError, ModelUnavailableError) as exc:
+        raise ProtocolError(str(exc), 503) from None
+    except PredictionTimeoutError as exc:
+        raise ProtocolError(str(exc), 504) from None
+    for i, out in enumerate(outputs):
+        if isinstance(out, InputError):
+            raise ProtocolError(f"instance {i}: {out}", 422)
+        if isinstance(out, Exception):
+            raise out
+    return outputs, wanted, as_binary
 
 
 def parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:

@@ -32,8 +32,8 @@ def test_kubernetes_manifests_match_the_service():
     for name, value in env.items():  # every value parses as the setting it names
         if value is not None:
             Settings(**{name.removeprefix("SERVE_").lower(): value})
-    (port,) = container["ports"]
-    assert int(env["SERVE_PORT"]) == port["containerPort"]
+    port, grpc = container["ports"]
+    assert int(env["SERVE_PORT"]) == port["containerPort"] and int(env["SERVE_GRPC_PORT"]) == grpc["containerPort"]
     paths = create_app().openapi()["paths"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz" in paths
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" in paths
@@ -63,5 +63,5 @@ def test_compose_file_matches_the_service():
     (server,) = compose["services"].values()
     env = server["environment"]
     assert set(env) <= _setting_names()
-    assert server["ports"] == [f"8000:{env['SERVE_PORT']}"]
+    assert server["ports"] == [f"8000:{env['SERVE_PORT']}", f"8001:{env['SERVE_GRPC_PORT']}"]
     assert "/healthz" in " ".join(server["healthcheck"]["test"])

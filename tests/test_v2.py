@@ -96,3 +96,68 @@ def test_errors_name_the_tensor_and_instance(v2, server):
     raw = httpx.post(f"{server.url}/v2/models/fashion/infer", content=b"{not json",
                      headers={"content-type": "application/json"})
     assert raw.status_code == 400 and "JSON could not be read" in raw.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def grpc_server():
+    from tests.conftest import free_port, running_server
+    port = free_port()
+    with running_server(grpc_port=str(port), api_keys='["k"]') as server:
+        yield server, port
+
+
+@pytest.mark.parametrize("name", ["phone-price", "house-price", "poem"])
+def test_grpc_answers_as_the_json_route(grpc_server, name):
+    import tritonclient.grpc as triton_grpc
+    server, port = grpc_server
+    v2g = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+    key = {"x-api-key": "k"}
+    assert v2g.is_server_live() and v2g.is_server_ready()
+    meta = v2g.get_model_metadata(name, headers=key, as_json=True)
+    rows = [{**example(name), "seed": 5}, {**example(name), "seed": 11}] if name == "poem" else [example(name)] * 2
+    inputs = []
+    for field in meta["inputs"]:
+        values = [row.get(field["name"]) for row in rows]
+        if None in values:
+            continue
+        numpy_type = {"BYTES": object, "FP64": np.float64, "INT64": np.int64, "BOOL": np.bool_}[field["datatype"]]
+        array = np.array([str(v).encode() for v in values] if numpy_type is object else values, dtype=numpy_type)
+        tensor = triton_grpc.InferInput(field["name"], list(array.shape), field["datatype"])
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = v2g.infer(name, inputs, headers=key, request_id="g-1")
+    assert result.get_response().id == "g-1"
+    expected = httpx.post(f"{server.url}/{name}/batch", json={"instances": rows}, headers=key).json()["predictions"]
+    for o in meta["outputs"]:
+        got, want = result.as_numpy(o["name"]), [e[o["name"]] for e in expected]
+        if o["datatype"] == "BYTES":
+            assert [g.decode() for g in got.tolist()] == [w if isinstance(w, str) else json.dumps(w, ensure_ascii=False)
+                                                          for w in want]
+        else:
+            assert np.allclose(got, np.array(want, dtype=np.float64)), o["name"]
+    with pytest.raises(InferenceServerException, match="API key"):
+        v2g.infer(name, inputs)
+
+
+def test_grpc_fashion_and_health(grpc_server):
+    import grpc
+    import tritonclient.grpc as triton_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    server, port = grpc_server
+    v2g = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+    pixels = np.zeros((2, 28, 28), np.uint8)
+    pixels[0] = np.array(example("fashion")["pixels"], np.uint8)
+    pixels[1, 8:20, 4:24] = 150
+    tensor = triton_grpc.InferInput("pixels", [2, 28, 28], "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    result = v2g.infer("fashion", [tensor], headers={"x-api-key": "k"})
+    expected = httpx.post(f"{server.url}/fashion/batch", json={"instances": [{"pixels": p.tolist()} for p in pixels]},
+                          headers={"x-api-key": "k"}).json()["predictions"]
+    assert result.as_numpy("label").tolist() == [p["label"] for p in expected]
+    bad = triton_grpc.InferInput("pixels", [1, 27, 28], "UINT8")
+    bad.set_data_from_numpy(np.zeros((1, 27, 28), np.uint8))
+    with pytest.raises(InferenceServerException, match="28 rows of 28"):
+        v2g.infer("fashion", [bad], headers={"x-api-key": "k"})
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
