@@ -58,6 +58,25 @@ def test_the_keda_triggers_query_metrics_the_service_exports():
     assert used and used <= exported, f"not exported by /metrics: {used - exported}"
 
 
+def test_kserve_manifests_match_the_service():
+    (runtime,) = yaml.safe_load_all((ROOT / "deploy" / "kserve" / "servingruntime.yaml").read_text())
+    (service,) = yaml.safe_load_all((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text())
+    assert runtime["kind"] == "ServingRuntime" and "v2" in runtime["spec"]["protocolVersions"]
+    (container,) = runtime["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= _setting_names(), f"unknown settings: {set(env) - _setting_names()}"
+    for name, value in env.items():
+        Settings(**{name.removeprefix("SERVE_").lower(): value})
+    (port,) = container["ports"]
+    assert port["containerPort"] == int(env["SERVE_PORT"])
+    paths = create_app().openapi()["paths"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] in paths and container[probe]["httpGet"]["port"] == port["containerPort"]
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"] and model["protocolVersion"] == "v2"
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
+
+
 def test_compose_file_matches_the_service():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     (server,) = compose["services"].values()
