@@ -77,9 +77,10 @@ def start_server(port: int, batching: dict) -> subprocess.Popen:
     raise RuntimeError("server did not become ready")
 
 
-def wrk(url: str, body_file: Path, script: Path, connections: int, seconds: int) -> dict:
+def wrk(url: str, body_file: Path, script: Path, connections: int, seconds: int, env: dict | None = None) -> dict:
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url],
-                         env={**os.environ, "BODY_FILE": str(body_file)}, capture_output=True, text=True, check=True)
+                         env={**os.environ, "BODY_FILE": str(body_file), **(env or {})}, capture_output=True, text=True,
+                         check=True)
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
     result["req_per_s"] = round(result["requests"] / result["seconds"], 1)
