@@ -52,10 +52,11 @@ def bodies(work: Path) -> dict[str, tuple[str, Path, dict]]:
             tensors = [{"name": "pixels", "datatype": "UINT8", "shape": [1, 28, 28]}]
             data = [np.array(example["pixels"], np.uint8).tobytes()]
             json_tensors = [{**tensors[0], "data": np.array(example["pixels"]).reshape(-1).tolist()}]
-        else:
-            tensors = [{"name": k, "datatype": "FP64", "shape": [1]} for k in example]
-            data = [struct.pack("<d", float(v)) for v in example.values()]
-            json_tensors = [{**t, "data": [v]} for t, v in zip(tensors, example.values())]
+        else:  # JSON: one named tensor per feature; binary: the 20 features packed in one [1, 20] tensor
+            named = [{"name": k, "datatype": "FP64", "shape": [1]} for k in example]
+            json_tensors = [{**t, "data": [v]} for t, v in zip(named, example.values())]
+            tensors = [{"name": "features", "datatype": "FP64", "shape": [1, len(example)]}]
+            data = [struct.pack(f"<{len(example)}d", *map(float, example.values()))]
         v2_json = work / f"{name}.v2.json"
         v2_json.write_text(json.dumps({"inputs": json_tensors}))
         out[f"{name} v2 JSON"] = (f"/v2/models/{name}/infer", v2_json, {})

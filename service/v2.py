@@ -151,8 +151,8 @@ def _value(x: Any) -> Any:
     """One tensor element as the JSON value the schema validates: NaN and b"" are missing."""
     if isinstance(x, bytes):
         return x.decode("utf-8", errors="strict") or None
-    if isinstance(x, np.ndarray):
-        return x.tolist()
+    if isinstance(x, np.ndarray):  # a list-valued field's row: numeric arrays stay arrays for the validator
+        return x if x.dtype.kind in "uif" else x.tolist()
     if isinstance(x, (np.floating, float)):
         return None if math.isnan(x) else float(x)
     if isinstance(x, (np.bool_, bool)):
@@ -205,6 +205,10 @@ def field_tensors(entry: ModelEntry) -> list[dict]:
         datatype, shape = declared.get(name, (datatype, [-1, -1] if "array" in kinds else [-1]))
         tensors.append({"name": name, "datatype": datatype, "shape": shape,
                         "optional": name not in schema.get("required", [])})
+    if entry.predictor.v2_packed:
+        name, columns = entry.predictor.v2_packed
+        tensors.append({"name": name, "datatype": "FP64", "shape": [-1, len(columns)], "optional": True,
+                        "columns": list(columns)})  # in place of the named inputs above
     return tensors
 
 
@@ -363,6 +367,13 @@ def read_request(entry: ModelEntry, header: dict, binary: bytes,
         arrays[spec.get("name")] = input_array(spec, chunk)
     if at != len(binary):
         raise ProtocolError(f"{len(binary) - at} bytes of binary data after the inputs that declare it")
+    packed = entry.predictor.v2_packed
+    if packed and packed[0] in arrays:  # one [-1, k] tensor in place of k named inputs
+        matrix = arrays.pop(packed[0])
+        if matrix.ndim != 2 or matrix.shape[1] != len(packed[1]):
+            raise ProtocolError(f"input '{packed[0]}' must have shape [-1, {len(packed[1])}]: the columns "
+                                f"{', '.join(packed[1])}")
+        arrays.update({name: matrix[:, j] for j, name in enumerate(packed[1])})
     rows = {len(a) if a.ndim else 1 for a in arrays.values()}
     if len(rows) != 1:
         raise ProtocolError(f"the inputs disagree on the batch size (first dimensions {sorted(rows)})")

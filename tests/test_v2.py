@@ -161,3 +161,21 @@ def test_grpc_fashion_and_health(grpc_server):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_phone_features_packed_in_one_tensor(v2, client, binary):
+    meta = {t["name"]: t for t in v2.get_model_metadata("phone-price")["inputs"]}
+    columns = meta["features"]["columns"]
+    assert meta["features"]["shape"] == [-1, 20] and len(columns) == 20
+    rows = [example("phone-price"), {**example("phone-price"), "ram": 3900}]
+    matrix = np.array([[row[c] for c in columns] for row in rows], np.float32)
+    tensor = triton.InferInput("features", list(matrix.shape), "FP32")
+    tensor.set_data_from_numpy(matrix, binary_data=binary)
+    result = v2.infer("phone-price", [tensor])
+    expected = client.post("/phone-price/batch", json={"instances": rows}).json()["predictions"]
+    assert result.as_numpy("price_range").tolist() == [e["price_range"] for e in expected]
+    wrong = triton.InferInput("features", [1, 19], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 19), np.float32))
+    with pytest.raises(InferenceServerException, match=r"shape \[-1, 20\]"):
+        v2.infer("phone-price", [wrong])

@@ -130,6 +130,9 @@ class Predictor(ABC):
     # fields left out of the model's v2 metadata.
     v2_tensors: ClassVar[dict[str, tuple[str, list[int]]]] = {}
     v2_hidden: ClassVar[tuple[str, ...]] = ()
+    # An optional packed input: one [-1, len(fields)] tensor holding those fields, column by column, in place
+    # of one named input each (fewer, larger tensors are cheaper to read).
+    v2_packed: ClassVar[tuple[str, tuple[str, ...]] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A concrete model without its required parts fails at import, saying what to write."""

@@ -25,7 +25,12 @@ NAMES_ZH = ["T恤", "裤子", "套衫", "连衣裙", "外套", "凉鞋", "衬衫
 
 
 def check_pixels(value: Any) -> np.ndarray:
-    """A 28x28 float array from a 28x28 nested list or a flat list of 784 numbers; ValueError names the rule."""
+    """A 28x28 float array from a 28x28 nested list or a flat list of 784 numbers (or such a numeric array,
+    as a v2 tensor row arrives); ValueError names the rule."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "uif":  # no detour through Python lists
+        if value.shape not in ((SIDE, SIDE), (SIDE * SIDE,)):
+            raise ValueError(f"pixels must be 28 rows of 28 numbers, or 784; got shape {list(value.shape)}")
+        return _in_range(value.astype(np.float32).reshape(SIDE, SIDE))
     if not isinstance(value, list):
         raise ValueError("pixels must be a list: 28 rows of 28 numbers, or 784 numbers row by row")
     if value and all(isinstance(row, list) for row in value):
@@ -42,7 +47,10 @@ def check_pixels(value: Any) -> np.ndarray:
     kinds = set(map(type, flat)) - {int, float}  # bool and str are refused, not coerced
     if kinds:
         raise ValueError(f"pixels must be numbers from 0 to 255; got {', '.join(sorted(k.__name__ for k in kinds))}")
-    array = np.asarray(flat, dtype=np.float32).reshape(SIDE, SIDE)
+    return _in_range(np.asarray(flat, dtype=np.float32).reshape(SIDE, SIDE))
+
+
+def _in_range(array: np.ndarray) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ValueError("pixels must be finite numbers from 0 to 255; NaN and Infinity are not allowed")
     if array.min() < 0 or array.max() > 255:

@@ -58,6 +58,8 @@ class PhonePrediction(BaseModel):
 
 class PhonePrice(TabularPredictor):
     Input = Phone
+    v2_packed = ("features", tuple(FEATURES))  # FP32/FP64 [-1, 20] in this order
+    v2_hidden = ("id",)
     Output = PhonePrediction
     example = {"battery_power": 842, "blue": 0, "clock_speed": 2.2, "dual_sim": 0, "fc": 1, "four_g": 0,
                "int_memory": 7, "m_dep": 0.6, "mobile_wt": 188, "n_cores": 2, "pc": 2, "px_height": 20,
