@@ -41,11 +41,13 @@ LEVELS = (1, 8, 64)
 MAX_BATCH = 64
 MODES = {"batching_off": {"max_batch_size": 1}, "batching_on": {"max_batch_size": MAX_BATCH}}
 
-# wrk prints one JSON line at the end: requests, errors and latency percentiles (microseconds).
+# wrk posts a fixed body (the v2 binary form also sets its header length: env HEADER_LENGTH, CONTENT_TYPE)
+# and prints one JSON line at the end: requests, errors and latency percentiles (microseconds).
 LUA = """
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = io.open(os.getenv("BODY_FILE")):read("*a")
+wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "application/json"
+if os.getenv("HEADER_LENGTH") then wrk.headers["Inference-Header-Content-Length"] = os.getenv("HEADER_LENGTH") end
+wrk.body = io.open(os.getenv("BODY_FILE"), "rb"):read("*a")
 function done(summary, latency, requests)
   local errors = summary.errors.status + summary.errors.connect + summary.errors.read
                + summary.errors.write + summary.errors.timeout

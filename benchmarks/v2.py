@@ -18,26 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.load import wrk
+from benchmarks.load import LUA, wrk
 from benchmarks.workers import ROOT, pss_mb, start
 from service.catalog import get
 from tests.conftest import free_port
 
 RESULTS = ROOT / "benchmarks" / "results"
-# wrk: a POST of a fixed body; the v2 binary form adds its header length (env HEADER_LENGTH, if set).
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "application/json"
-if os.getenv("HEADER_LENGTH") then wrk.headers["Inference-Header-Content-Length"] = os.getenv("HEADER_LENGTH") end
-wrk.body = io.open(os.getenv("BODY_FILE"), "rb"):read("*a")
-function done(summary, latency, requests)
-  local errors = summary.errors.status + summary.errors.connect + summary.errors.read
-               + summary.errors.write + summary.errors.timeout
-  io.write(string.format('RESULT {"requests": %d, "seconds": %.3f, "errors": %d, "p50_ms": %.3f, "p95_ms": %.3f, "p99_ms": %.3f}\\n',
-    summary.requests, summary.duration / 1e6, errors, latency:percentile(50) / 1e3,
-    latency:percentile(95) / 1e3, latency:percentile(99) / 1e3))
-end
-"""
 
 
 def bodies(work: Path) -> dict[str, tuple[str, Path, dict]]:
