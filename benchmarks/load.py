@@ -68,15 +68,21 @@ def start_server(port: int, batching: dict) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:app", "--port", str(port),
                                 "--log-level", "warning", "--no-access-log", "--http", "service.server:GuardedHttpProtocol"],
                                env=env)
-    for _ in range(300):
+    return wait_ready(process, f"http://127.0.0.1:{port}/readyz")
+
+
+def wait_ready(process: subprocess.Popen, url: str, seconds: float = 120) -> subprocess.Popen:
+    """``process`` once ``url`` answers 200; killed, and an error raised, if it does not within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return process
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     process.kill()
-    raise RuntimeError("server did not become ready")
+    raise RuntimeError(f"{url} did not answer 200 within {seconds:g} s")
 
 
 def wrk(url: str, body_file: Path, script: Path, connections: int, seconds: int, env: dict | None = None) -> dict:

@@ -22,12 +22,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 
-from benchmarks.load import LUA, example, wrk
+from benchmarks.load import LUA, example, wait_ready, wrk
 from service.catalog import get
 from tests.conftest import free_port
 
@@ -62,16 +60,7 @@ def start(side: str, port: int, folder: Path, workers: int | None) -> subprocess
     else:
         command = [sys.executable, "-m", "service", "--port", str(port)]
     process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            path = "/docs" if side == "bare" else "/readyz"
-            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"{side} did not start")
+    return wait_ready(process, f"http://127.0.0.1:{port}{'/docs' if side == 'bare' else '/readyz'}")
 
 
 def pss_mb(pid: int) -> float:

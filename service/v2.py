@@ -95,6 +95,13 @@ def encode_bytes_tensor(values: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
 
 
+def tensor_bytes(datatype: str, values: list) -> bytes:
+    """An output tensor's raw contents (binary extension, gRPC): little-endian numbers, or BYTES framing."""
+    if datatype == "BYTES":
+        return encode_bytes_tensor([v.encode() for v in values])
+    return np.asarray(values, dtype=np.dtype(NUMPY[datatype]).newbyteorder("<")).tobytes()
+
+
 def input_array(spec: dict, binary: bytes | None) -> np.ndarray:
     """One request input as an array of its declared shape (BYTES as an object array of bytes)."""
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
@@ -421,10 +428,7 @@ def write_response(entry: ModelEntry, request_id: Any, predictions: list[BaseMod
     for name, datatype, shape, values in output_tensors(predictions, wanted):
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
         if name in as_binary:
-            if datatype == "BYTES":
-                raw = encode_bytes_tensor([v.encode() for v in values])
-            else:
-                raw = np.asarray(values, dtype=np.dtype(NUMPY[datatype]).newbyteorder("<")).tobytes()
+            raw = tensor_bytes(datatype, values)
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

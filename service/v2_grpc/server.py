@@ -11,13 +11,12 @@ import logging
 import time
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.middleware import Gate
 from service.registry import Registry
-from service.v2 import (NUMPY, ProtocolError, encode_bytes_tensor, field_tensors, find_entry, output_descriptions,
-                        output_tensors, run_inference)
+from service.v2 import (ProtocolError, field_tensors, find_entry, output_descriptions, output_tensors, run_inference,
+                        tensor_bytes)
 from service.v2_grpc import inference_pb2 as pb
 from service.v2_grpc import inference_pb2_grpc as pb_grpc
 
@@ -109,11 +108,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          model_version=entry.manifest.version if entry.manifest else "")
         for name, datatype, shape, values in output_tensors(outputs, wanted):
             response.outputs.add(name=name, datatype=datatype, shape=shape)
-            if datatype == "BYTES":
-                raw = encode_bytes_tensor([v.encode() for v in values])
-            else:
-                raw = np.asarray(values, dtype=np.dtype(NUMPY[datatype]).newbyteorder("<")).tobytes()
-            response.raw_output_contents.append(raw)
+            response.raw_output_contents.append(tensor_bytes(datatype, values))
         log.debug("grpc infer %s in %.2f ms", entry.name, (time.perf_counter() - start) * 1000)
         return response
 
