@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
+from service.admin import Control, admin_router
 from service.catalog import MODELS, Model
 from service.docs import PREFIX as DOCS_ASSETS, add_docs, describe_uploads_as_binary
 from service.errors import add_error_handlers
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         gc.collect()
         gc.freeze()
         registry.start()
+        await control.start()  # a worker replacing a dead one catches up with the versions the others serve
         grpc_server = None
         if settings.grpc_port:
             from service.v2_grpc.server import start_grpc  # noqa: PLC0415 - grpc only when it is on
@@ -68,11 +70,13 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         yield
         if grpc_server is not None:
             await grpc_server.stop(grace=30)  # in-flight calls finish, like HTTP's drain
+        await control.stop()
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
 
     app = FastAPI(title="Course models server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)  # docs pages and schema added below
-    app.state.settings, app.state.registry, app.state.metrics = settings, registry, metrics
+    control = Control(registry)
+    app.state.settings, app.state.registry, app.state.metrics, app.state.control = settings, registry, metrics, control
     add_error_handlers(app)
 
     app.include_router(ops_router(registry))
@@ -80,8 +84,10 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     describe_uploads_as_binary(app)
     app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs
     for entry in registry.entries.values():
-        app.include_router(model_router(entry, settings))
+        app.include_router(model_router(entry, registry))
     app.include_router(v2_router(registry, app.title, app.version))
+    if settings.admin_keys:  # no admin key, no admin routes
+        app.include_router(admin_router(registry, control))
     checks = gate(settings, registry)  # the HTTP middleware's, and the gRPC server's key check
 
     if settings.cors_origins:
@@ -104,12 +110,12 @@ def gate(settings: Settings, registry: Registry) -> Gate:
         one = entry.predictor.max_instance_bytes
         limits.update({f"/{name}": one, f"/{name}/stream": one, f"/{name}/noop": one,
                        f"/{name}/batch": one * settings.max_batch_instances + 1024})
+        limits[f"/{name}/versions/*"], limits[f"/{name}/versions/*/batch"] = one, limits[f"/{name}/batch"]
         if entry.predictor.upload:  # a picture's bytes: only the overall cap applies
             limits[f"/{name}/{entry.predictor.upload.path}"] = settings.max_body_bytes
         limits[f"/v2/models/{name}/infer"] = limits[f"/{name}/batch"]  # the same instances as tensors
-        if entry.artifact is not None:
-            limits[f"/v2/models/{name}/versions/{entry.artifact.manifest.version}/infer"] = limits[f"/{name}/batch"]
-    return Gate(api_keys=settings.api_keys, open_paths=("/healthz", "/v2/health/live",
+        limits[f"/v2/models/{name}/versions/*/infer"] = limits[f"/{name}/batch"]
+    return Gate(api_keys=settings.api_keys, admin_keys=settings.admin_keys, open_paths=("/healthz", "/v2/health/live",
                                                         *(OPS_PATHS if settings.public_ops else ())),
                 body_limits={path: min(limit, settings.max_body_bytes) for path, limit in limits.items()},
                 default_body_limit=min(64 * 1024, settings.max_body_bytes),

@@ -1,6 +1,10 @@
 """Versioned model artifacts: the manifest contract between training/ and service/.
 
-An artifact folder holds ``manifest.json`` plus the files it lists with their sha256 (and, when training
+A model's folder is a repository of versions, ``artifacts/<model>/<version>/``, each a complete artifact;
+a version's name is its manifest's ``version`` (training names them by UTC time, ``2026.11.25.141500``,
+so they sort in the order they were made). Training writes a version into a hidden ``.partial-*`` folder
+and renames it into place once its manifest (and signature) is written, so a server that polls the folder
+sees a version whole or not at all. An artifact folder holds ``manifest.json`` plus the files it lists with their sha256 (and, when training
 was given a signing key, ``manifest.sig``: an ed25519 signature of the manifest's bytes). Readers go
 through :class:`Artifact`, which refuses any file whose bytes do not match the manifest, so nothing is
 deserialised before its hash is checked; with a public key it also refuses a manifest that is not signed
@@ -17,8 +21,11 @@ import binascii
 import hashlib
 import io
 import json
+import os
 import platform
+import re
 import subprocess
+import uuid
 import zipfile
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -68,6 +75,43 @@ class ArtifactError(RuntimeError):
 
 class MissingArtifactError(ArtifactError):
     """The folder has no manifest: the model was never trained (or SERVE_ARTIFACTS_DIR points elsewhere)."""
+
+
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a folder name, a URL segment, a metric label
+PARTIAL_PREFIX = ".partial-"  # a version being written
+
+
+def version_key(version: str) -> tuple:
+    """Sort key for version names: dot-separated numbers compare as numbers (2 < 10, 2026.11.9 < 2026.11.10)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in version.split("."))
+
+
+def version_folders(model_dir: Path) -> dict[str, Path]:
+    """Every version in a model's folder, oldest first: the subfolders holding a manifest (partial writes and
+    other hidden folders are skipped)."""
+    if not model_dir.is_dir():
+        return {}
+    found = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+             and VERSION_NAME.fullmatch(p.name) and (p / MANIFEST).is_file()]
+    return {p.name: p for p in sorted(found, key=lambda p: version_key(p.name))}
+
+
+def staging_folder(model_dir: Path) -> Path:
+    """A fresh hidden folder to write a new version into (see :func:`publish_version`)."""
+    folder = model_dir / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+    folder.mkdir(parents=True)
+    return folder
+
+
+def publish_version(staging: Path) -> Path:
+    """Move a finished version (manifest written, signed if it is to be) to ``<model>/<its version>/`` in one
+    rename, so a polling server never sees it half-written."""
+    version = Manifest.model_validate_json((staging / MANIFEST).read_bytes()).version
+    target = staging.parent / version
+    if target.exists():
+        raise FileExistsError(f"{target} already exists: a version is never overwritten")
+    os.rename(staging, target)
+    return target
 
 
 class Manifest(BaseModel):
@@ -202,6 +246,7 @@ class Artifact:
 
     def __init__(self, folder: Path, public_key: str | Ed25519PublicKey | None = None):
         self.folder = folder
+        self.label = f"{folder.parent.name}/{folder.name}"  # "<model>/<version>": what messages name, never a path
         path = folder / MANIFEST
         if not path.is_file():
             raise MissingArtifactError(f"no {MANIFEST} in the artifacts folder '{folder.name}'")
@@ -220,13 +265,13 @@ class Artifact:
         verifier = public_key(key)
         path = self.folder / SIGNATURE
         if path.is_symlink() or not path.is_file():
-            raise ArtifactError(f"{self.folder.name}/{MANIFEST} is not signed (no {SIGNATURE}), and a manifest "
+            raise ArtifactError(f"{self.label}/{MANIFEST} is not signed (no {SIGNATURE}), and a manifest "
                                 "public key is configured: sign it when training (--sign-key) or unset "
                                 "SERVE_MANIFEST_PUBLIC_KEY")
         try:
             verifier.verify(base64.b64decode(path.read_bytes().strip(), validate=True), manifest)
         except (InvalidSignature, binascii.Error, ValueError):
-            raise ArtifactError(f"{self.folder.name}/{SIGNATURE} is not a valid signature of {MANIFEST} by the "
+            raise ArtifactError(f"{self.label}/{SIGNATURE} is not a valid signature of {MANIFEST} by the "
                                 "configured public key: the manifest was changed after signing, or signed with "
                                 "another key; refusing to load it") from None
 
@@ -236,19 +281,19 @@ class Artifact:
             pickles = sorted(n for n in self.manifest.files if n.endswith(PICKLES))
             hint = (f"; it lists {', '.join(pickles)}: pickles can run code, so the service never opens them. "
                     f"Retrain with `python -m training {self.manifest.name}`") if pickles else ""
-            raise ArtifactError(f"{name} is not listed in {self.folder.name}/{MANIFEST}{hint}")
+            raise ArtifactError(f"{name} is not listed in {self.label}/{MANIFEST}{hint}")
         # A manifest names plain files in its own folder: no paths, no "..", no links leading out of it.
         if Path(name).name != name or name in ("", ".", ".."):
-            raise ArtifactError(f"{self.folder.name}/{MANIFEST} lists {name!r}, which is not a plain file name "
+            raise ArtifactError(f"{self.label}/{MANIFEST} lists {name!r}, which is not a plain file name "
                                 "in the artifact's folder; refusing to read it")
         path = self.folder / name
         if path.is_symlink():
-            raise ArtifactError(f"{self.folder.name}/{name} is a symbolic link; artifacts hold plain files only")
+            raise ArtifactError(f"{self.label}/{name} is a symbolic link; artifacts hold plain files only")
         if not path.is_file():
-            raise ArtifactError(f"{self.folder.name}/{name} is missing")
+            raise ArtifactError(f"{self.label}/{name} is missing")
         data = path.read_bytes()
         if sha256_bytes(data) != expected:
-            raise ArtifactError(f"sha256 of {self.folder.name}/{name} does not match the manifest; refusing to load it")
+            raise ArtifactError(f"sha256 of {self.label}/{name} does not match the manifest; refusing to load it")
         return data
 
     def load_state_dict(self, name: str = "model.pt", device: str | torch.device = "cpu") -> dict:
@@ -261,23 +306,29 @@ class Artifact:
         try:
             untrusted = sorted(skops_types(data) - set(trusted))
         except (zipfile.BadZipFile, KeyError, ValueError) as exc:
-            raise ArtifactError(f"{self.folder.name}/{name} is not a skops file: {exc}") from None
+            raise ArtifactError(f"{self.label}/{name} is not a skops file: {exc}") from None
         if untrusted:
-            raise ArtifactError(f"{self.folder.name}/{name} holds types outside the trusted list: "
+            raise ArtifactError(f"{self.label}/{name} holds types outside the trusted list: "
                                 f"{', '.join(untrusted)}; refusing to load it")
         import skops.io  # here, not at the top: the training command never loads a preprocessor
 
         try:  # skops audits the tree again against its own defaults plus ours before building it
             return skops.io.loads(data, trusted=list(trusted))
         except Exception as exc:
-            raise ArtifactError(f"{self.folder.name}/{name} did not load: {type(exc).__name__}: {exc}") from None
+            raise ArtifactError(f"{self.label}/{name} did not load: {type(exc).__name__}: {exc}") from None
 
     def load_json(self, name: str) -> Any:
         return json.loads(self.read(name))
 
 
+def new_version() -> str:
+    """A version name from the UTC time, to the second (names sort in time order)."""
+    return datetime.now(timezone.utc).strftime("%Y.%m.%d.%H%M%S")
+
+
 def write_artifact(folder: Path, *, name: str, hyperparameters: dict, metrics: dict, metrics_method: str,
-                   data_files: list[Path], extra: dict | None = None, quick: bool = False) -> Manifest:
+                   data_files: list[Path], extra: dict | None = None, quick: bool = False,
+                   version: str | None = None) -> Manifest:
     """Hash every file already written to ``folder`` and write its manifest last (sign it afterwards)."""
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
              if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
@@ -285,7 +336,7 @@ def write_artifact(folder: Path, *, name: str, hyperparameters: dict, metrics: d
     commit, tree = source_revision()
     manifest = Manifest(
         name=name,
-        version=now.strftime("%Y.%m.%d.%H%M%S"),
+        version=version or new_version(),
         created_at=now.isoformat(timespec="seconds"),
         git_commit=commit,
         git_tree=tree,

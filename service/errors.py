@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 
 from service.batching import PredictionTimeoutError, QueueFullError
 from service.models.base import InputError, InputRejected
-from service.registry import ModelUnavailableError
+from service.registry import ModelUnavailableError, VersionNotFoundError
 
 log = logging.getLogger("service.errors")
 
@@ -88,6 +88,7 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InputError, input_error)
     app.add_exception_handler(InputRejected, rejected)
     app.add_exception_handler(ModelUnavailableError, _with_status(503))
+    app.add_exception_handler(VersionNotFoundError, _with_status(404))
     app.add_exception_handler(QueueFullError, _with_status(503, {"Retry-After": "1"}))
     app.add_exception_handler(PredictionTimeoutError, _with_status(504))
     app.add_exception_handler(Exception, unexpected)

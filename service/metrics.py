@@ -31,6 +31,24 @@ class Metrics:
         self.model_up = Gauge("model_up", "1 if the model is loaded and serving, else 0.", ["model"], registry=r,
                               multiprocess_mode="livemin")  # 0 if any live worker lacks the model
 
+        # Versions: compare a canary with the version it may replace (same buckets as the routes' latency).
+        self.version_requests = Counter("model_version_requests", "Model requests by version and outcome "
+                                        "(ok, invalid: the input was refused, error: anything else).",
+                                        ["model", "version", "outcome"], registry=r)
+        self.version_latency = Histogram("model_version_request_duration_seconds", "Model request latency by "
+                                         "version (queue and forward pass).", ["model", "version"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.version_loads = Counter("model_version_loads", "Versions loaded at run time, by outcome (ready, "
+                                     "failed).", ["model", "outcome"], registry=r)
+        self.version_share = Gauge("model_version_traffic_share", "Share of a model's requests each version gets "
+                                   "(1 for the default, the split's weights during a canary, 0 once replaced).",
+                                   ["model", "version"], registry=r, multiprocess_mode="livemax")
+        self._versions: dict[str, set[str]] = {}
+
+    def known_versions(self, model: str) -> set[str]:
+        """Versions this process has given a traffic share (so a replaced one can be set back to 0)."""
+        return self._versions.setdefault(model, set())
+
     def exposition(self) -> tuple[bytes, str]:
         """The text of /metrics and its content type: this app's registry, or every worker's values."""
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:

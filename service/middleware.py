@@ -21,6 +21,7 @@ from service.metrics import Metrics
 
 log = logging.getLogger("service.access")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+VERSION_SEGMENT = re.compile(r"/versions/[^/]+")
 
 
 async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]], v2: bool = False) -> None:
@@ -38,6 +39,7 @@ class Gate:
 
     api_keys: list[str]
     open_paths: tuple[str, ...]  # reachable without a key (each with everything below it; "/" always)
+    admin_keys: list[str] = field(default_factory=list)  # the only keys /admin takes (client keys never do)
     body_limits: dict[str, int] = field(default_factory=dict)  # per exact path
     default_body_limit: int = 64 * 1024  # any other path: operations routes take no body at all
     inflight_body_budget: int = 128 * 2**20  # bytes of request bodies being received or handled at once
@@ -45,25 +47,38 @@ class Gate:
     max_streams: int = 4
 
     def needs_key(self, path: str) -> bool:
-        return bool(self.api_keys) and path != "/" and not any(path == p or path.startswith(p + "/")
+        return bool(self.api_keys) and path != "/" and not is_admin(path) and not any(path == p or path.startswith(p + "/")
                                                                for p in self.open_paths)
 
     def body_limit(self, path: str) -> int:
+        if "/versions/" in path:  # one version's routes take what the model's routes take
+            path = VERSION_SEGMENT.sub("/versions/*", path, count=1)
         return self.body_limits.get(path, self.default_body_limit)
 
-    def has_valid_key(self, headers: dict[bytes, bytes]) -> bool:
-        """Whether the headers carry one of the keys (X-API-Key, or Authorization: Bearer)."""
+    def admin_refused(self, path: str, headers: dict[bytes, bytes]) -> bool:
+        """/admin takes an admin key only; with none configured its routes do not exist (404)."""
+        return is_admin(path) and bool(self.admin_keys) and not self.has_valid_key(headers, self.admin_keys)
+
+    def has_valid_key(self, headers: dict[bytes, bytes], keys: list[str] | None = None) -> bool:
+        """Whether the headers carry one of the keys (X-API-Key, or Authorization: Bearer); default: the
+        client keys."""
         supplied = headers.get(b"x-api-key", b"")
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if not supplied and scheme.lower() == b"bearer":
             supplied = token.strip()
         # compare against every key, always, so timing does not reveal which prefix matched
-        matches = [secrets.compare_digest(supplied, key.encode()) for key in self.api_keys]
+        matches = [secrets.compare_digest(supplied, key.encode()) for key in (self.api_keys if keys is None else keys)]
         return bool(supplied) and any(matches)
 
 
 UNAUTHORIZED = {"detail": "missing or invalid API key: send it in the X-API-Key header or as "
                           "'Authorization: Bearer <key>'"}
+ADMIN_UNAUTHORIZED = {"detail": "missing or invalid admin key: /admin takes only the keys of SERVE_ADMIN_KEYS (not "
+                                "the client keys), in the X-API-Key header or as 'Authorization: Bearer <key>'"}
+
+
+def is_admin(path: str) -> bool:
+    return path == "/admin" or path.startswith("/admin/")
 
 
 class RequestContextMiddleware:
@@ -114,10 +129,12 @@ class RequestContextMiddleware:
 
         try:
             declared = headers.get(b"content-length")
-            if (scope["method"] != "OPTIONS" and self.gate.needs_key(scope["path"])  # CORS preflights carry no key
-                    and not state["authenticated"]):
+            admin = self.gate.admin_refused(scope["path"], headers)
+            if scope["method"] != "OPTIONS" and (admin or (  # CORS preflights carry no key
+                    self.gate.needs_key(scope["path"]) and not state["authenticated"])):
                 status = 401
-                await _send_json(send, 401, UNAUTHORIZED, [id_header, (b"www-authenticate", b"Bearer")], v2)
+                await _send_json(send, 401, ADMIN_UNAUTHORIZED if admin else UNAUTHORIZED,
+                                 [id_header, (b"www-authenticate", b"Bearer")], v2)
             elif declared is not None and declared.isdigit() and int(declared) > limit:
                 status = 413  # refuse before reading a byte of the body
                 await _send_json(send, 413, too_large, [id_header], v2)

@@ -1,85 +1,190 @@
-"""Loads every model's verified artifact onto the device; a model that fails is reported, not fatal."""
+"""Every served model and its versions: verified, loaded, warmed up and switched without a request lost.
+
+A model's folder is a repository of versions (``artifacts/<model>/<version>/``, see service/artifacts.py).
+Which of them serve is a small desired state per model: a pinned version (else the newest that loads),
+an optional weighted split between versions (a canary), and versions loaded on request for direct calls.
+:meth:`Registry.reconcile` moves the loaded versions towards it: a version is loaded, verified and warmed
+up (one real batch through its own batcher) while the old one serves; the switch is one assignment on the
+event loop; a version no longer wanted leaves the rotation at once, and is stopped and freed only after
+the requests that picked it have finished. A version that fails to load is recorded and never serves.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel
 
-from service.artifacts import Artifact, Manifest, MissingArtifactError
+from service.artifacts import (MANIFEST, Artifact, ArtifactError, Manifest, MissingArtifactError, version_folders,
+                               version_key)
 from service.batching import Batcher
 from service.catalog import Model
 from service.metrics import Metrics
-from service.models.base import Predictor
+from service.models.base import Predictor, return_freed_memory
 from service.settings import Settings
 
 log = logging.getLogger("service.registry")
 
 
 class ModelUnavailableError(RuntimeError):
-    """The model did not load; its routes answer 503 with the reason."""
+    """The model (or the version asked for) is not serving; its routes answer 503 with the reason."""
+
+
+class VersionNotFoundError(LookupError):
+    """A version that is not loaded was asked for by name (404, saying which versions are)."""
+
+
+@dataclass
+class ModelVersion:
+    """One version of a model: its verified artifact, its loaded predictor and its own batcher."""
+
+    name: str
+    predictor: Predictor
+    artifact: Artifact | None = None
+    state: Literal["loading", "ready", "failed", "unloading"] = "loading"
+    reason: str | None = None
+    batcher: Batcher | None = None
+    active: int = 0             # requests and streams that picked this version and have not finished
+    loaded_at: float | None = None
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.artifact.manifest if self.artifact else None
+
+
+@dataclass
+class Desired:
+    """What should serve, per model (the admin API and settings set it; every worker process applies it)."""
+
+    pin: str | None = None                                 # None: the newest version that loads
+    split: dict[str, int] = field(default_factory=dict)    # version -> weight; empty: all to the default
+    extra: list[str] = field(default_factory=list)         # also loaded, for POST /{m}/versions/{v}
 
 
 @dataclass
 class ModelEntry:
     model: Model
-    predictor: Predictor
-    Input: type[BaseModel]              # the schema of one instance, from the class or from its artifact
-    artifact: Artifact | None = None    # verified when the entry was described; None if that failed
-    state: Literal["loading", "ready", "failed"] = "loading"
-    reason: str | None = None
-    batcher: Batcher | None = None
+    predictor: Predictor                # the version serving by default; before one loads, an unloaded instance
+    Input: type[BaseModel]              # the input schema the routes were built with (every version must agree)
+    folder: Path                        # the model's repository of versions
+    versions: dict[str, ModelVersion] = field(default_factory=dict)  # loaded (or loading) versions
+    default: str | None = None          # the version that answers when none is named and no split is set
+    split: dict[str, int] = field(default_factory=dict)              # the split in force (all its versions ready)
+    desired: Desired = field(default_factory=Desired)
+    failed: dict[str, tuple[int, str]] = field(default_factory=dict)  # version -> (manifest mtime, why)
+    reason: str | None = None           # why nothing serves
     streams: int = 0                    # Server-Sent-Event streams open now (capped by SERVE_MAX_STREAMS)
     uploads: int = 0                    # uploaded files held in memory now (capped by SERVE_MAX_UPLOADS)
 
     @classmethod
-    def describe(cls, model: Model, artifacts_dir: Path, public_key: str | None = None) -> ModelEntry:
-        """Verify the model's artifact (its manifest's signature too, given ``public_key``) and read its input
-        schema (the routes need it before start-up)."""
+    def describe(cls, model: Model, artifacts_dir: Path, public_key: str | None = None,
+                 desired: Desired | None = None) -> ModelEntry:
+        """Verify the version that will serve first and read its input schema (the routes need it before
+        start-up); loading comes later (:meth:`Registry.load_all`)."""
         predictor_cls = model.predictor_class()
-        entry = cls(model, predictor_cls(), predictor_cls.Input)
-        folder = artifacts_dir / model.folder
-        try:
-            entry.artifact = Artifact(folder, public_key)
-            entry.Input = predictor_cls.input_schema(entry.artifact)
-            predictor_cls.check_example(entry.Input)
-        except MissingArtifactError as exc:
-            entry.fail(MissingArtifactError(f"{exc}: train it with `python -m training {model.name}`, or leave it out "
-                                            "of SERVE_MODELS"), folder)
-        except Exception as exc:  # one broken model must not take the others down
-            entry.fail(exc, folder)
-        if entry.artifact and entry.artifact.manifest.quick:
-            log.warning("serving %s from a --quick artifact (trained on a data slice as a smoke test): retrain it "
-                        "with `python -m training %s` before relying on its answers", model.name, model.name)
+        entry = cls(model, predictor_cls(), predictor_cls.Input, artifacts_dir / model.folder,
+                    desired=desired or Desired())
+        while (name := entry.target()) is not None:  # the newest that verifies (or the pinned one)
+            version = ModelVersion(name, predictor_cls())
+            try:
+                version.artifact = entry.verify(name, public_key)
+                entry.Input = predictor_cls.input_schema(version.artifact)
+                predictor_cls.check_example(entry.Input)
+            except Exception as exc:  # one broken model (or version) must not take the others down
+                entry.record_failure(version, exc)
+                if entry.desired.pin is not None:
+                    break
+                continue
+            entry.versions[name] = version
+            if version.artifact.manifest.quick:
+                log.warning("serving %s from a --quick artifact (trained on a data slice as a smoke test): retrain "
+                            "it with `python -m training %s` before relying on its answers", model.name, model.name)
+            return entry
+        if entry.reason is None:
+            entry.reason = (f"{MissingArtifactError.__name__}: no version of {model.name} in the artifacts folder "
+                            f"'{model.folder}'" + (f" named '{entry.desired.pin}'" if entry.desired.pin else "")
+                            + f": train it with `python -m training {model.name}`, or leave it out of SERVE_MODELS")
+            log.error("cannot serve %s: %s", model.name, entry.reason)
         return entry
-
-    def load(self, device: torch.device, settings: Settings) -> None:
-        """Load the weights onto ``device``; a failure is recorded, not raised."""
-        if self.state != "loading":
-            return
-        try:
-            self.predictor.load(self.artifact, device, settings)
-            self.state = "ready"
-            log.info("loaded %s version %s on %s", self.name, self.artifact.manifest.version, device)
-        except Exception as exc:
-            self.fail(exc)
 
     @property
     def name(self) -> str:
         return self.model.name
 
+    # The default version's view, as the routes, /models and the v2 protocol read it.
+    @property
+    def serving(self) -> ModelVersion | None:
+        version = self.versions.get(self.default) if self.default else None
+        return version if version is not None and version.state == "ready" else None
+
+    @property
+    def state(self) -> str:
+        if self.serving:
+            return "ready"
+        return "loading" if any(v.state == "loading" for v in self.versions.values()) else "failed"
+
+    @property
+    def artifact(self) -> Artifact | None:
+        return self.serving.artifact if self.serving else None
+
     @property
     def manifest(self) -> Manifest | None:
-        return self.artifact.manifest if self.artifact and self.state == "ready" else None
+        return self.serving.manifest if self.serving else None
 
-    def fail(self, exc: Exception, folder: Path | None = None) -> None:
-        """Record why the model is not served; the reason reaches clients, so the server's path is only logged."""
-        self.state, self.reason = "failed", f"{type(exc).__name__}: {exc}"
-        log.error("could not load %s from %s: %s", self.name, folder or "its artifact", self.reason)
+    @property
+    def batcher(self) -> Batcher | None:
+        return self.serving.batcher if self.serving else None
+
+    def on_disk(self) -> dict[str, Path]:
+        return version_folders(self.folder)
+
+    def stamp(self, name: str) -> int:
+        """When a version's manifest last changed: a failed version is tried again only once it does."""
+        try:
+            return (self.folder / name / MANIFEST).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def target(self) -> str | None:
+        """The version that should serve by default: the pinned one, else the newest on disk that has not
+        failed (as it is now); None if there is none."""
+        disk = self.on_disk()
+        if self.desired.pin is not None:
+            return self.desired.pin if self.desired.pin in disk else None
+        usable = [v for v in disk if v not in self.failed or self.failed[v][0] != self.stamp(v)]
+        return usable[-1] if usable else None
+
+    def verify(self, name: str, public_key: str | None) -> Artifact:
+        folder = self.on_disk().get(name)
+        if folder is None:
+            raise MissingArtifactError(f"no version '{name}' in the artifacts folder '{self.model.folder}'")
+        artifact = Artifact(folder, public_key)
+        if artifact.manifest.version != name:  # a renamed (or copied) folder is not that version
+            raise ArtifactError(f"{self.model.folder}/{name}/{MANIFEST} says it is version "
+                                f"'{artifact.manifest.version}', not '{name}'; versions live in folders named "
+                                "after their manifest's version")
+        if artifact.manifest.name != self.name:
+            raise ArtifactError(f"{self.model.folder}/{name}/{MANIFEST} is an artifact of "
+                                f"'{artifact.manifest.name}', not of '{self.name}'")
+        return artifact
+
+    def record_failure(self, version: ModelVersion, exc: BaseException) -> None:
+        """Record why a version does not serve; the reason reaches clients, so server paths are only logged."""
+        version.state, version.reason = "failed", f"{type(exc).__name__}: {exc}"
+        self.failed[version.name] = (self.stamp(version.name), version.reason)
+        self.versions.pop(version.name, None)
+        if self.serving is None:
+            self.reason = f"version {version.name}: {version.reason}"
+        log.error("could not load %s version %s from %s: %s", self.name, version.name, self.folder, version.reason)
 
     def streams_full(self, max_streams: int) -> str | None:
         """Why a new stream is refused now (SERVE_MAX_STREAMS reached), or None."""
@@ -88,20 +193,97 @@ class ModelEntry:
         return (f"{self.name} is already streaming to its limit of {max_streams} clients (SERVE_MAX_STREAMS); retry "
                 f"after the seconds in Retry-After, or call POST /{self.name} for the whole answer at once")
 
-    def batcher_or_raise(self) -> Batcher:
-        if self.state != "ready" or self.batcher is None:
+    def pick(self, version: str | None = None) -> ModelVersion:
+        """The version that answers a request: the one named, else one drawn by the split, else the default."""
+        if version is not None:
+            chosen = self.versions.get(version)
+            if chosen is None or chosen.state != "ready":
+                ready = sorted(v for v, mv in self.versions.items() if mv.state == "ready")
+                raise VersionNotFoundError(f"version '{version}' of {self.name} is not loaded; loaded: "
+                                           f"{', '.join(ready) or 'none'} (an admin loads one with POST "
+                                           f"/admin/models/{self.name}/load)")
+            return chosen
+        if self.split:
+            names, weights = zip(*self.split.items())
+            chosen = self.versions.get(random.choices(names, weights)[0])
+            if chosen is not None and chosen.state == "ready":
+                return chosen
+        if self.serving is None:
             raise ModelUnavailableError(f"model '{self.name}' is not available: {self.reason or self.state}")
-        return self.batcher
+        return self.serving
+
+    @contextmanager
+    def use(self, version: str | None = None) -> Iterator[ModelVersion]:
+        """Pick a version and hold it until the request is answered: a version taken out of rotation is
+        stopped only once nothing holds it, so queued and running requests finish where they started."""
+        chosen = self.pick(version)
+        chosen.active += 1
+        try:
+            yield chosen
+        finally:
+            chosen.active -= 1
+
+    def batcher_or_raise(self) -> Batcher:
+        """The default version's batcher (tools and tests that do not care which version answers)."""
+        return self.pick().batcher
+
+    def status(self) -> dict:
+        """Every version's state, for GET /admin/models."""
+        disk = self.on_disk()
+        names = sorted({*disk, *self.versions, *self.failed}, key=version_key)
+        versions = {}
+        for name in names:
+            loaded = self.versions.get(name)
+            if loaded is not None:
+                state, reason = loaded.state, loaded.reason
+            elif name in self.failed and self.failed[name][0] == self.stamp(name):
+                state, reason = "failed", self.failed[name][1]
+            else:
+                state, reason = ("available" if name in disk else "gone"), None
+            versions[name] = {"state": state, "reason": reason, "on_disk": name in disk,
+                              "active_requests": loaded.active if loaded else 0}
+        return {"default": self.default, "split": self.split, "pinned": self.desired.pin,
+                "desired": {"pin": self.desired.pin, "split": self.desired.split, "extra": self.desired.extra},
+                "versions": versions}
 
 
 def open_model(model: Model, artifacts_dir: Path, device: str = "cpu") -> ModelEntry:
-    """One model described and loaded outside a server (tests, benchmarks, tools); raises if it cannot be."""
+    """One model's newest version described and loaded outside a server (tests, benchmarks, tools); raises
+    if it cannot be."""
     settings = Settings()
     entry = ModelEntry.describe(model, artifacts_dir, settings.manifest_public_key)
-    entry.load(torch.device(device), settings)
-    if entry.state != "ready":
+    load_first(entry, torch.device(device), settings)
+    if entry.serving is None:
         raise ModelUnavailableError(f"model '{model.name}' did not load: {entry.reason}")
     return entry
+
+
+def load_version(entry: ModelEntry, name: str, device: torch.device, settings: Settings) -> ModelVersion | None:
+    """Verify one version's files and load its weights (no batcher yet); a failure is recorded, not raised."""
+    version = entry.versions.get(name) or ModelVersion(name, entry.model.predictor_class()())
+    entry.versions[name] = version
+    try:
+        if version.artifact is None:
+            version.artifact = entry.verify(name, settings.manifest_public_key)
+        schema = entry.model.predictor_class().input_schema(version.artifact)
+        if schema.model_json_schema() != entry.Input.model_json_schema():
+            raise ArtifactError("its input schema differs from the one the routes were built with; a version that "
+                                "changes what clients send needs a restart of the server")
+        version.predictor.load(version.artifact, device, settings)
+    except Exception as exc:
+        entry.record_failure(version, exc)
+        return None
+    log.info("loaded %s version %s on %s", entry.name, name, device)
+    return version
+
+
+def load_first(entry: ModelEntry, device: torch.device, settings: Settings) -> None:
+    """Load the described version and make it the default (at start-up, before anything is served)."""
+    for name in list(entry.versions):
+        if (version := load_version(entry, name, device, settings)) is not None:
+            version.state = "ready"
+            entry.default, entry.predictor, entry.reason = name, version.predictor, None
+            return
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,35 +293,131 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Registry:
-    """Every served model's entry: described when the app is built, loaded at start-up, then batched."""
+    """Every served model's entry: described when the app is built, loaded at start-up, then batched; its
+    versions follow each entry's desired state (:meth:`reconcile`)."""
 
     def __init__(self, models: list[Model], settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
         self.device = resolve_device(settings.device)
-        self.entries = {model.name: ModelEntry.describe(model, settings.artifacts_dir, settings.manifest_public_key)
-                        for model in models}
+        self.entries = {model.name: ModelEntry.describe(model, settings.artifacts_dir, settings.manifest_public_key,
+                                                        settings.desired(model.name)) for model in models}
+        self._lock: asyncio.Lock | None = None
 
     def load_all(self) -> None:
+        """Load each model's first version (before the event loop runs, and before worker processes fork)."""
         for name, entry in self.entries.items():
-            entry.load(self.device, self.settings)
-            self.metrics.model_up.labels(name).set(1 if entry.state == "ready" else 0)
+            if entry.default is None:
+                load_first(entry, self.device, self.settings)
+            self.metrics.model_up.labels(name).set(1 if entry.serving else 0)
 
     def start(self) -> None:
-        """Start a batcher for every loaded model (needs the running event loop)."""
-        for name, entry in self.entries.items():
-            if entry.state == "ready":
-                policy = self.settings.policy(name)
-                cap = entry.predictor.max_batch_size
-                if cap and policy.max_batch_size > cap:
-                    policy = policy.model_copy(update={"max_batch_size": cap})
-                threads = policy.threads or entry.predictor.threads or torch.get_num_threads()
-                entry.batcher = Batcher(name, entry.predictor.run, policy, threads=threads,
-                                        max_queue=self.settings.max_queue, timeout_s=self.settings.request_timeout_s,
-                                        observe=self.metrics.batch_observer(name))
-                entry.batcher.start()
+        """Start a batcher for every loaded version (needs the running event loop)."""
+        for entry in self.entries.values():
+            for version in entry.versions.values():
+                if version.state == "ready" and version.batcher is None:
+                    self._start_batcher(entry, version)
+            self._publish(entry)
+
+    def _start_batcher(self, entry: ModelEntry, version: ModelVersion) -> None:
+        policy = self.settings.policy(entry.name)
+        cap = version.predictor.max_batch_size
+        if cap and policy.max_batch_size > cap:
+            policy = policy.model_copy(update={"max_batch_size": cap})
+        threads = policy.threads or version.predictor.threads or torch.get_num_threads()
+        version.batcher = Batcher(entry.name, version.predictor.run, policy, threads=threads,
+                                  max_queue=self.settings.max_queue, timeout_s=self.settings.request_timeout_s,
+                                  observe=self.metrics.batch_observer(entry.name))
+        version.batcher.start()
+        version.loaded_at = time.time()
 
     async def stop(self) -> None:
         for entry in self.entries.values():
-            if entry.batcher is not None:
-                await entry.batcher.stop()
+            for version in list(entry.versions.values()):
+                if version.batcher is not None:
+                    await version.batcher.stop()
             self.metrics.model_up.labels(entry.name).set(0)
+
+    # -- versions at run time -------------------------------------------------------------------------
+
+    async def reconcile(self, names: list[str] | None = None, retry: frozenset[str] = frozenset()) -> None:
+        """Bring the named models (default: all) to their desired state. ``retry`` names versions to try
+        again even if they failed before (an admin asked for them)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # one change at a time: loads are slow, switches must not interleave
+            for name in names or list(self.entries):
+                await self._reconcile(self.entries[name], retry)
+
+    async def _reconcile(self, entry: ModelEntry, retry: frozenset[str]) -> None:
+        for name in retry:
+            entry.failed.pop(name, None)
+        desired = entry.desired
+        target = entry.target()
+        wanted = [v for v in [target, *desired.split, *desired.extra] if v is not None]
+        for name in dict.fromkeys(wanted):  # each once, the default first
+            current = entry.versions.get(name)
+            if current is not None and current.state == "ready":
+                continue
+            if name in entry.failed and entry.failed[name][0] == entry.stamp(name):
+                continue  # failed as it is now: reported, not retried on every pass
+            await self._load(entry, name)
+        # The switch: plain assignments on the event loop, so every request sees either the old or the new state.
+        if target is not None and target in entry.versions and entry.versions[target].state == "ready":
+            entry.default, entry.predictor, entry.reason = target, entry.versions[target].predictor, None
+        elif target is None and entry.serving is not None:
+            entry.reason = None  # nothing (new) on disk to serve: the loaded default keeps serving
+        ready_split = desired.split and all(
+            v in entry.versions and entry.versions[v].state == "ready" for v in desired.split)
+        entry.split = dict(desired.split) if ready_split else {}
+        keep = {entry.default, *entry.split, *desired.extra}
+        for name in [v for v in entry.versions if v not in keep]:
+            await self._retire(entry, name)
+        self._publish(entry)
+
+    async def _load(self, entry: ModelEntry, name: str) -> None:
+        """Load, verify and warm up one version beside the serving one; it serves only if all of that worked."""
+        started = time.perf_counter()
+        version = ModelVersion(name, entry.model.predictor_class()())
+        entry.versions[name] = version  # "loading" in /admin/models; never picked until "ready"
+        loaded = await asyncio.to_thread(load_version, entry, name, self.device, self.settings)
+        if loaded is None:
+            self.metrics.version_loads.labels(entry.name, "failed").inc()
+            return
+        self._start_batcher(entry, version)
+        try:
+            example = entry.Input.model_validate(version.predictor.example)
+            (answer,) = await version.batcher.submit([example])  # one real batch, on the version's own worker
+            if isinstance(answer, Exception):
+                raise answer
+        except Exception as exc:
+            await version.batcher.stop()
+            entry.record_failure(version, RuntimeError(f"warm-up failed: {type(exc).__name__}: {exc}"))
+            self.metrics.version_loads.labels(entry.name, "failed").inc()
+            return
+        version.state = "ready"
+        self.metrics.version_loads.labels(entry.name, "ready").inc()
+        log.info("version %s of %s is ready (loaded and warmed up in %.2f s)", name, entry.name,
+                 time.perf_counter() - started)
+
+    async def _retire(self, entry: ModelEntry, name: str) -> None:
+        """Out of rotation now; stopped and freed once the requests holding it are done."""
+        version = entry.versions.pop(name)
+        version.state = "unloading"
+        deadline = time.monotonic() + self.settings.request_timeout_s + self.settings.stream_timeout_s
+        while version.active and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if version.batcher is not None:
+            await version.batcher.stop()  # finishes anything still queued
+        version.predictor = version.batcher = version.artifact = None
+        return_freed_memory()
+        log.info("unloaded %s version %s", entry.name, name)
+
+    def _publish(self, entry: ModelEntry) -> None:
+        """The serving version(s) in the metrics: each one's share of the traffic."""
+        shares = ({v: w / sum(entry.split.values()) for v, w in entry.split.items()} if entry.split
+                  else {entry.default: 1.0} if entry.serving else {})
+        known = self.metrics.known_versions(entry.name)
+        known.update(shares)
+        for version in known:
+            self.metrics.version_share.labels(entry.name, version).set(shares.get(version, 0.0))
+        self.metrics.model_up.labels(entry.name).set(1 if entry.serving else 0)

@@ -3,9 +3,10 @@ metadata and metrics."""
 
 import asyncio
 import json
+import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Body, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -13,8 +14,13 @@ from pydantic import BaseModel, Field, StrictBool, create_model
 
 from service.models.base import InputError, Upload, UploadRoute
 from service.batching import QueueFullError
-from service.registry import ModelEntry, Registry
+from service.artifacts import VERSION_NAME
+from service.registry import ModelEntry, ModelVersion, Registry
 from service.settings import Settings
+
+
+VERSION_HEADER = "X-Model-Version"  # on every model answer: the version that produced it
+VersionName = Annotated[str, Path(pattern=f"^{VERSION_NAME.pattern}$", description="A loaded version's name.")]
 
 
 class ErrorBody(BaseModel):
@@ -30,12 +36,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def model_router(entry: ModelEntry, settings: Settings) -> APIRouter:
+def model_router(entry: ModelEntry, registry: Registry) -> APIRouter:
     """Every route of one model, all through its batcher: ``POST /{name}`` for one instance,
-    ``POST /{name}/batch`` for many, and where the model declares them an upload route and a stream route.
+    ``POST /{name}/batch`` for many, where the model declares them an upload route and a stream route, and
+    ``POST /{name}/versions/{version}`` (and ``/batch``) to call one loaded version by name. Every answer
+    names the version that produced it in ``X-Model-Version``.
 
     The API key and the body size are checked before any of these run (``middleware.Gate``).
     """
+    settings, metrics = registry.settings, registry.metrics
     predictor, name, folder = entry.predictor, entry.name, entry.model.folder
     Input, Output = entry.Input, predictor.Output
     max_instances = settings.max_batch_instances
@@ -49,27 +58,47 @@ def model_router(entry: ModelEntry, settings: Settings) -> APIRouter:
         f"If true, answer Server-Sent Events like POST /{name}/stream.")))) if predictor.stream_event else Input
     router = APIRouter(tags=[name], responses=ERRORS)
 
-    async def submit(items: list, request: Request, batch: bool = False) -> list:
-        """The outputs, in order. An item that failed raises: one request's error as it is; in a batch, every
-        InputError together as one 422 naming each instance, like a validation error of the body."""
-        meta: dict[str, int] = {}
-        outputs = await entry.batcher_or_raise().submit(items, meta)
+    async def submit(items: list, request: Request, response: Response, batch: bool = False,
+                     version: str | None = None) -> list:
+        """The outputs, in order, from the version picked for this request (named in X-Model-Version). An item
+        that failed raises: one request's error as it is; in a batch, every InputError together as one 422
+        naming each instance, like a validation error of the body."""
+        with entry.use(version) as chosen:
+            response.headers[VERSION_HEADER] = chosen.name
+            meta: dict[str, int] = {}
+            started, outcome = time.perf_counter(), "error"
+            try:
+                outputs = await chosen.batcher.submit(items, meta)
+                failed = [(i, out) for i, out in enumerate(outputs) if isinstance(out, Exception)]
+                outcome = "ok" if not failed else "invalid" if all(
+                    isinstance(out, InputError) for _, out in failed) else "error"
+            finally:
+                metrics.version_requests.labels(name, chosen.name, outcome).inc()
+                metrics.version_latency.labels(name, chosen.name).observe(time.perf_counter() - started)
         request.state.batch_size = meta.get("batch_size")
-        failed = [(i, out) for i, out in enumerate(outputs) if isinstance(out, Exception)]
         if not failed:
             return outputs
-        if batch and all(isinstance(out, InputError) for _, out in failed):
+        if batch and outcome == "invalid":
             raise RequestValidationError([{"loc": ["body", "instances", i, *out.loc[1:]], "msg": str(out),
                                            "type": "value_error"} for i, out in failed])
         raise failed[0][1]
 
-    async def predict_one(item: Annotated[One, example], request: Request) -> Output:  # type: ignore[valid-type]
+    async def predict_one(item: Annotated[One, example], request: Request,  # type: ignore[valid-type]
+                          response: Response) -> Output:  # type: ignore[valid-type]
         if getattr(item, "stream", False):
             return open_stream(entry, item, settings)
-        return (await submit([item], request))[0]
+        return (await submit([item], request, response))[0]
 
-    async def predict_batch(body: BatchInput, request: Request) -> BatchOutput:  # type: ignore[valid-type]
-        return BatchOutput(predictions=await submit(body.instances, request, batch=True))
+    async def predict_batch(body: BatchInput, request: Request, response: Response) -> BatchOutput:  # type: ignore[valid-type]
+        return BatchOutput(predictions=await submit(body.instances, request, response, batch=True))
+
+    async def predict_version(version: VersionName, item: Annotated[Input, example], request: Request,  # type: ignore[valid-type]
+                              response: Response) -> Output:  # type: ignore[valid-type]
+        return (await submit([item], request, response, version=version))[0]
+
+    async def predict_version_batch(version: VersionName, body: BatchInput, request: Request,  # type: ignore[valid-type]
+                                    response: Response) -> BatchOutput:  # type: ignore[valid-type]
+        return BatchOutput(predictions=await submit(body.instances, request, response, batch=True, version=version))
 
     sse = {200: {"content": {"text/event-stream": {}}}} if predictor.stream_event else {}
     router.add_api_route(f"/{name}", predict_one, methods=["POST"], response_model=Output, summary=predictor.summary,
@@ -78,6 +107,17 @@ def model_router(entry: ModelEntry, settings: Settings) -> APIRouter:
                          summary=f"{predictor.summary} (many at once)",
                          description="The same model for a list of instances, in one request.",
                          operation_id=f"predict_{folder}_batch")
+    version_docs = {404: {"model": ErrorBody, "description": "That version is not loaded (the message lists those "
+                                                             "that are)."}}
+    router.add_api_route(f"/{name}/versions/{{version}}", predict_version, methods=["POST"], response_model=Output,
+                         summary=f"{predictor.summary} (one version)", responses=version_docs,
+                         description=f"Like POST /{name}, answered by the loaded version named in the path "
+                                     "(GET /models lists them), whatever the default or the split.",
+                         operation_id=f"predict_{folder}_version")
+    router.add_api_route(f"/{name}/versions/{{version}}/batch", predict_version_batch, methods=["POST"],
+                         response_model=BatchOutput, summary=f"{predictor.summary} (one version, many at once)",
+                         description=f"Like POST /{name}/batch, answered by the version named in the path.",
+                         responses=version_docs, operation_id=f"predict_{folder}_version_batch")
     if predictor.stream_event:  # Server-Sent Events, computed on the model's worker but outside its queue
         async def predict_stream(item: Annotated[Input, example]) -> StreamingResponse:  # type: ignore[valid-type]
             return open_stream(entry, item, settings)
@@ -101,11 +141,11 @@ def open_stream(entry: ModelEntry, item: Any, settings: Settings) -> StreamingRe
     At most SERVE_MAX_STREAMS run per model (more get 503): each piece is one job on the model's worker,
     queued with its batches, so ordinary requests wait behind at most that many pieces. A stream still
     running after SERVE_STREAM_TIMEOUT_S ends with an ``error`` event."""
-    batcher = entry.batcher_or_raise()  # 503 while the model is not loaded, like the other routes
+    version = entry.pick()  # 503 while the model is not loaded, like the other routes
     if refusal := entry.streams_full(settings.max_streams):  # "stream": true on the single route comes here
         raise QueueFullError(refusal)
-    pieces = entry.predictor.stream(item)  # checks the input first: a bad one is a 422, not a broken stream
-    event = entry.predictor.stream_event
+    pieces = version.predictor.stream(item)  # checks the input first: a bad one is a 422, not a broken stream
+    event, batcher = version.predictor.stream_event, version.batcher
 
     async def relay():  # each piece is computed on the model's worker thread, between its batches
         deadline = asyncio.get_running_loop().time() + settings.stream_timeout_s
@@ -123,24 +163,26 @@ def open_stream(entry: ModelEntry, item: Any, settings: Settings) -> StreamingRe
             detail = f"the stream ran longer than {settings.stream_timeout_s:g} s (SERVE_STREAM_TIMEOUT_S)"
             yield f"event: error\ndata: {json.dumps({'detail': detail})}\n\n"
 
-    return CountedStream(entry, relay())
+    return CountedStream(entry, version, relay())
 
 
 class CountedStream(StreamingResponse):
-    """An SSE response that holds one of its model's stream places until it ends, however it ends (a client
-    that leaves before the first event included)."""
+    """An SSE response that holds one of its model's stream places, and its version (which is not unloaded
+    under it), until it ends, however it ends (a client that leaves before the first event included)."""
 
-    def __init__(self, entry: ModelEntry, body: Any):
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                         "X-Accel-Buffering": "no"})
-        self.entry = entry
+    def __init__(self, entry: ModelEntry, version: ModelVersion, body: Any):
+        super().__init__(body, media_type="text/event-stream", headers={
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no", VERSION_HEADER: version.name})
+        self.entry, self.version = entry, version
         entry.streams += 1
+        version.active += 1
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.entry.streams -= 1
+            self.version.active -= 1
 
 
 def add_upload_route(router: APIRouter, entry: ModelEntry, upload: UploadRoute, submit, max_uploads: int) -> None:
@@ -149,14 +191,15 @@ def add_upload_route(router: APIRouter, entry: ModelEntry, upload: UploadRoute, 
     files per model are held in memory at once (the parser keeps larger parts on disk until then)."""
     Options, Output = upload.Options, entry.predictor.Output
 
-    async def predict_upload(request: Request, options: Annotated[Options, Query()],  # type: ignore[valid-type]
+    async def predict_upload(request: Request, response: Response,
+                             options: Annotated[Options, Query()],  # type: ignore[valid-type]
                              file: UploadFile = File(description=upload.file_description)) -> Output:  # type: ignore[valid-type]
         if entry.uploads >= max_uploads:
             raise QueueFullError(f"{entry.name} already holds its limit of {max_uploads} uploads (SERVE_MAX_UPLOADS); "
                                  "retry after the seconds in Retry-After")
         entry.uploads += 1
         try:
-            return (await submit([Upload(await file.read(), options)], request))[0]
+            return (await submit([Upload(await file.read(), options)], request, response))[0]
         finally:
             entry.uploads -= 1
 
@@ -179,7 +222,10 @@ class ModelInfo(BaseModel):
     reason: str | None = Field(None, description="Why the model is not ready.")
     platform: str = "pytorch"
     device: str
-    version: str | None = None
+    version: str | None = Field(None, description="The version answering by default (X-Model-Version names the one "
+                                                 "that answered each request).")
+    versions: list[str] = Field([], description="Versions loaded in this process; POST /{model}/versions/{v} calls one.")
+    split: dict[str, int] = Field({}, description="The weighted split between versions in force (a canary), if any.")
     created_at: str | None = None
     git_commit: str | None = Field(None, description="The training code's commit (for callers with a key).")
     git_tree: str | None = Field(None, description="Whether the training code had uncommitted changes (idem).")
@@ -215,6 +261,7 @@ def ops_router(registry: Registry) -> APIRouter:
         return ModelInfo(
             name=entry.name, state=entry.state, reason=entry.reason, device=str(registry.device),
             version=m and m.version, created_at=m and m.created_at, quick=bool(m and m.quick),
+            versions=[v for v, mv in entry.versions.items() if mv.state == "ready"], split=entry.split,
             git_commit=m.git_commit if detailed else None, git_tree=m.git_tree if detailed else None,
             metrics=m.metrics if m else {}, metrics_method=m and m.metrics_method,
             hyperparameters=m.hyperparameters if detailed else {}, libraries=m.libraries if detailed else {},

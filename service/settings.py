@@ -80,6 +80,21 @@ class Settings(BaseSettings):
         "An ed25519 public key (PEM text, or the path of a PEM file): when set, a model loads only if its "
         "manifest.json carries a valid manifest.sig made with the matching private key (see the README)."))
 
+    # Model versions (artifacts/<model>/<version>/): which serve, and how new ones arrive.
+    model_versions: dict[str, str] = Field(default_factory=dict, description=(
+        "A pinned version per model, e.g. {\"fashion\": \"2026.11.25.123948\"}; a model not named serves its "
+        "newest version that loads."))
+    traffic: dict[str, dict[str, int]] = Field(default_factory=dict, description=(
+        "A weighted split between versions per model (a canary), e.g. {\"fashion\": {\"A\": 90, \"B\": 10}}."))
+    model_poll_s: float | None = Field(None, gt=0, description=(
+        "Look for new versions on disk every this many seconds and switch to them (models not pinned); unset: "
+        "only when an admin asks (POST /admin/models/{m}/load)."))
+    admin_keys: list[str] = Field(default_factory=list, description=(
+        "Keys for the /admin routes (never the client keys); unset: the admin routes are off."))
+    control_dir: Path | None = Field(None, description=(
+        "Where worker processes share the desired model versions and report theirs; `python -m service` sets it "
+        "for SERVE_WORKERS > 1. Unset: one process, nothing shared."))
+
     benchmark_routes: bool = Field(False, description="Add POST /{model}/noop (validation only) for benchmarks.")
 
     log_json: bool = False
@@ -87,3 +102,9 @@ class Settings(BaseSettings):
 
     def policy(self, model: str) -> BatchPolicy:
         return self.batching.get(model, self.default_batching)
+
+    def desired(self, model: str):
+        """The versions the settings ask for: the starting point of the admin API's changes."""
+        from service.registry import Desired  # noqa: PLC0415 - the registry imports these settings
+
+        return Desired(pin=self.model_versions.get(model), split=dict(self.traffic.get(model, {})))

@@ -7,6 +7,9 @@ their batchers. torch runs single-threaded until the fork (its OpenMP pool must 
 the loaded objects are frozen out of the garbage collector, whose scans would otherwise write to (and so
 copy) every shared page. gunicorn replaces a worker that dies and drains every worker on SIGTERM.
 
+Model versions changed at run time (service/admin.py) reach every worker through a shared folder: the
+workers apply each change to their own copies, loaded after the fork (so a new version is not shared).
+
 Metrics come from every worker: prometheus-client's multiprocess mode keeps each worker's values in files
 under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` adds them up, whichever worker answers.
 """
@@ -92,7 +95,10 @@ def serve(settings: Settings, workers: int) -> None:
     """Run ``workers`` processes on settings.host:settings.port until SIGTERM; metrics in a fresh folder."""
     folder = tempfile.mkdtemp(prefix="serve-metrics-")
     os.environ[MULTIPROC_ENV] = folder  # before prometheus_client is imported anywhere
+    control = settings.control_dir or Path(tempfile.mkdtemp(prefix="serve-versions-"))  # see service/admin.py
     try:
-        PreforkServer(settings, workers).run()
+        PreforkServer(settings.model_copy(update={"control_dir": control}), workers).run()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        if settings.control_dir is None:
+            shutil.rmtree(control, ignore_errors=True)

@@ -23,6 +23,7 @@ import pytest
 
 from service import catalog
 from service.app import create_app
+from service.artifacts import version_folders
 from service.registry import ModelEntry, open_model
 from service.settings import Settings
 from tests.stubs import DOUBLER, write_stub_artifacts
@@ -42,6 +43,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def example(name: str) -> dict:
     """The declared example input of a model in the catalog."""
     return catalog.get(name).predictor_class().example
+
+
+def version_dir(model_dir: Path) -> Path:
+    """The newest version in a model's folder (the committed artifacts hold one version per model)."""
+    versions = version_folders(model_dir)
+    assert versions, f"no version in {model_dir}"
+    return list(versions.values())[-1]
 
 
 def committed(name: str) -> ModelEntry:

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.app import create_app
-from service.artifacts import write_artifact
+from service.artifacts import publish_version, staging_folder, write_artifact
 from service.catalog import Model
 from service.models.base import InputError, InputRejected, Predictor, UploadRoute
 from service.settings import Settings
@@ -81,10 +81,10 @@ DOUBLER = Model("doubler", "tests.stubs:Doubler")
 
 def write_stub_artifacts(artifacts_dir: Path, quick: bool = False) -> Path:
     """An artifacts folder holding the stub's (empty, but verified like any other) artifact."""
-    folder = artifacts_dir / DOUBLER.folder
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = staging_folder(artifacts_dir / DOUBLER.folder)
     write_artifact(folder, name=DOUBLER.name, hyperparameters={}, metrics={}, metrics_method="none: a stub",
                    data_files=[], quick=quick)
+    publish_version(folder)
     return artifacts_dir
 
 

@@ -12,7 +12,7 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import ARTIFACTS, ROOT, Server
+from tests.conftest import ARTIFACTS, ROOT, Server, version_dir
 
 CATALOG_LINE = '    Model("iris", "service.models.iris:Iris"),\n'
 
@@ -54,7 +54,7 @@ def test_a_fifth_model_added_by_the_readme_steps_trains_and_serves(tmp_path):
     env = {"PYTHONPATH": str(project), "TQDM_DISABLE": "1"}
     subprocess.run([sys.executable, "-m", "training", "iris", "--quick", "--data-dir", str(tmp_path / "data"),
                     "--device", "cpu"], cwd=project, env={**os.environ, **env}, check=True)
-    assert (project / "artifacts" / "iris" / "manifest.json").is_file()
+    assert (version_dir(project / "artifacts" / "iris") / "manifest.json").is_file()
 
     server = Server({**env, "SERVE_ARTIFACTS_DIR": str(project / "artifacts")}, cwd=project)
     try:

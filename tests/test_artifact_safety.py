@@ -24,7 +24,7 @@ from service.artifacts import (MANIFEST, SIGNATURE, TRUSTED_TYPES, Artifact, Art
                                skops_types, write_artifact)
 from service.registry import ModelUnavailableError, open_model
 from service.settings import Settings
-from tests.conftest import ARTIFACTS, example, serving
+from tests.conftest import ARTIFACTS, example, serving, version_dir
 
 PHONE, HOUSE = catalog.get("phone-price"), catalog.get("house-price")
 
@@ -33,7 +33,7 @@ def rehash(folder: Path) -> None:
     """What an attacker who can write the folder does after changing a file: a manifest with the new hashes."""
     old = json.loads((folder / MANIFEST).read_text())
     write_artifact(folder, name=old["name"], hyperparameters=old["hyperparameters"], metrics=old["metrics"],
-                   metrics_method=old["metrics_method"], data_files=[], extra=old["extra"])
+                   metrics_method=old["metrics_method"], data_files=[], extra=old["extra"], version=old["version"])
 
 
 class Boom:
@@ -72,7 +72,7 @@ def os_system_skops(command: str) -> bytes:
 
 def test_the_trusted_types_are_exactly_what_the_committed_preprocessor_holds():
     """The list in service/artifacts.py is not a blanket allowance: the house pipeline uses every entry."""
-    assert skops_types((ARTIFACTS / HOUSE.folder / "preprocessor.skops").read_bytes()) == set(TRUSTED_TYPES)
+    assert skops_types((version_dir(ARTIFACTS / HOUSE.folder) / "preprocessor.skops").read_bytes()) == set(TRUSTED_TYPES)
     committed = [p.name for p in ARTIFACTS.rglob("*") if p.suffix in (".joblib", ".pkl", ".pickle")]
     assert committed == [], "no pickles among the committed artifacts"
 
@@ -89,7 +89,7 @@ def test_a_skops_file_with_an_untrusted_type_never_runs_its_code(artifacts_copy,
     assert (tmp_path / "live").exists()
     marker = tmp_path / "pwned"
     payload = make(marker)
-    folder = artifacts_copy / HOUSE.folder
+    folder = version_dir(artifacts_copy / HOUSE.folder)
     (folder / "preprocessor.skops").write_bytes(payload)
     rehash(folder)
 
@@ -106,7 +106,7 @@ def test_a_leftover_pickle_is_never_opened(artifacts_copy, tmp_path, monkeypatch
     pickle.loads(pickle.dumps(Pickled(tmp_path / "live")))  # the payload is live
     assert (tmp_path / "live").exists()
     for model in (PHONE, HOUSE):
-        folder = artifacts_copy / model.folder
+        folder = version_dir(artifacts_copy / model.folder)
         (folder / "preprocessor.joblib").write_bytes(pickle.dumps(Pickled(marker)))
         rehash(folder)  # the pickle is now listed and hashed, beside the real preprocessor
 
@@ -123,7 +123,7 @@ def test_a_leftover_pickle_is_never_opened(artifacts_copy, tmp_path, monkeypatch
     assert not marker.exists()
 
     # An artifact from before skops, whose only preprocessor is the pickle, is refused with what to do.
-    folder = artifacts_copy / HOUSE.folder
+    folder = version_dir(artifacts_copy / HOUSE.folder)
     (folder / "preprocessor.skops").unlink()
     rehash(folder)
     with pytest.raises(ModelUnavailableError, match=r"pickles can run code.*python -m training house-price"):
@@ -135,11 +135,11 @@ def test_a_leftover_pickle_is_never_opened(artifacts_copy, tmp_path, monkeypatch
                                     {"features": ["ram"] * 20}])
 def test_phone_refuses_a_preprocessor_it_cannot_apply(artifacts_copy, change):
     """The phone model applies a StandardScaler's formula itself, over the API's 20 features in order."""
-    folder = artifacts_copy / PHONE.folder
+    folder = version_dir(artifacts_copy / PHONE.folder)
     scaler = json.loads((folder / "preprocessor.json").read_text())
     (folder / "preprocessor.json").write_text(json.dumps({**scaler, **change}))
     rehash(folder)
-    with pytest.raises(ModelUnavailableError, match="ArtifactError: phone_price/preprocessor.json must be a "
+    with pytest.raises(ModelUnavailableError, match=r"ArtifactError: phone_price/[0-9.]+/preprocessor.json must be a "
                                                     "StandardScaler"):
         open_model(PHONE, artifacts_copy)
 
@@ -156,7 +156,7 @@ def keys(tmp_path):
 
 def test_signed_manifests(artifacts_copy, keys, monkeypatch):
     private, pem, pem_file = keys
-    folder = artifacts_copy / PHONE.folder
+    folder = version_dir(artifacts_copy / PHONE.folder)
     with pytest.raises(ArtifactError, match=f"not signed \\(no {SIGNATURE}\\)"):
         Artifact(folder, pem)
     sign_manifest(folder, private)
@@ -189,7 +189,7 @@ def test_signed_manifests(artifacts_copy, keys, monkeypatch):
 
 
 def test_a_bad_public_key_setting_is_refused_without_naming_the_path(artifacts_copy, tmp_path):
-    folder = artifacts_copy / PHONE.folder
+    folder = version_dir(artifacts_copy / PHONE.folder)
     for value in [str(tmp_path / "secret-dir" / "missing.pem"), "-----BEGIN PUBLIC KEY-----\nnope\n"]:
         with pytest.raises(ArtifactError, match="SERVE_MANIFEST_PUBLIC_KEY is neither") as info:
             Artifact(folder, value)
@@ -203,8 +203,8 @@ def test_a_bad_public_key_setting_is_refused_without_naming_the_path(artifacts_c
 
 def test_with_signing_on_an_unsigned_model_fails_and_the_signed_one_serves(artifacts_copy, keys):
     private, _, pem_file = keys
-    sign_manifest(artifacts_copy / PHONE.folder, private)
-    house = artifacts_copy / HOUSE.folder
+    sign_manifest(version_dir(artifacts_copy / PHONE.folder), private)
+    house = version_dir(artifacts_copy / HOUSE.folder)
     sign_manifest(house, private)
     (house / "features.json").write_text((house / "features.json").read_text().replace('"', ' "', 1))
     rehash(house)  # tampered with, re-hashed: the signature no longer matches
@@ -222,7 +222,7 @@ def test_with_signing_on_an_unsigned_model_fails_and_the_signed_one_serves(artif
 
 def test_the_signature_is_not_listed_in_the_manifest_and_training_refuses_a_bad_key(artifacts_copy, keys, tmp_path):
     private, pem, _ = keys
-    folder = artifacts_copy / PHONE.folder
+    folder = version_dir(artifacts_copy / PHONE.folder)
     sign_manifest(folder, private)
     rehash(folder)  # a new manifest in a folder that holds a signature: the signature is not one of its files
     assert SIGNATURE not in json.loads((folder / MANIFEST).read_text())["files"]

@@ -10,7 +10,7 @@ import torch
 
 from service import catalog
 from service.artifacts import Artifact, ArtifactError, check_compatible, sha256_file
-from tests.conftest import ARTIFACTS, committed
+from tests.conftest import ARTIFACTS, committed, version_dir
 from training.common import Options
 from training.selection import Protocol
 from training.tabular import predict
@@ -24,7 +24,7 @@ def test_every_model_in_the_catalog_has_a_committed_artifact():
 
 @pytest.mark.parametrize("folder", [m.folder for m in catalog.MODELS])
 def test_committed_artifact_matches_its_manifest(folder):
-    path = ARTIFACTS / folder
+    path = version_dir(ARTIFACTS / folder)
     manifest = json.loads((path / "manifest.json").read_text())
     files = {p.name for p in path.iterdir() if p.is_file()} - {"manifest.json", "manifest.sig"}
     assert files == set(manifest["files"]), "every file is listed and every listed file exists"
@@ -37,7 +37,7 @@ def test_committed_artifact_matches_its_manifest(folder):
 
 
 def test_tampered_or_unlisted_files_are_refused(artifacts_copy):
-    folder = artifacts_copy / "phone_price"
+    folder = version_dir(artifacts_copy / "phone_price")
     (folder / "preprocessor.json").write_bytes(b"not the scaler")
     with pytest.raises(ArtifactError, match="sha256"):
         Artifact(folder)
@@ -54,7 +54,7 @@ def test_incompatible_library_versions_are_refused():
 
 def test_weights_load_without_pickle():
     """model.pt is a plain state_dict: loadable with weights_only=True, nothing else inside."""
-    state = torch.load(ARTIFACTS / "phone_price" / "model.pt", weights_only=True)
+    state = torch.load(version_dir(ARTIFACTS / "phone_price") / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
@@ -128,7 +128,7 @@ def test_house_feature_table_is_in_the_artifact_and_matches_the_data(data_dir):
     the categories of the training rows, data_description.txt's other spellings and its unseen codes."""
     from service.models.house_price import FEATURE_TABLE
     from training.house_price import load
-    artifact = Artifact(ARTIFACTS / catalog.get("house-price").folder)
+    artifact = Artifact(version_dir(ARTIFACTS / catalog.get("house-price").folder))
     assert FEATURE_TABLE in artifact.manifest.files
     table, frame, _, _ = load(Options(data_dir=data_dir), artifact.manifest.hyperparameters)
     assert artifact.load_json(FEATURE_TABLE) == table
@@ -150,7 +150,7 @@ def test_service_reads_no_file_that_training_writes_outside_artifacts():
 @pytest.mark.parametrize("name", ["/etc/hostname", "../poem/vocab.json", "sub/file.json", ".."])
 def test_manifest_entries_are_plain_file_names_in_the_folder(artifacts_copy, name):
     """A re-hashed manifest cannot make the loader read (and hash) a file outside the model's folder."""
-    folder = artifacts_copy / "phone_price"
+    folder = version_dir(artifacts_copy / "phone_price")
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"][name] = "0" * 64
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -159,7 +159,7 @@ def test_manifest_entries_are_plain_file_names_in_the_folder(artifacts_copy, nam
 
 
 def test_a_listed_file_may_not_be_a_link(artifacts_copy):
-    folder = artifacts_copy / "phone_price"
+    folder = version_dir(artifacts_copy / "phone_price")
     target = folder / "report.json"
     moved = artifacts_copy / "elsewhere.json"
     target.rename(moved)

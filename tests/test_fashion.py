@@ -21,7 +21,7 @@ from service import catalog
 from service.models.fashion import NAMES_ZH, FashionImage
 from service.nets.fashion_cnn import NAMES
 from service.registry import open_model
-from tests.conftest import ARTIFACTS, ROOT, committed, example, need_data
+from tests.conftest import ARTIFACTS, ROOT, committed, example, need_data, version_dir
 from training.common import Options
 from training.fashion import IMAGES, LABELS, load, read_idx
 
@@ -34,7 +34,7 @@ def validation(data_dir) -> tuple[np.ndarray, np.ndarray]:
     """The committed model's validation images and labels (the split its manifest describes)."""
     need_data(data_dir, "fashion_mnist", IMAGES)
     need_data(data_dir, "fashion_mnist", LABELS)
-    hp = json.loads((ARTIFACTS / MODEL.folder / "manifest.json").read_text())["hyperparameters"]
+    hp = json.loads((version_dir(ARTIFACTS / MODEL.folder) / "manifest.json").read_text())["hyperparameters"]
     _, _, val, images, labels = load(Options(data_dir=data_dir, seed=hp["seed"]), hp)
     return images[val], labels[val]
 
@@ -296,7 +296,7 @@ def test_the_served_model_reaches_its_validation_accuracy(validation):
         batch = [FashionImage.model_construct(pixels=image.astype(np.float32), top_k=1) for image in images[start:start + 500]]
         predicted += [p.label for p in predictor.run(batch)]
     accuracy = float(np.mean(np.array(predicted) == labels))
-    manifest = json.loads((ARTIFACTS / MODEL.folder / "manifest.json").read_text())
+    manifest = json.loads((version_dir(ARTIFACTS / MODEL.folder) / "manifest.json").read_text())
     assert manifest["metrics"]["val_accuracy"] >= 0.952
     assert abs(accuracy - manifest["metrics"]["val_accuracy"]) <= 0.001, accuracy
 
@@ -335,7 +335,7 @@ def test_idx_reader_checks_the_magic_number(tmp_path):
 @pytest.mark.slow
 def test_quick_training_writes_a_servable_artifact(quick_artifacts):
     out = quick_artifacts("fashion")
-    folder = out / MODEL.folder
+    folder = version_dir(out / MODEL.folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     reports = {"learning_curves.png", "confusion_matrix.png", "misclassified.png", "report.json"}
     assert {"model.pt"} | reports <= set(manifest["files"]) and manifest["hyperparameters"]["epochs"] == 2

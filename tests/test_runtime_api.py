@@ -225,7 +225,7 @@ def test_a_model_that_fails_to_load_is_503_while_readiness_says_why(tmp_path):
         app = create_app(Settings(artifacts_dir=tmp_path), models=[DOUBLER])  # no artifact there
         async with serving(app) as client:
             ready = await client.get("/readyz")
-            assert ready.status_code == 503 and "no manifest.json" in ready.json()["models"]["doubler"]
+            assert ready.status_code == 503 and "no version of doubler" in ready.json()["models"]["doubler"]
             response = await client.post("/doubler", json={"x": 1})
             assert response.status_code == 503 and "not available" in response.json()["detail"]
             assert (await client.get("/healthz")).status_code == 200

@@ -13,7 +13,7 @@ from service import catalog
 from service.app import create_app
 from service.models.phone_price import LABELS
 from service.settings import Settings
-from tests.conftest import committed, example, need_data, serving
+from tests.conftest import committed, example, need_data, serving, version_dir
 
 PHONE = example("phone-price")
 HOUSE = example("house-price")
@@ -152,7 +152,7 @@ def test_house_accepts_every_training_row(client, data_dir):
 
 
 def test_tampered_artifact_is_refused_while_other_model_serves(artifacts_copy):
-    weights = artifacts_copy / "house_price" / "model.pt"
+    weights = version_dir(artifacts_copy / "house_price") / "model.pt"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     weights.write_bytes(bytes(data))
@@ -177,7 +177,7 @@ def test_tampered_artifact_is_refused_while_other_model_serves(artifacts_copy):
                                            ("house-price", {"preprocessor.skops", "learning_curves.png",
                                                             "features.json", "cv_predictions.json"})])
 def test_quick_training_of_the_tabular_models(quick_artifacts, name, reports):
-    folder = quick_artifacts(name) / catalog.get(name).folder
+    folder = version_dir(quick_artifacts(name) / catalog.get(name).folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {"model.pt", "report.json"} | reports <= set(manifest["files"])
     key, most = ("iterations", 15) if name == "phone-price" else ("epochs", 15)  # the phone net's: L-BFGS

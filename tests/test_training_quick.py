@@ -11,14 +11,14 @@ import pytest
 
 from service.catalog import MODELS
 from service.registry import open_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, version_dir
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS, ids=[m.name for m in MODELS])
 def test_quick_training_writes_a_servable_artifact(quick_artifacts, model):
     out = quick_artifacts(model.name)
-    folder = out / model.folder
+    folder = version_dir(out / model.folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     files = {p.name for p in folder.iterdir()} - {"manifest.json"}
     assert files == set(manifest["files"]) and {"model.pt", "report.json", "learning_curves.png"} <= files

@@ -1,12 +1,13 @@
 """Command line: ``python -m training <model> [--quick] [--sign-key KEY.pem] ...``, one of the catalog's models
-or ``all``."""
+or ``all``. Each run adds a new version, ``<out>/<model>/<version>/``, beside the older ones."""
 
 import argparse
 import importlib
 import os
+import shutil
 from pathlib import Path
 
-from service.artifacts import private_key, sign_manifest
+from service.artifacts import MANIFEST, private_key, publish_version, sign_manifest
 from service.catalog import MODELS
 from training.common import Options, default_data_dir
 
@@ -33,12 +34,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"python -m training: --sign-key {args.sign_key}: {exc}\n")
     opts = Options(data_dir=args.data_dir, out_dir=args.out, device=args.device, seed=args.seed, quick=args.quick)
     for model in MODELS if args.model == "all" else [m for m in MODELS if m.name == args.model]:
+        opts.staged = None
         try:
             importlib.import_module(model.trainer).train(opts)
         except FileNotFoundError as missing:  # no data there: one line saying where to put it, not a traceback
             parser.exit(2, f"python -m training {model.name}: {missing}\n")
+        finally:
+            if opts.staged is not None and not (opts.staged / MANIFEST).is_file():
+                shutil.rmtree(opts.staged, ignore_errors=True)  # a run that failed leaves nothing behind
         if key is not None:
-            print(f"signed {sign_manifest(opts.out_dir / model.folder, key)}")
+            print(f"signed {sign_manifest(opts.staged, key)}")
+        print(f"new version: {publish_version(opts.staged)}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
-from service.artifacts import TRUSTED_TYPES, Manifest, skops_types, write_artifact
+from service.artifacts import TRUSTED_TYPES, Manifest, skops_types, staging_folder, write_artifact
 from service.settings import PROJECT_ROOT
 
 DATA_DIR_ENV = "DATA_DIR"
@@ -39,6 +39,7 @@ class Options:
     device: str = "auto"
     seed: int = 0
     quick: bool = False  # a tiny slice and a few epochs, for smoke tests
+    staged: Path | None = None  # the folder the last artifact_dir() made
 
     def data_file(self, dataset: str, name: str) -> Path:
         path = self.data_dir / dataset / name
@@ -49,12 +50,10 @@ class Options:
         return path
 
     def artifact_dir(self, folder: str) -> Path:
-        path = self.out_dir / folder
-        path.mkdir(parents=True, exist_ok=True)
-        for old in path.iterdir():  # a fresh artifact never mixes files from an older run
-            if old.is_file():
-                old.unlink()
-        return path
+        """A fresh hidden folder for the new version of ``folder``'s model; ``python -m training`` signs it and
+        moves it to ``<out>/<folder>/<version>/`` once it is whole, beside the older versions."""
+        self.staged = staging_folder(self.out_dir / folder)
+        return self.staged
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -215,5 +214,5 @@ def save_artifact(folder: Path, net: nn.Module, *, name: str, hyperparameters: d
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     manifest = write_artifact(folder, name=name, hyperparameters=hyperparameters, metrics=metrics,
                               metrics_method=metrics_method, data_files=data_files, extra=extra, quick=quick)
-    print(f"wrote {folder}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict)))
+    print(f"wrote {name} version {manifest.version}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict)))
     return manifest

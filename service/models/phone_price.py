@@ -76,7 +76,7 @@ class PhonePrice(TabularPredictor):
     preprocessor_file = "preprocessor.json"  # the fitted StandardScaler's mean and scale, as plain numbers
 
     def load_preprocessor(self, artifact: Artifact) -> Standardiser:
-        where = f"{artifact.folder.name}/{self.preprocessor_file}"
+        where = f"{artifact.label}/{self.preprocessor_file}"
         scaler = Standardiser.from_json(artifact.load_json(self.preprocessor_file), where)
         if list(scaler.features) != FEATURES:
             raise ArtifactError(f"{where} must be a StandardScaler over the {len(FEATURES)} phone features in the "

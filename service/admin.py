@@ -1,0 +1,293 @@
+"""Model versions at run time: the admin API, new versions picked up from disk, and every worker kept in step.
+
+Each model has a desired state (:class:`service.registry.Desired`: a pinned version or the newest, a
+canary split, versions loaded for direct calls). The admin routes change it; :class:`Control` applies it
+with :meth:`Registry.reconcile`. With several worker processes the desired state is one JSON file under
+``SERVE_CONTROL_DIR``: the worker that takes an admin call writes it (under a file lock), every worker
+polls it and applies each new generation, and each writes a report of its versions beside it, so an admin
+call returns once every worker has switched (or says which did not) and ``GET /admin/models`` shows all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from service.artifacts import VERSION_NAME
+from service.registry import Desired, ModelEntry, Registry
+
+log = logging.getLogger("service.admin")
+
+DESIRED = "desired.json"
+LOCK = "desired.lock"
+SYNC_POLL_S = 0.2      # how often a worker looks for a new generation of the desired state
+SYNC_TIMEOUT_S = 120   # how long an admin call waits for the other workers to apply it
+
+
+class Control:
+    """Applies desired model versions in this process and keeps it in step with the other workers."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.folder: Path | None = registry.settings.control_dir
+        self.generation = 0  # of the desired state this process has applied
+        self._task: asyncio.Task | None = None
+
+    # -- the shared file -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with open(self.folder / LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _read(self) -> dict:
+        try:
+            return json.loads((self.folder / DESIRED).read_text())
+        except (OSError, ValueError):
+            return {"generation": 0, "models": {}, "retry": {}}
+
+    def _write(self, state: dict) -> None:
+        temporary = self.folder / f".{DESIRED}.{os.getpid()}"
+        temporary.write_text(json.dumps(state))
+        os.replace(temporary, self.folder / DESIRED)  # readers see the old file or the new one, never half
+
+    def _report_path(self, pid: int) -> Path:
+        return self.folder / f"worker-{pid}.json"
+
+    def _write_report(self) -> None:
+        if self.folder is None:
+            return
+        path = self._report_path(os.getpid())
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.report()))
+        os.replace(temporary, path)
+
+    def report(self) -> dict:
+        """This process's versions: what /admin/models shows for it."""
+        return {"pid": os.getpid(), "generation": self.generation, "updated": time.time(),
+                "models": {name: entry.status() for name, entry in self.registry.entries.items()}}
+
+    def reports(self) -> list[dict]:
+        """Every live worker's report (this one's fresh); a dead worker's report is removed."""
+        if self.folder is None:
+            return [self.report()]
+        found = {os.getpid(): self.report()}
+        for path in self.folder.glob("worker-*.json"):
+            pid = int(path.stem.split("-")[1])
+            if pid in found:
+                continue
+            try:
+                os.kill(pid, 0)
+                found[pid] = json.loads(path.read_text())
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+            except (OSError, ValueError):
+                continue  # being replaced right now: next time
+        return [found[pid] for pid in sorted(found)]
+
+    # -- applying ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Catch up with the shared state (a worker that replaced a dead one), then watch it and the disk."""
+        if self.folder is not None:
+            await self._sync()
+            self._write_report()
+        if self.folder is not None or self.registry.settings.model_poll_s:
+            self._task = asyncio.get_running_loop().create_task(self._watch(), name="model-versions")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.folder is not None:
+            self._report_path(os.getpid()).unlink(missing_ok=True)
+
+    async def _sync(self) -> None:
+        """Apply the shared desired state if another worker changed it."""
+        state = self._read()
+        if state["generation"] <= self.generation:
+            return
+        for name, desired in state["models"].items():
+            if name in self.registry.entries:
+                self.registry.entries[name].desired = Desired(**desired)
+        retry = frozenset(v for versions in state.get("retry", {}).values() for v in versions)
+        await self.registry.reconcile(retry=retry)
+        self.generation = state["generation"]
+        self._write_report()
+
+    async def _watch(self) -> None:
+        poll_s = self.registry.settings.model_poll_s
+        next_scan = time.monotonic() + (poll_s or 0)
+        while True:
+            await asyncio.sleep(min(SYNC_POLL_S, poll_s or SYNC_POLL_S))
+            try:
+                if self.folder is not None:
+                    await self._sync()
+                if poll_s and time.monotonic() >= next_scan:
+                    await self.registry.reconcile()  # new versions on disk: the newest that loads serves
+                    self._write_report()
+                    next_scan = time.monotonic() + poll_s
+            except Exception:  # never let the watcher die: the next pass tries again
+                log.exception("applying model versions failed")
+
+    async def change(self, name: str, edit: Callable[[Desired], None], retry: frozenset[str] = frozenset()) -> None:
+        """Edit one model's desired state, apply it here, and wait for every other worker to apply it."""
+        entry = self.registry.entries[name]
+        if self.folder is None:
+            edit(entry.desired)
+            await self.registry.reconcile([name], retry)
+            return
+        with self._locked():
+            state = self._read()
+            desired = Desired(**state["models"].get(name, asdict(entry.desired)))
+            edit(desired)
+            state["models"][name] = asdict(desired)
+            state["generation"] += 1
+            state["retry"] = {name: sorted(retry)}
+            self._write(state)
+        await self._sync()
+        await self._wait_for_workers(state["generation"])
+
+    async def _wait_for_workers(self, generation: int) -> None:
+        deadline = time.monotonic() + SYNC_TIMEOUT_S
+        while time.monotonic() < deadline:
+            behind = [r["pid"] for r in self.reports() if r["generation"] < generation]
+            if not behind:
+                return
+            await asyncio.sleep(SYNC_POLL_S / 2)
+        raise HTTPException(504, f"worker processes {behind} have not applied the change within {SYNC_TIMEOUT_S} s; "
+                                 "GET /admin/models shows each worker's versions")
+
+
+# -- the admin routes ----------------------------------------------------------------------------------------
+
+class VersionBody(BaseModel):
+    version: str | None = Field(None, pattern=f"^{VERSION_NAME.pattern}$", description=(
+        "A version's name (its folder under artifacts/<model>/). POST load: omitted means look for new versions "
+        "and serve the newest (when not pinned); PUT default: omitted or null means serve the newest again."))
+
+
+class SplitBody(BaseModel):
+    weights: dict[str, int] = Field(description=(
+        "Version name -> weight (whole numbers, shares of the total), e.g. {\"A\": 90, \"B\": 10}; {} ends the "
+        "split (the default version takes all)."), examples=[{"2026.11.25.123948": 90, "2026.11.26.090000": 10}])
+
+
+def admin_router(registry: Registry, control: Control) -> APIRouter:
+    """``/admin/models...``: on only when SERVE_ADMIN_KEYS is set, and only for those keys (``app.gate``)."""
+    router = APIRouter(prefix="/admin", tags=["admin"])
+
+    def entry_of(name: str) -> ModelEntry:
+        if name not in registry.entries:
+            raise HTTPException(404, f"no model named '{name}'; served models: {', '.join(registry.entries)}")
+        return registry.entries[name]
+
+    def on_disk(entry: ModelEntry, version: str) -> str:
+        if version not in entry.on_disk():
+            raise HTTPException(404, f"no version '{version}' of {entry.name} on disk; there are: "
+                                     f"{', '.join(entry.on_disk()) or 'none'} (train one with `python -m training "
+                                     f"{entry.name}`)")
+        return version
+
+    def outcome(entry: ModelEntry, versions: list[str]) -> dict:
+        """The model's state here; a 422 naming the reason if a version asked for did not load (the version
+        that served before still does)."""
+        failed = {v: entry.failed[v][1] for v in versions if v in entry.failed}
+        if failed:
+            raise HTTPException(422, "; ".join(f"version {v} did not load ({why})" for v, why in failed.items())
+                                + f"; {entry.default or 'nothing'} keeps serving")
+        return {"model": entry.name, **entry.status()}
+
+    @router.get("/models", summary="Every model's versions in every worker process", operation_id="admin_models")
+    async def models() -> dict:
+        return {"workers": control.reports()}
+
+    @router.post("/models/{name}/load", summary="Load a version, or look for new ones", operation_id="admin_load")
+    async def load(name: str, body: VersionBody | None = None) -> dict:
+        """Loaded, verified and warmed up beside the serving version; the newest becomes the default unless
+        a version is pinned. A named version stays loaded for POST /{model}/versions/{version}."""
+        entry, version = entry_of(name), body.version if body else None
+        if version is not None:
+            on_disk(entry, version)
+
+            def edit(desired: Desired) -> None:
+                if version not in desired.extra:
+                    desired.extra.append(version)
+            await control.change(name, edit, frozenset({version}))
+            return outcome(entry, [version])
+        newest = list(entry.on_disk())[-1:]
+        await control.change(name, lambda desired: None, frozenset(newest))
+        return outcome(entry, newest)
+
+    @router.post("/models/{name}/unload", summary="Unload a version", operation_id="admin_unload")
+    async def unload(name: str, body: VersionBody) -> dict:
+        entry = entry_of(name)
+        version = body.version
+        if version is None:
+            raise HTTPException(422, "send {\"version\": \"...\"}: the version to unload")
+        if version == entry.default or version in entry.desired.split or version == entry.desired.pin:
+            raise HTTPException(409, f"version {version} of {name} is serving (the default, pinned or in the split); "
+                                     "pin another version or end the split first")
+
+        def edit(desired: Desired) -> None:
+            desired.extra = [v for v in desired.extra if v != version]
+        await control.change(name, edit)
+        return outcome(entry, [])
+
+    @router.put("/models/{name}/default", summary="Pin the version that serves (or the newest again)",
+                operation_id="admin_default")
+    async def default(name: str, body: VersionBody) -> dict:
+        """Pinning the previous version is a rollback in one call: it is loaded (if it is not), warmed up, then
+        switched to; the version it replaces is unloaded once its requests finish."""
+        entry = entry_of(name)
+        version = body.version and on_disk(entry, body.version)
+        before = entry.desired.pin
+
+        def edit(desired: Desired) -> None:
+            desired.pin = version
+        await control.change(name, edit, frozenset({version} if version else ()))
+        if version is not None and entry.default != version:
+            reason = entry.failed.get(version, (0, "it did not load"))[1]
+            await control.change(name, lambda desired: setattr(desired, "pin", before))
+            raise HTTPException(422, f"version {version} did not load ({reason}); {entry.default or 'nothing'} "
+                                     "keeps serving")
+        return outcome(entry, [])
+
+    @router.put("/models/{name}/split", summary="Split traffic between versions (a canary)", operation_id="admin_split")
+    async def split(name: str, body: SplitBody) -> dict:
+        entry = entry_of(name)
+        weights = body.weights
+        if weights and (len(weights) < 2 or any(w <= 0 for w in weights.values())):
+            raise HTTPException(422, "send two or more versions with positive weights, e.g. {\"weights\": {\"A\": 90, "
+                                     "\"B\": 10}}, or {\"weights\": {}} to end the split")
+        for version in weights:
+            on_disk(entry, version)
+        before = dict(entry.desired.split)
+
+        def edit(desired: Desired) -> None:
+            desired.split = dict(weights)
+        await control.change(name, edit, frozenset(weights))
+        if weights and entry.split != weights:
+            reasons = [f"version {v} did not load ({entry.failed[v][1]})" for v in weights if v in entry.failed]
+            await control.change(name, lambda desired: setattr(desired, "split", before))
+            raise HTTPException(422, "; ".join(reasons or ["the split's versions did not all load"])
+                                + "; the traffic stays as it was")
+        return outcome(entry, [])
+
+    return router
