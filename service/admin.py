@@ -106,7 +106,8 @@ class Control:
         """Catch up with the shared state (a worker that replaced a dead one), then watch it and the disk."""
         if self.folder is not None:
             await self._sync()
-            self._write_report()
+        await self.registry.reconcile()  # the split's and the extra versions, beside the one loaded first
+        self._write_report()
         if self.folder is not None or self.registry.settings.model_poll_s:
             self._task = asyncio.get_running_loop().create_task(self._watch(), name="model-versions")
 

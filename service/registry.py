@@ -113,6 +113,9 @@ class ModelEntry:
             entry.reason = (f"{MissingArtifactError.__name__}: no version of {model.name} in the artifacts folder "
                             f"'{model.folder}'" + (f" named '{entry.desired.pin}'" if entry.desired.pin else "")
                             + f": train it with `python -m training {model.name}`, or leave it out of SERVE_MODELS")
+            if (entry.folder / MANIFEST).is_file():  # the layout before versions: one artifact in the folder itself
+                entry.reason += (f"; '{model.folder}' holds a {MANIFEST} itself, the layout before versions: move its "
+                                 f"files into '{model.folder}/<the manifest's version>/'")
             log.error("cannot serve %s: %s", model.name, entry.reason)
         return entry
 

@@ -79,11 +79,11 @@ class Doubler(Predictor):
 DOUBLER = Model("doubler", "tests.stubs:Doubler")
 
 
-def write_stub_artifacts(artifacts_dir: Path, quick: bool = False) -> Path:
+def write_stub_artifacts(artifacts_dir: Path, quick: bool = False, version: str | None = None) -> Path:
     """An artifacts folder holding the stub's (empty, but verified like any other) artifact."""
     folder = staging_folder(artifacts_dir / DOUBLER.folder)
     write_artifact(folder, name=DOUBLER.name, hyperparameters={}, metrics={}, metrics_method="none: a stub",
-                   data_files=[], quick=quick)
+                   data_files=[], quick=quick, version=version)
     publish_version(folder)
     return artifacts_dir
 
