@@ -84,6 +84,8 @@ from typing import Any
 
 import httpx
 
+from service.artifacts import version_folders
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"
@@ -1087,13 +1089,16 @@ def tamper_artifacts(ctx: Ctx) -> dict[str, Any]:
     markers.mkdir()
     planted: dict[str, Any] = {"artifacts_copy": str(target), "markers": {}, "files": {}}
 
+    def newest(model_dir: Path) -> Path:  # the version that serves
+        return list(version_folders(model_dir).values())[-1] if version_folders(model_dir) else model_dir
+
     def rehash(folder: Path, changes: dict[str, str]) -> None:
         manifest = json.loads((folder / "manifest.json").read_text())
         manifest["files"].update(changes)
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
     def plant(folder_name: str, pattern: str, label: str) -> None:
-        folder = target / folder_name
+        folder = newest(target / folder_name)
         try:
             manifest = json.loads((folder / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
@@ -1127,9 +1132,9 @@ def tamper_artifacts(ctx: Ctx) -> dict[str, Any]:
     plant("house_price", r"preprocessor\..*", "house-price preprocessor")
     plant("fashion", r"[^/]*\.(pt|pth|bin)", "fashion weights")
     # poem: the manifest names files outside its folder (each with its true hash)
-    poem = target / "poem"
+    poem = newest(target / "poem")
     escapes = {}
-    for name in ("/etc/hostname", "../phone_price/manifest.json"):
+    for name in ("/etc/hostname", f"../../phone_price/{newest(target / 'phone_price').name}/manifest.json"):
         path = Path(name) if name.startswith("/") else poem / name
         if path.is_file():
             escapes[name] = hashlib.sha256(path.read_bytes()).hexdigest()
