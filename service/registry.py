@@ -29,7 +29,7 @@ from service.artifacts import (MANIFEST, Artifact, ArtifactError, Manifest, Miss
 from service.batching import Batcher
 from service.catalog import Model
 from service.metrics import Metrics
-from service.models.base import Predictor, return_freed_memory
+from service.models.base import InputError, Predictor, return_freed_memory
 from service.settings import Settings
 
 log = logging.getLogger("service.registry")
@@ -320,6 +320,22 @@ class Registry:
                 if version.state == "ready" and version.batcher is None:
                     self._start_batcher(entry, version)
             self._publish(entry)
+
+    async def submit(self, entry: ModelEntry, items: list, version: str | None = None,
+                     meta: dict | None = None) -> tuple[list, str]:
+        """``items`` through the batcher of the version picked for them (named, drawn by the split, or the
+        default), held until answered; returns the outputs (an exception in place of an item that failed) and
+        the version's name. Counted per version: outcome ok, invalid (an InputError) or error."""
+        with entry.use(version) as chosen:
+            started, outcome = time.perf_counter(), "error"
+            try:
+                outputs = await chosen.batcher.submit(items, meta)
+                failed = [out for out in outputs if isinstance(out, Exception)]
+                outcome = "ok" if not failed else "invalid" if all(isinstance(f, InputError) for f in failed) else "error"
+                return outputs, chosen.name
+            finally:
+                self.metrics.version_requests.labels(entry.name, chosen.name, outcome).inc()
+                self.metrics.version_latency.labels(entry.name, chosen.name).observe(time.perf_counter() - started)
 
     def _start_batcher(self, entry: ModelEntry, version: ModelVersion) -> None:
         policy = self.settings.policy(entry.name)

@@ -3,7 +3,6 @@ metadata and metrics."""
 
 import asyncio
 import json
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, File, HTTPException, Path, Query, Request, UploadFile
@@ -44,7 +43,7 @@ def model_router(entry: ModelEntry, registry: Registry) -> APIRouter:
 
     The API key and the body size are checked before any of these run (``middleware.Gate``).
     """
-    settings, metrics = registry.settings, registry.metrics
+    settings = registry.settings
     predictor, name, folder = entry.predictor, entry.name, entry.model.folder
     Input, Output = entry.Input, predictor.Output
     max_instances = settings.max_batch_instances
@@ -63,22 +62,13 @@ def model_router(entry: ModelEntry, registry: Registry) -> APIRouter:
         """The outputs, in order, from the version picked for this request (named in X-Model-Version). An item
         that failed raises: one request's error as it is; in a batch, every InputError together as one 422
         naming each instance, like a validation error of the body."""
-        with entry.use(version) as chosen:
-            response.headers[VERSION_HEADER] = chosen.name
-            meta: dict[str, int] = {}
-            started, outcome = time.perf_counter(), "error"
-            try:
-                outputs = await chosen.batcher.submit(items, meta)
-                failed = [(i, out) for i, out in enumerate(outputs) if isinstance(out, Exception)]
-                outcome = "ok" if not failed else "invalid" if all(
-                    isinstance(out, InputError) for _, out in failed) else "error"
-            finally:
-                metrics.version_requests.labels(name, chosen.name, outcome).inc()
-                metrics.version_latency.labels(name, chosen.name).observe(time.perf_counter() - started)
+        meta: dict[str, int] = {}
+        outputs, response.headers[VERSION_HEADER] = await registry.submit(entry, items, version, meta)
+        failed = [(i, out) for i, out in enumerate(outputs) if isinstance(out, Exception)]
         request.state.batch_size = meta.get("batch_size")
         if not failed:
             return outputs
-        if batch and outcome == "invalid":
+        if batch and all(isinstance(out, InputError) for _, out in failed):
             raise RequestValidationError([{"loc": ["body", "instances", i, *out.loc[1:]], "msg": str(out),
                                            "type": "value_error"} for i, out in failed])
         raise failed[0][1]

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.batching import PredictionTimeoutError, QueueFullError
 from service.models.base import InputError
-from service.registry import ModelEntry, ModelUnavailableError, Registry
+from service.registry import ModelEntry, ModelUnavailableError, Registry, VersionNotFoundError
 
 NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
@@ -210,8 +210,8 @@ def field_tensors(entry: ModelEntry) -> list[dict]:
         datatype = ("BYTES" if "string" in kinds else "BOOL" if kinds == {"boolean"}
                     else "INT64" if kinds == {"integer"} else "FP64")
         datatype, shape = declared.get(name, (datatype, [-1, -1] if "array" in kinds else [-1]))
-        tensors.append({"name": name, "datatype": datatype, "shape": shape,
-                        "optional": name not in schema.get("required", [])})
+        tensors.append({"name": name, "datatype": datatype, "shape": shape,  # a packed tensor can stand in for it
+                        "optional": name not in schema.get("required", []) or bool(entry.predictor.v2_packed)})
     if entry.predictor.v2_packed:
         name, columns = entry.predictor.v2_packed
         tensors.append({"name": name, "datatype": "FP64", "shape": [-1, len(columns)], "optional": True,
@@ -230,6 +230,18 @@ def output_descriptions(entry: ModelEntry) -> list[dict]:
             datatype, shape = "FP64", [-1, prop["maxItems"]]
         out.append({"name": name, "datatype": datatype, "shape": shape})
     return out
+
+
+def model_config(entry: ModelEntry) -> dict:
+    """Triton's model configuration extension (what ``perf_analyzer`` reads before it sends anything): the
+    metadata's tensors with their full shapes, the first dimension being the instances (``max_batch_size``
+    0: Triton's own batch dimension is not used; the service batches requests itself)."""
+    def tensor(t: dict) -> dict:
+        return {"name": t["name"], "data_type": "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}",
+                "dims": t["shape"]}
+    return {"name": entry.name, "platform": "pytorch", "backend": "pytorch", "max_batch_size": 0,
+            "input": [{**tensor(t), "optional": t["optional"]} for t in field_tensors(entry)],
+            "output": [tensor(t) for t in output_descriptions(entry)]}
 
 
 # ---------------------------------------------------------------- routes
@@ -277,8 +289,7 @@ def v2_router(registry: Registry, server_name: str, server_version: str) -> APIR
             entry = entry_of(model, version)
         except ProtocolError as exc:
             return error(str(exc), exc.status)
-        versions = [entry.manifest.version] if entry.manifest else []
-        return JSONResponse({"name": model, "versions": versions, "platform": "pytorch",
+        return JSONResponse({"name": model, "versions": loaded_versions(entry), "platform": "pytorch",
                              "inputs": field_tensors(entry), "outputs": output_descriptions(entry)})
 
     async def model_ready(model: str, request: Request, version: str | None) -> JSONResponse:
@@ -286,25 +297,36 @@ def v2_router(registry: Registry, server_name: str, server_version: str) -> APIR
             entry = entry_of(model, version)
         except ProtocolError as exc:
             return error(str(exc), exc.status)
-        ok = entry.state == "ready" and entry.batcher is not None
+        ok = bool(loaded_versions(entry)) and (version is not None or entry.state == "ready")
         return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
+
+    async def config(model: str, request: Request, version: str | None) -> JSONResponse:
+        try:
+            entry = entry_of(model, version)
+        except ProtocolError as exc:
+            return error(str(exc), exc.status)
+        return JSONResponse(model_config(entry))
 
     async def infer(model: str, request: Request, version: str | None) -> Response:
         try:
             entry = entry_of(model, version)
             header, binary = parse_body(await request.body(), request.headers.get(HEADER_LENGTH))
-            outputs, wanted, as_binary = await run_inference(entry, header, binary, registry.settings.max_batch_instances)
+            outputs, wanted, as_binary, answered_by = await run_inference(registry, entry, header, binary, version)
         except ProtocolError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status,
                                 headers={"Retry-After": "1"} if exc.status == 503 else None)
-        return write_response(entry, header.get("id"), outputs, wanted, as_binary)
+        return write_response(entry, answered_by, header.get("id"), outputs, wanted, as_binary)
 
-    routes = {"metadata": routes_for(model_metadata), "ready": routes_for(model_ready), "infer": routes_for(infer)}
+    routes = {"metadata": routes_for(model_metadata), "ready": routes_for(model_ready), "infer": routes_for(infer),
+              "config": routes_for(config)}
     for prefix, which, suffix in (("/v2/models/{model}", 0, ""), ("/v2/models/{model}/versions/{version}", 1, "_version")):
         router.add_api_route(prefix, routes["metadata"][which], methods=["GET"], summary="Model metadata (v2)",
                              operation_id="v2_model_metadata" + suffix, responses=_errors(401, 404))
         router.add_api_route(prefix + "/ready", routes["ready"][which], methods=["GET"], summary="Model ready (v2)",
                              operation_id="v2_model_ready" + suffix, responses=_errors(401, 404, 503))
+        router.add_api_route(prefix + "/config", routes["config"][which], methods=["GET"],
+                             summary="Model configuration (Triton's extension, for perf_analyzer)",
+                             operation_id="v2_model_config" + suffix, responses=_errors(401, 404))
         router.add_api_route(prefix + "/infer", routes["infer"][which], methods=["POST"],
                              summary="Inference (v2, JSON or binary)", operation_id="v2_infer" + suffix,
                              openapi_extra=INFER_BODY, responses=_errors(400, 401, 404, 413, 422, 503, 504))
@@ -312,23 +334,32 @@ def v2_router(registry: Registry, server_name: str, server_version: str) -> APIR
 
 
 def find_entry(registry: Registry, model: str, version: str | None) -> ModelEntry:
-    """The served model, checking the version when one is named (404 otherwise)."""
+    """The served model, checking that a version named is loaded (404 otherwise)."""
     entry = registry.entries.get(model)
     if entry is None:
         raise ProtocolError(f"no model named '{model}'; models: {', '.join(registry.entries)}", 404)
-    if version and (entry.manifest is None or version != entry.manifest.version):
-        have = entry.manifest.version if entry.manifest else "none loaded"
-        raise ProtocolError(f"model '{model}' has no version '{version}' (served: {have})", 404)
+    if version and version not in loaded_versions(entry):
+        raise ProtocolError(f"model '{model}' has no version '{version}' loaded (loaded: "
+                            f"{', '.join(loaded_versions(entry)) or 'none'})", 404)
     return entry
 
 
-async def run_inference(entry: ModelEntry, header: dict, binary: bytes,
-                        max_instances: int) -> tuple[list[BaseModel], list[str], set[str]]:
+def loaded_versions(entry: ModelEntry) -> list[str]:
+    """The versions that can answer, the default first."""
+    ready = [v for v, mv in entry.versions.items() if mv.state == "ready"]
+    return sorted(ready, key=lambda v: v != entry.default)
+
+
+async def run_inference(registry: Registry, entry: ModelEntry, header: dict, binary: bytes,
+                        version: str | None = None) -> tuple[list[BaseModel], list[str], set[str], str]:
     """The predictions for a v2 request (REST or gRPC, already as a JSON header and binary data), the
-    outputs asked for and those to send as binary. Every failure is a ProtocolError with its status."""
-    instances, wanted, as_binary = read_request(entry, header, binary, max_instances)
+    outputs asked for, those to send as binary, and the version that answered (the one named, else as the
+    model's default and split choose). Every failure is a ProtocolError with its status."""
+    instances, wanted, as_binary = read_request(entry, header, binary, registry.settings.max_batch_instances)
     try:
-        outputs = await entry.batcher_or_raise().submit(instances)
+        outputs, answered_by = await registry.submit(entry, instances, version)
+    except VersionNotFoundError as exc:
+        raise ProtocolError(str(exc), 404) from None
     except (QueueFullError, ModelUnavailableError) as exc:
         raise ProtocolError(str(exc), 503) from None
     except PredictionTimeoutError as exc:
@@ -338,7 +369,7 @@ async def run_inference(entry: ModelEntry, header: dict, binary: bytes,
             raise ProtocolError(f"instance {i}: {out}", 422)
         if isinstance(out, Exception):
             raise out
-    return outputs, wanted, as_binary
+    return outputs, wanted, as_binary, answered_by
 
 
 def parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -417,10 +448,10 @@ def read_request(entry: ModelEntry, header: dict, binary: bytes,
     return instances, wanted, as_binary
 
 
-def write_response(entry: ModelEntry, request_id: Any, predictions: list[BaseModel], wanted: list[str],
+def write_response(entry: ModelEntry, version: str, request_id: Any, predictions: list[BaseModel], wanted: list[str],
                    as_binary: set[str]) -> Response:
     body: dict[str, Any] = {"model_name": entry.name,
-                            "model_version": entry.manifest.version if entry.manifest else "",
+                            "model_version": version,
                             "outputs": []}
     if request_id is not None:
         body["id"] = str(request_id)

@@ -44,6 +44,12 @@ def test_server_and_model_metadata(v2, client):
     fashion = {t["name"]: t for t in v2.get_model_metadata("fashion")["inputs"]}
     assert fashion["pixels"]["shape"] == [-1, 28, 28] and fashion["pixels"]["datatype"] == "FP32"
     assert not v2.is_model_ready("phone-price", "no-such-version")
+    config = v2.get_model_config("fashion")  # Triton's configuration extension, which perf_analyzer reads first
+    assert config["max_batch_size"] == 0 and config["input"][0] == {
+        "name": "pixels", "data_type": "TYPE_FP32", "dims": [-1, 28, 28], "optional": False}
+    assert {o["name"]: o["data_type"] for o in config["output"]}["name"] == "TYPE_STRING"
+    phone = v2.get_model_config("phone-price")["input"]
+    assert all(t["optional"] for t in phone) and phone[-1]["name"] == "features"  # the packed tensor can stand in
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
@@ -158,6 +164,9 @@ def test_grpc_fashion_and_health(grpc_server):
     bad.set_data_from_numpy(np.zeros((1, 27, 28), np.uint8))
     with pytest.raises(InferenceServerException, match="28 rows of 28"):
         v2g.infer("fashion", [bad], headers={"x-api-key": "k"})
+    config = v2g.get_model_config("fashion", headers={"x-api-key": "k"}, as_json=True)["config"]
+    assert config["input"][0]["name"] == "pixels" and config["input"][0]["data_type"] == "TYPE_FP32"
+    assert [int(d) for d in config["input"][0]["dims"]] == [-1, 28, 28]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -270,3 +270,22 @@ def test_a_pinned_version_in_settings_serves_and_an_older_layout_is_explained(re
             ready = (await client.get("/readyz")).json()["models"]["doubler"]
             assert "holds a manifest.json itself" in ready and "doubler/<the manifest's version>/" in ready
     asyncio.run(scenario())
+
+
+def test_the_v2_protocol_names_and_calls_versions(repo):
+    add_version(repo / DOUBLER.folder, "2")
+    body = {"id": "r1", "inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": [2.5]}]}
+
+    async def scenario():
+        async with serving(app_for(repo)) as client:
+            assert (await client.post("/admin/models/doubler/load", json={"version": "1"}, headers=ADMIN)).status_code == 200
+            metadata = (await client.get("/v2/models/doubler", headers=CLIENT)).json()
+            assert metadata["versions"] == ["2", "1"]  # the default first
+            default = (await client.post("/v2/models/doubler/infer", json=body, headers=CLIENT)).json()
+            assert default["model_version"] == "2" and default["outputs"][0]["data"] == [5.0]
+            one = (await client.post("/v2/models/doubler/versions/1/infer", json=body, headers=CLIENT)).json()
+            assert one["model_version"] == "1" and one["id"] == "r1"
+            assert (await client.get("/v2/models/doubler/versions/1/ready", headers=CLIENT)).json()["ready"] is True
+            absent = await client.post("/v2/models/doubler/versions/7/infer", json=body, headers=CLIENT)
+            assert absent.status_code == 404 and "loaded: 2, 1" in absent.json()["error"]
+    asyncio.run(scenario())

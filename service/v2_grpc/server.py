@@ -15,8 +15,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.middleware import Gate
 from service.registry import Registry
-from service.v2 import (ProtocolError, field_tensors, find_entry, output_descriptions, output_tensors, run_inference,
-                        tensor_bytes)
+from service.v2 import (
+    ProtocolError,
+    field_tensors,
+    find_entry,
+    loaded_versions,
+    model_config,
+    output_descriptions,
+    output_tensors,
+    run_inference,
+    tensor_bytes,
+)
 from service.v2_grpc import inference_pb2 as pb
 from service.v2_grpc import inference_pb2_grpc as pb_grpc
 
@@ -84,16 +93,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         await self._check_key(context)
         entry = await self._entry(request.name, request.version, context)
-        return pb.ModelReadyResponse(ready=entry.state == "ready" and entry.batcher is not None)
+        return pb.ModelReadyResponse(ready=bool(loaded_versions(entry)) and (bool(request.version) or entry.state == "ready"))
 
     async def ModelMetadata(self, request, context):
         await self._check_key(context)
         entry = await self._entry(request.name, request.version, context)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=entry.name, versions=[entry.manifest.version] if entry.manifest else [], platform="pytorch",
+            name=entry.name, versions=loaded_versions(entry), platform="pytorch",
             inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in field_tensors(entry)],
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in output_descriptions(entry)])
+
+    async def ModelConfig(self, request, context):
+        await self._check_key(context)
+        config = model_config(await self._entry(request.name, request.version, context))
+        return pb.ModelConfigResponse(config=pb.ModelConfig(
+            name=config["name"], platform=config["platform"], backend=config["backend"],
+            max_batch_size=config["max_batch_size"], input=[pb.ModelInput(**t) for t in config["input"]],
+            output=[pb.ModelOutput(**t) for t in config["output"]]))
 
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
@@ -101,11 +118,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         entry = await self._entry(request.model_name, request.model_version, context)
         try:
             header, binary = as_rest_request(request)
-            outputs, wanted, _ = await run_inference(entry, header, binary, self.registry.settings.max_batch_instances)
+            outputs, wanted, _, answered_by = await run_inference(self.registry, entry, header, binary,
+                                                                  request.model_version or None)
         except ProtocolError as exc:
             await context.abort(STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
-        response = pb.ModelInferResponse(model_name=entry.name, id=request.id,
-                                         model_version=entry.manifest.version if entry.manifest else "")
+        response = pb.ModelInferResponse(model_name=entry.name, id=request.id, model_version=answered_by)
         for name, datatype, shape, values in output_tensors(outputs, wanted):
             response.outputs.add(name=name, datatype=datatype, shape=shape)
             response.raw_output_contents.append(tensor_bytes(datatype, values))
