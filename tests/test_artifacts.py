@@ -23,6 +23,14 @@ def test_every_model_in_the_catalog_has_a_committed_artifact():
 
 
 @pytest.mark.parametrize("folder", [m.folder for m in catalog.MODELS])
+def test_the_repository_commits_one_version_per_model_in_a_folder_named_after_it(folder):
+    """The layout holds many versions; git holds one per model, to keep the repository small."""
+    entries = [p for p in (ARTIFACTS / folder).iterdir() if p.name != ".gitignore"]
+    assert len(entries) == 1 and entries[0].is_dir(), [p.name for p in entries]
+    assert json.loads((entries[0] / "manifest.json").read_text())["version"] == entries[0].name
+
+
+@pytest.mark.parametrize("folder", [m.folder for m in catalog.MODELS])
 def test_committed_artifact_matches_its_manifest(folder):
     path = version_dir(ARTIFACTS / folder)
     manifest = json.loads((path / "manifest.json").read_text())
