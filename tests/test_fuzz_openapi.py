@@ -6,7 +6,6 @@ schemathesis.toml says why JSON Schema cannot express what valid is. The CLI is 
 and it reads the same schemathesis.toml.
 """
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ def test_every_operation_in_every_phase(server):
     operations_warned = {line.strip()[2:] for line in warned.splitlines() if line.startswith("  - ")}
     # ... and for the routes of one version by name: a version exists only at run time, so a generated name
     # is (rightly) 404 unless it hits a loaded one (tests/test_versions.py calls loaded versions).
-    by_version = {op for op in operations_warned if re.fullmatch(r"POST /[a-z-]+/versions/\{version\}(/batch)?", op)}
+    by_version = {op for op in operations_warned if "/versions/{version}" in op}
     assert operations_warned - by_version <= V2_INFER, operations_warned
     assert "No issues found" in summary or operations_warned, summary
     operations = len([1 for path in create_app().openapi()["paths"].values() for _ in path])

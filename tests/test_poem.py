@@ -15,7 +15,7 @@ from service import catalog
 from service.models.poem import PoemRequest
 from service.models.rhymes import rhyme_of
 from service.registry import open_model
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, version_dir
 
 MODEL = catalog.get("poem")
 
@@ -30,7 +30,7 @@ def assert_form(body: dict, rows: int, length: int) -> None:
 
 @pytest.fixture(scope="module")
 def poem_vocabulary() -> list[str]:
-    return json.loads((ARTIFACTS / MODEL.folder / "vocab.json").read_text("utf-8"))["tokens"]
+    return json.loads((version_dir(ARTIFACTS / MODEL.folder) / "vocab.json").read_text("utf-8"))["tokens"]
 
 
 def poem(client, **fields) -> dict:
@@ -245,7 +245,7 @@ def test_metadata_compares_with_the_plain_rnn(client):
 @pytest.mark.slow
 def test_quick_training_writes_a_servable_artifact(quick_artifacts):
     out = quick_artifacts("poem")
-    folder = out / MODEL.folder
+    folder = version_dir(out / MODEL.folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {"model.pt", "vocab.json", "report.json", "learning_curves.png"} <= set(manifest["files"])
     assert {"val_perplexity", "baseline_plain_rnn_val_perplexity"} <= set(manifest["metrics"])
@@ -253,3 +253,6 @@ def test_quick_training_writes_a_servable_artifact(quick_artifacts):
     (output,) = predictor.run([PoemRequest(line_num=4, line_length=7, seed=1)])
     assert_form(output.model_dump(), 4, 7)
     assert_rhymes(output.lines)
+    (regulated,) = predictor.run([PoemRequest(line_num=4, line_length=7, seed=1, meter="regulated")])
+    assert_form(regulated.model_dump(), 4, 7)
+    assert regulated.pattern is not None and len(regulated.pattern.clauses) == 8

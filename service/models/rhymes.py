@@ -8,7 +8,8 @@ ZHI_SYLLABLES = {"zhi", "chi", "shi", "ri", "zi", "ci", "si"}  # final "-i", whi
 RHYME_MODEL = ("same final (韵母) in pypinyin (lazy_pinyin, the character's most common reading), with both "
                "strict=True and strict=False finals equal, and zhi/chi/shi/ri/zi/ci/si kept apart from ji/qi/xi: "
                "光/霜/窗 share 'uang', 天/年/边 'ian', 雨/居 'v'. A rhyme is never repeated within a poem. Exact "
-               "finals are a stricter rule than the groups of 中华新韵 or 平水韵, so a poem rhymes under those too")
+               "finals are a stricter rule than the groups of 中华新韵, so a poem rhymes under those too; not always "
+               "under 平水韵 (东 and 冬 share 'ong' but not a Pingshui group): meter \"regulated\" rhymes on that table")
 
 
 @lru_cache(maxsize=None)
