@@ -7,7 +7,7 @@ import logging
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
@@ -79,13 +79,16 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     app.state.settings, app.state.registry, app.state.metrics, app.state.control = settings, registry, metrics, control
     add_error_handlers(app)
 
+    hot = APIRouter()  # the prediction routes, matched first (routes are tried in order, a few µs each)
+    v2 = v2_router(registry, app.title, app.version, hot)  # one route to try first for any model, not one per model
+    models = [model_router(entry, registry, hot) for entry in registry.entries.values()]
+    app.include_router(hot)
     app.include_router(ops_router(registry))
     add_docs(app)
     describe_uploads_as_binary(app)
     app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs
-    for entry in registry.entries.values():
-        app.include_router(model_router(entry, registry))
-    app.include_router(v2_router(registry, app.title, app.version))
+    for router in [*models, v2]:
+        app.include_router(router)
     if settings.admin_keys:  # no admin key, no admin routes
         app.include_router(admin_router(registry, control))
     checks = gate(settings, registry)  # the HTTP middleware's, and the gRPC server's key check

@@ -247,7 +247,9 @@ def model_config(entry: ModelEntry) -> dict:
 # ---------------------------------------------------------------- routes
 
 
-def v2_router(registry: Registry, server_name: str, server_version: str) -> APIRouter:
+def v2_router(registry: Registry, server_name: str, server_version: str, hot: APIRouter) -> APIRouter:
+    """The protocol's routes; inference (without a version) goes on ``hot`` (matched first, see
+    routes.model_router)."""
     router = APIRouter(tags=["open inference protocol v2"])
 
     def error(message: str, status: int) -> JSONResponse:
@@ -327,9 +329,10 @@ def v2_router(registry: Registry, server_name: str, server_version: str) -> APIR
         router.add_api_route(prefix + "/config", routes["config"][which], methods=["GET"],
                              summary="Model configuration (Triton's extension, for perf_analyzer)",
                              operation_id="v2_model_config" + suffix, responses=_errors(401, 404))
-        router.add_api_route(prefix + "/infer", routes["infer"][which], methods=["POST"],
-                             summary="Inference (v2, JSON or binary)", operation_id="v2_infer" + suffix,
-                             openapi_extra=INFER_BODY, responses=_errors(400, 401, 404, 413, 422, 503, 504))
+        (router if which else hot).add_api_route(  # the default version's inference is a hot route
+            prefix + "/infer", routes["infer"][which], methods=["POST"], tags=router.tags,
+            summary="Inference (v2, JSON or binary)", operation_id="v2_infer" + suffix,
+            openapi_extra=INFER_BODY, responses=_errors(400, 401, 404, 413, 422, 503, 504))
     return router
 
 
@@ -405,24 +408,30 @@ def read_request(entry: ModelEntry, header: dict, binary: bytes,
         arrays[spec.get("name")] = input_array(spec, chunk)
     if at != len(binary):
         raise ProtocolError(f"{len(binary) - at} bytes of binary data after the inputs that declare it")
-    packed = entry.predictor.v2_packed
+    packed, numbers = entry.predictor.v2_packed, None
     if packed and packed[0] in arrays:  # one [-1, k] tensor in place of k named inputs
         matrix = arrays.pop(packed[0])
         if matrix.ndim != 2 or matrix.shape[1] != len(packed[1]):
             raise ProtocolError(f"input '{packed[0]}' must have shape [-1, {len(packed[1])}]: the columns "
                                 f"{', '.join(packed[1])}")
-        arrays.update({name: matrix[:, j] for j, name in enumerate(packed[1])})
-    rows = {len(a) if a.ndim else 1 for a in arrays.values()}
+        if not arrays and matrix.dtype.kind in "uifb":
+            numbers = matrix  # the usual case: read row by row as Python values, below
+        else:
+            arrays.update({name: matrix[:, j] for j, name in enumerate(packed[1])})
+    rows = {len(a) if a.ndim else 1 for a in arrays.values()} if numbers is None else {len(numbers)}
     if len(rows) != 1:
         raise ProtocolError(f"the inputs disagree on the batch size (first dimensions {sorted(rows)})")
     (count,) = rows
     if not 1 <= count <= max_instances:
         raise ProtocolError(f"a request holds 1 to {max_instances} instances (SERVE_MAX_BATCH_INSTANCES); "
                             f"this one {count}")
+    if numbers is not None:  # whole rows at once (4x faster than element by element); NaN (!= itself) is missing
+        values = [{k: v for k, v in zip(packed[1], row) if v == v} for row in numbers.tolist()]
+    else:
+        values = [{k: v for k, v in ((name, _value(a[i] if a.ndim else a[()])) for name, a in arrays.items())
+                   if v is not None} for i in range(count)]
     instances = []
-    for i in range(count):
-        row = {name: _value(a[i] if a.ndim else a[()]) for name, a in arrays.items()}
-        row = {k: v for k, v in row.items() if v is not None}
+    for i, row in enumerate(values):
         try:
             instances.append(entry.Input.model_validate(row))
         except ValidationError as exc:
