@@ -11,6 +11,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
+from service import server
 from service.admin import Control, admin_router
 from service.catalog import MODELS, Model
 from service.docs import PREFIX as DOCS_ASSETS, add_docs, describe_uploads_as_binary
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     settings = settings or Settings()
     configure_logging(settings.log_json, settings.log_level)
     metrics = Metrics()
+    server.connections_changed = metrics.open_connections.set  # the protocol counts, the metrics show it
     registry = Registry(selected_models(settings) if models is None else models, settings, metrics)
 
     @asynccontextmanager

@@ -28,6 +28,8 @@ class Metrics:
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("model_queue_depth", "Items waiting for a forward pass (per worker process).",
                                  ["model"], registry=r, multiprocess_mode="all")
+        self.open_connections = Gauge("http_open_connections", "Open HTTP connections (per worker process).",
+                                      registry=r, multiprocess_mode="all")
         self.model_up = Gauge("model_up", "1 if the model is loaded and serving, else 0.", ["model"], registry=r,
                               multiprocess_mode="livemin")  # 0 if any live worker lacks the model
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from functools import cache
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -29,6 +30,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service.settings import Settings
 
 log = logging.getLogger("service.server")
+
+
+# Reports this process's open connections (the app sets it to its metrics gauge, http_open_connections).
+connections_changed: Callable[[int], None] = lambda count: None
 
 
 @cache
@@ -51,6 +56,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        connections_changed(len(self.connections))
         timeout, most = limits()
         if len(self.connections) > most and not self._close_longest_waiting():
             transport.write(_raw_response("503 Service Unavailable", f"the server holds its limit of {most} open "
@@ -104,3 +110,4 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        connections_changed(len(self.connections))

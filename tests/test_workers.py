@@ -3,6 +3,7 @@ metrics of the whole server, a killed worker replaced while the others answer, S
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,22 @@ def test_workers_share_weights_and_metrics_and_replace_a_dead_worker():
         depths = {line.split('pid="')[1].split('"')[0] for line in metrics.splitlines()
                   if line.startswith('model_queue_depth{model="phone-price"')}
         assert depths == {str(pid) for pid in workers}, depths  # one queue depth per worker
+
+        # 64 keep-alive connections opened at once spread over both workers (each has its own socket)
+        held = []
+        for _ in range(64):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append(conn)
+        for conn in held:
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        per_worker = {line.split('pid="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                      for line in httpx.get(url + "/metrics").text.splitlines()
+                      if line.startswith("http_open_connections{")}
+        for conn in held:
+            conn.close()
+        counts = [per_worker.get(str(pid), 0) for pid in workers]  # (the arbiter reports its 0 too)
+        assert min(counts) >= 12, per_worker  # with one socket shared, one worker could take them all
 
         # the weights were loaded once, before the fork: the workers share their pages
         one = memory_mb(workers[0], "VmRSS")
