@@ -103,7 +103,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "versions.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| /fashion, 64 clients | req/s | p50 ms | p99 ms | non-2xx |\n|---|---|---|---|---|")
+    print("\n| /fashion, 64 clients | req/s | p50 ms | p99 ms | non-2xx |\n|---|---|---|---|---|")
     for side in ("steady", "reloading"):
         s = summary[side]
         print(f"| {side} | {s['req_per_s']:,.0f} | {s['p50_ms']} | {s['p99_ms']} | {s['errors']:.0f} |")

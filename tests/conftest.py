@@ -94,6 +94,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def start_workers(workers: int = 2, **settings: str) -> tuple[subprocess.Popen, str]:
+    """``python -m service`` with ``workers`` worker processes and SERVE_* ``settings`` on a free port, and its
+    URL, once /readyz answers 200 and every worker is up (stop it with SIGTERM)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SERVE_WORKERS": str(workers), "SERVE_PORT": str(port),
+           **{f"SERVE_{k.upper()}": v for k, v in settings.items()}}
+    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200 and len(children(server.pid)) == workers:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    server.kill()
+    raise RuntimeError(f"python -m service with {workers} workers was not ready within 90 s")
+
+
 class Server:
     """A uvicorn process serving ``app`` (an import path; a factory when ``factory``) on a free port, with
     settings from environment variables."""

@@ -2,10 +2,8 @@
 the times to a corrupted version, with nothing lost; and a change reaching every worker process."""
 
 import asyncio
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -15,7 +13,7 @@ import httpx
 import pytest
 
 from service import catalog
-from tests.conftest import ARTIFACTS, ROOT, Server, example, free_port, version_dir
+from tests.conftest import ARTIFACTS, Server, example, start_workers, version_dir
 from tests.test_versions import add_version
 
 ADMIN_KEY = "admin-key"
@@ -124,23 +122,14 @@ def test_ten_reloads_under_load_lose_nothing_and_never_serve_a_corrupted_version
 def test_a_change_reaches_every_worker_process(fashion_repo):
     model_dir = fashion_repo / MODEL.folder
     first = version_dir(model_dir).name
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SERVE_WORKERS": "2", "SERVE_PORT": str(port), "SERVE_MODELS": '["fashion"]',
-           "SERVE_ARTIFACTS_DIR": str(fashion_repo), "SERVE_ADMIN_KEYS": f'["{ADMIN_KEY}"]'}
-    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, url = start_workers(models='["fashion"]', artifacts_dir=str(fashion_repo),
+                                admin_keys=f'["{ADMIN_KEY}"]')
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                workers = httpx.get(url + "/admin/models", headers=ADMIN, timeout=1).json()["workers"]
-                if len(workers) == 2:
-                    break
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.3)
-        assert len(workers) == 2, "both workers should report their versions"
+        for _ in range(50):  # each worker reports its versions once it has started
+            if len(httpx.get(url + "/admin/models", headers=ADMIN).json()["workers"]) == 2:
+                break
+            time.sleep(0.1)
+        assert len(httpx.get(url + "/admin/models", headers=ADMIN).json()["workers"]) == 2
 
         def versions_seen() -> set[str]:  # new connections, so both workers answer
             return {httpx.post(url + "/fashion", json=example("fashion")).headers["X-Model-Version"]

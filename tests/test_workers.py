@@ -4,7 +4,6 @@ metrics of the whole server, a killed worker replaced while the others answer, S
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -12,12 +11,7 @@ import httpx
 import pytest
 
 from service.workers import usable_cpus
-from tests.conftest import ROOT, free_port
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return sorted(int(p) for p in out.split())
+from tests.conftest import children, start_workers
 
 
 def memory_mb(pid: int, field: str) -> float:
@@ -28,20 +22,9 @@ def memory_mb(pid: int, field: str) -> float:
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup") or sys.platform != "linux",
                     reason="needs Linux /proc to find the workers and read their memory")
 def test_workers_share_weights_and_metrics_and_replace_a_dead_worker():
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SERVE_WORKERS": "2", "SERVE_PORT": str(port), "SERVE_MODELS": '["phone-price", "fashion"]'}
-    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, url = start_workers(models='["phone-price", "fashion"]')
+    port = int(url.rsplit(":", 1)[1])
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200 and len(children(server.pid)) == 2:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
         workers = children(server.pid)
         assert len(workers) == 2
         info = httpx.get(url + "/models/phone-price").json()
