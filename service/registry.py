@@ -147,6 +147,11 @@ class ModelEntry:
     def batcher(self) -> Batcher | None:
         return self.serving.batcher if self.serving else None
 
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting in every loaded version's queue."""
+        return sum(v.batcher.depth for v in self.versions.values() if v.batcher is not None)
+
     def on_disk(self) -> dict[str, Path]:
         return version_folders(self.folder)
 
@@ -225,10 +230,6 @@ class ModelEntry:
             yield chosen
         finally:
             chosen.active -= 1
-
-    def batcher_or_raise(self) -> Batcher:
-        """The default version's batcher (tools and tests that do not care which version answers)."""
-        return self.pick().batcher
 
     def status(self) -> dict:
         """Every version's state, for GET /admin/models."""

@@ -293,7 +293,7 @@ def ops_router(registry: Registry) -> APIRouter:
     async def metrics(request: Request) -> Response:
         metrics_ = request.app.state.metrics
         for name, entry in registry.entries.items():
-            metrics_.queue_depth.labels(name).set(entry.batcher.depth if entry.batcher else 0)
+            metrics_.queue_depth.labels(name).set(entry.queue_depth)
         text, media_type = metrics_.exposition()
         return Response(text, media_type=media_type)
 
