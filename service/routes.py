@@ -5,7 +5,7 @@ import asyncio
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Body, FastAPI, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -35,7 +35,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter) -> APIRouter:
+def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter | FastAPI) -> APIRouter:
     """Every route of one model, all through its batcher: ``POST /{name}`` for one instance,
     ``POST /{name}/batch`` for many, where the model declares them an upload route and a stream route, and
     ``POST /{name}/versions/{version}`` (and ``/batch``) to call one loaded version by name. Every answer

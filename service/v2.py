@@ -22,7 +22,7 @@ import struct
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
@@ -247,7 +247,7 @@ def model_config(entry: ModelEntry) -> dict:
 # ---------------------------------------------------------------- routes
 
 
-def v2_router(registry: Registry, server_name: str, server_version: str, hot: APIRouter) -> APIRouter:
+def v2_router(registry: Registry, server_name: str, server_version: str, hot: APIRouter | FastAPI) -> APIRouter:
     """The protocol's routes; inference (without a version) goes on ``hot`` (matched first, see
     routes.model_router)."""
     router = APIRouter(tags=["open inference protocol v2"])
