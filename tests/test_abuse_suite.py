@@ -41,8 +41,11 @@ def test_json_key_flood_is_refused_before_the_body():
                   "with_key_413", "with_key_within_1s")
     out = result["outcome"]
     assert out["body_bytes"] > 6_500_000
-    # the 413 names the route's own limit, far below the global 8 MB
-    assert "/house-price" in out["with_key_held"]["detail"]
+    # the 413 names the route's own limit, far below the global 8 MB. Its body is read after the status line
+    # while this client is still sending megabytes; on a loaded machine the connection may end before that
+    # read (exchange() records why), so the text is checked when it arrived (test_runtime_api checks it always).
+    held = out["with_key_held"]
+    assert "/house-price" in held.get("detail", "") or held.get("response_error"), held
 
 
 def test_tampered_artifact_never_loads():
