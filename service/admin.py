@@ -209,7 +209,7 @@ def admin_router(registry: Registry, control: Control) -> APIRouter:
     def outcome(entry: ModelEntry, versions: list[str]) -> dict:
         """The model's state here; a 422 naming the reason if a version asked for did not load (the version
         that served before still does)."""
-        failed = {v: entry.failed[v][1] for v in versions if v in entry.failed}
+        failed = {v: why for v in versions if (why := entry.failed_now(v)) is not None}
         if failed:
             raise HTTPException(422, "; ".join(f"version {v} did not load ({why})" for v, why in failed.items())
                                 + f"; {entry.default or 'nothing'} keeps serving")
@@ -264,7 +264,7 @@ def admin_router(registry: Registry, control: Control) -> APIRouter:
             desired.pin = version
         await control.change(name, edit, frozenset({version} if version else ()))
         if version is not None and entry.default != version:
-            reason = entry.failed.get(version, (0, "it did not load"))[1]
+            reason = entry.failed_now(version) or "it did not load"
             await control.change(name, lambda desired: setattr(desired, "pin", before))
             raise HTTPException(422, f"version {version} did not load ({reason}); {entry.default or 'nothing'} "
                                      "keeps serving")
@@ -285,7 +285,7 @@ def admin_router(registry: Registry, control: Control) -> APIRouter:
             desired.split = dict(weights)
         await control.change(name, edit, frozenset(weights))
         if weights and entry.split != weights:
-            reasons = [f"version {v} did not load ({entry.failed[v][1]})" for v in weights if v in entry.failed]
+            reasons = [f"version {v} did not load ({why})" for v in weights if (why := entry.failed_now(v))]
             await control.change(name, lambda desired: setattr(desired, "split", before))
             raise HTTPException(422, "; ".join(reasons or ["the split's versions did not all load"])
                                 + "; the traffic stays as it was")

@@ -162,13 +162,22 @@ class ModelEntry:
         except OSError:
             return 0
 
+    def failed_now(self, name: str) -> str | None:
+        """Why the version failed, if it did as its files are now (a changed version may be tried again)."""
+        failure = self.failed.get(name)
+        return failure[1] if failure is not None and failure[0] == self.stamp(name) else None
+
+    def ready_versions(self) -> list[str]:
+        """The versions that can answer, the default first."""
+        return sorted((v for v, mv in self.versions.items() if mv.state == "ready"), key=lambda v: v != self.default)
+
     def target(self) -> str | None:
         """The version that should serve by default: the pinned one, else the newest on disk that has not
         failed (as it is now); None if there is none."""
         disk = self.on_disk()
         if self.desired.pin is not None:
             return self.desired.pin if self.desired.pin in disk else None
-        usable = [v for v in disk if v not in self.failed or self.failed[v][0] != self.stamp(v)]
+        usable = [v for v in disk if self.failed_now(v) is None]
         return usable[-1] if usable else None
 
     def verify(self, name: str, public_key: str | None) -> Artifact:
@@ -206,9 +215,8 @@ class ModelEntry:
         if version is not None:
             chosen = self.versions.get(version)
             if chosen is None or chosen.state != "ready":
-                ready = sorted(v for v, mv in self.versions.items() if mv.state == "ready")
                 raise VersionNotFoundError(f"version '{version}' of {self.name} is not loaded; loaded: "
-                                           f"{', '.join(ready) or 'none'} (an admin loads one with POST "
+                                           f"{', '.join(self.ready_versions()) or 'none'} (an admin loads one with POST "
                                            f"/admin/models/{self.name}/load)")
             return chosen
         if self.split:
@@ -240,8 +248,8 @@ class ModelEntry:
             loaded = self.versions.get(name)
             if loaded is not None:
                 state, reason = loaded.state, loaded.reason
-            elif name in self.failed and self.failed[name][0] == self.stamp(name):
-                state, reason = "failed", self.failed[name][1]
+            elif (why := self.failed_now(name)) is not None:
+                state, reason = "failed", why
             else:
                 state, reason = ("available" if name in disk else "gone"), None
             versions[name] = {"state": state, "reason": reason, "on_disk": name in disk,
@@ -378,7 +386,7 @@ class Registry:
             current = entry.versions.get(name)
             if current is not None and current.state == "ready":
                 continue
-            if name in entry.failed and entry.failed[name][0] == entry.stamp(name):
+            if entry.failed_now(name) is not None:
                 continue  # failed as it is now: reported, not retried on every pass
             await self._load(entry, name)
         # The switch: plain assignments on the event loop, so every request sees either the old or the new state.

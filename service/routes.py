@@ -254,7 +254,7 @@ def ops_router(registry: Registry) -> APIRouter:
         return ModelInfo(
             name=entry.name, state=entry.state, reason=entry.reason, device=str(registry.device),
             version=m and m.version, created_at=m and m.created_at, quick=bool(m and m.quick),
-            versions=[v for v, mv in entry.versions.items() if mv.state == "ready"], split=entry.split,
+            versions=entry.ready_versions(), split=entry.split,
             git_commit=m.git_commit if detailed else None, git_tree=m.git_tree if detailed else None,
             metrics=m.metrics if m else {}, metrics_method=m and m.metrics_method,
             hyperparameters=m.hyperparameters if detailed else {}, libraries=m.libraries if detailed else {},

@@ -291,7 +291,7 @@ def v2_router(registry: Registry, server_name: str, server_version: str, hot: AP
             entry = entry_of(model, version)
         except ProtocolError as exc:
             return error(str(exc), exc.status)
-        return JSONResponse({"name": model, "versions": loaded_versions(entry), "platform": "pytorch",
+        return JSONResponse({"name": model, "versions": entry.ready_versions(), "platform": "pytorch",
                              "inputs": field_tensors(entry), "outputs": output_descriptions(entry)})
 
     async def model_ready(model: str, request: Request, version: str | None) -> JSONResponse:
@@ -299,7 +299,7 @@ def v2_router(registry: Registry, server_name: str, server_version: str, hot: AP
             entry = entry_of(model, version)
         except ProtocolError as exc:
             return error(str(exc), exc.status)
-        ok = bool(loaded_versions(entry)) and (version is not None or entry.state == "ready")
+        ok = bool(entry.ready_versions()) and (version is not None or entry.state == "ready")
         return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 503)
 
     async def config(model: str, request: Request, version: str | None) -> JSONResponse:
@@ -341,16 +341,10 @@ def find_entry(registry: Registry, model: str, version: str | None) -> ModelEntr
     entry = registry.entries.get(model)
     if entry is None:
         raise ProtocolError(f"no model named '{model}'; models: {', '.join(registry.entries)}", 404)
-    if version and version not in loaded_versions(entry):
+    if version and version not in entry.ready_versions():
         raise ProtocolError(f"model '{model}' has no version '{version}' loaded (loaded: "
-                            f"{', '.join(loaded_versions(entry)) or 'none'})", 404)
+                            f"{', '.join(entry.ready_versions()) or 'none'})", 404)
     return entry
-
-
-def loaded_versions(entry: ModelEntry) -> list[str]:
-    """The versions that can answer, the default first."""
-    ready = [v for v, mv in entry.versions.items() if mv.state == "ready"]
-    return sorted(ready, key=lambda v: v != entry.default)
 
 
 async def run_inference(registry: Registry, entry: ModelEntry, header: dict, binary: bytes,

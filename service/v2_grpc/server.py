@@ -19,7 +19,6 @@ from service.v2 import (
     ProtocolError,
     field_tensors,
     find_entry,
-    loaded_versions,
     model_config,
     output_descriptions,
     output_tensors,
@@ -93,14 +92,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         await self._check_key(context)
         entry = await self._entry(request.name, request.version, context)
-        return pb.ModelReadyResponse(ready=bool(loaded_versions(entry)) and (bool(request.version) or entry.state == "ready"))
+        return pb.ModelReadyResponse(ready=bool(entry.ready_versions()) and (bool(request.version) or entry.state == "ready"))
 
     async def ModelMetadata(self, request, context):
         await self._check_key(context)
         entry = await self._entry(request.name, request.version, context)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=entry.name, versions=loaded_versions(entry), platform="pytorch",
+            name=entry.name, versions=entry.ready_versions(), platform="pytorch",
             inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in field_tensors(entry)],
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in output_descriptions(entry)])
 
