@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from service import catalog
 from service.models.fashion import NAMES_ZH, FashionImage
+from service.nets import fashion_cnn
 from service.nets.fashion_cnn import NAMES
 from service.registry import open_model
 from tests.conftest import ARTIFACTS, ROOT, committed, example, need_data, version_dir
@@ -286,9 +288,9 @@ def test_exif_orientation_is_applied_before_anything_else(client, confident, ori
 
 
 def test_the_served_model_reaches_its_validation_accuracy(validation):
-    """The committed artifact as served (batch norms folded, bf16 products where native, mirror-averaged) on
-    all 6,000 validation images: the manifest's float32 accuracy (at least the issue's 0.952), give or take
-    the few images bf16 rounding tips over (0.9518 on the target machine: 3 images)."""
+    """The committed artifact as served (``InferenceCNN``: batch norms folded, bf16 weights where native,
+    mirror-averaged) on all 6,000 validation images: the manifest's float32 accuracy (at least the issue's
+    0.952), give or take the few images bf16 rounding could tip over (0.9523 on the target machine, none)."""
     images, labels = validation
     predictor = committed("fashion").predictor
     predicted = []
@@ -356,3 +358,26 @@ def test_the_readme_sample_pictures_exist_and_say_what_they_show(client):
     for name, garment in shown.items():
         response = upload(client, (ROOT / "examples" / f"{name}.png").read_bytes())
         assert response.status_code == 200 and response.json()["name"] == garment, (name, response.text)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_the_serving_form_computes_the_trained_function(mirror):
+    """``InferenceCNN`` (batch norms folded, ReLU after the pool, the pool as four strided views) gives the
+    trained net's own eval-mode answer, in float32, for odd pooled sides too (3 stages: 28 -> 14 -> 7 -> 3)."""
+    torch.manual_seed(0)
+    net = fashion_cnn.build({"stages": [[8], [8, 16], [16]], "hidden": 32, "dropout": 0.1, "head_dropout": 0.4,
+                             "mirror_average": mirror})
+    for layer in net.modules():  # batch norms with statistics of their own, not the identity they start as
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.running_mean.uniform_(-0.5, 0.5), layer.running_var.uniform_(0.5, 2), layer.weight.data.uniform_(0.5, 2)
+    net.eval()
+    x = torch.rand(300, 1, 28, 28)  # more than one serving pass of a thread
+    with torch.inference_mode():
+        expected, served = net(x), fashion_cnn.InferenceCNN(net, torch.float32).eval()(x)
+    assert served.dtype == torch.float32
+    assert torch.allclose(served, expected, atol=1e-4), (served - expected).abs().max()
+
+
+def test_the_pool_without_indices_equals_max_pool():
+    x = torch.randn(2, 3, 7, 9).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fashion_cnn.max_pool_2x2(x), torch.nn.functional.max_pool2d(x, 2))
