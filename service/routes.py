@@ -2,14 +2,16 @@
 metadata and metrics."""
 
 import asyncio
+import inspect
 import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, FastAPI, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field, StrictBool, create_model
+from pydantic import BaseModel, Field, StrictBool, TypeAdapter, ValidationError, create_model
 
 from service.models.base import InputError, Upload, UploadRoute
 from service.batching import QueueFullError
@@ -33,6 +35,59 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorBody, "description": "The model is not loaded, or its queue is full (see Retry-After)."},
     504: {"model": ErrorBody, "description": "The prediction took longer than the request timeout."},
 }
+
+
+class OneStepJSONRoute(APIRoute):
+    """A JSON route whose body pydantic-core parses and validates in one step (``validate_json`` on the bytes)
+    and whose answer it writes in one step, without FastAPI's dependency solving in between (in-process, per
+    request: see the README's *Cheaper requests*).
+
+    Only the plain case takes this path: a body declared as JSON that validates. An empty body, another
+    content type, or a body that fails validation (or that pydantic-core reads differently, such as UTF-16)
+    goes to FastAPI's own handler, which reads the same bytes again, so every error is exactly FastAPI's.
+    The endpoint must take its body and nothing but ``request`` and ``response``; any other is served the
+    standard way."""
+
+    def get_route_handler(self):
+        standard = super().get_route_handler()
+        parameters = inspect.signature(self.endpoint).parameters
+        body = self.body_field
+        if body is None or set(parameters) - {body.name, "request", "response"}:
+            return standard
+        validate_json = TypeAdapter(body.field_info.annotation).validate_json
+        dump_json = TypeAdapter(self.response_model).dump_json if self.response_model else None
+        endpoint, wants = self.endpoint, {"request", "response"} & set(parameters)
+
+        async def handle(request: Request) -> Response:
+            try:
+                data = await request.body()  # kept on the request: the standard handler reads it from there
+            except Exception:  # noqa: BLE001 - e.g. a body refused mid-stream (413): FastAPI answers as it does
+                return await standard(request)
+            if not data or not is_json(request.headers.get("content-type")):
+                return await standard(request)
+            try:
+                value = validate_json(data)
+            except ValidationError:
+                return await standard(request)
+            headers = Response()  # headers the endpoint sets (X-Model-Version), as FastAPI's sub-response
+            del headers.headers["content-length"]
+            context = {"request": request, "response": headers}
+            result = await endpoint(value, **{name: context[name] for name in wants})
+            if isinstance(result, Response) or dump_json is None:  # a stream, or no declared model
+                return result if isinstance(result, Response) else JSONResponse(result)
+            answer = Response(dump_json(result), media_type="application/json")
+            answer.headers.raw.extend(headers.headers.raw)
+            return answer
+
+        return handle
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI reads a body with this Content-Type as JSON: application/json or application/*+json."""
+    if not content_type:
+        return False
+    kind = content_type.partition(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter | FastAPI) -> APIRouter:
@@ -93,13 +148,14 @@ def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter | FastAPI
         return BatchOutput(predictions=await submit(body.instances, request, response, batch=True, version=version))
 
     sse = {200: {"content": {"text/event-stream": {}}}} if predictor.stream_event else {}
+    hot = hot.router if isinstance(hot, FastAPI) else hot
     hot.add_api_route(f"/{name}", predict_one, methods=["POST"], response_model=Output, summary=predictor.summary,
                       description=predictor.description, responses={**ERRORS, **sse}, tags=[name],
-                      operation_id=f"predict_{folder}")
+                      operation_id=f"predict_{folder}", route_class_override=OneStepJSONRoute)
     hot.add_api_route(f"/{name}/batch", predict_batch, methods=["POST"], response_model=BatchOutput,
                       summary=f"{predictor.summary} (many at once)", responses=ERRORS, tags=[name],
                       description="The same model for a list of instances, in one request.",
-                      operation_id=f"predict_{folder}_batch")
+                      operation_id=f"predict_{folder}_batch", route_class_override=OneStepJSONRoute)
     version_docs = {404: {"model": ErrorBody, "description": "That version is not loaded (the message lists those "
                                                              "that are)."}}
     router.add_api_route(f"/{name}/versions/{{version}}", predict_version, methods=["POST"], response_model=Output,
@@ -123,7 +179,8 @@ def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter | FastAPI
     if settings.benchmark_routes:  # the framework's ceiling: same schema and validation, no model
         async def noop(item: Input) -> dict[str, bool]:  # type: ignore[valid-type]
             return {"valid": True}
-        router.add_api_route(f"/{name}/noop", noop, methods=["POST"], include_in_schema=False)
+        router.add_api_route(f"/{name}/noop", noop, methods=["POST"], include_in_schema=False,
+                             route_class_override=OneStepJSONRoute)
     return router
 
 

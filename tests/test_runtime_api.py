@@ -442,3 +442,69 @@ def test_a_full_queue_says_what_is_full_and_what_to_do(stub_app):
     assert refused and refused[0].headers["retry-after"] == "1"
     assert "doubler model's queue is full" in refused[0].json()["detail"]
     assert "send smaller batches" in refused[0].json()["detail"]
+
+
+ONE_STEP_BODIES = [  # (Content-Type, body): the plain case, and every way a JSON body can go wrong
+    ("application/json", b'{"instances": [{"x": 1}, {"x": 2.5, "sleep_ms": 0}]}'),
+    ("application/json; charset=utf-8", b'{"instances": [{"x": 1}]}'),
+    ("application/vnd.api+json", b'{"instances": [{"x": 1}]}'),
+    ("application/json", b'{"instances": [{"x": 1}], "instances": [{"x": 4}]}'),  # the last key wins
+    ("application/json", b'{"instances": [{"x": -1}, {"x": 3}]}'),  # the model's own 422
+    ("application/json", b'{"instances": [{"x": "one"}, {"x": 1, "y": 2}]}'),
+    ("application/json", b'{"instances": []}'),
+    ("application/json", b'{"instances": [{"x": NaN}]}'),
+    ("application/json", b'{"instances": [{"x": 1}'),
+    ("application/json", b'{"instances": [{"x": 1}]} trailing'),
+    ("application/json", b'{"instances": [{"x": "\\ud800"}]}'),
+    ("application/json", b"\xff\xfe not utf-8"),
+    ("application/json", '{"instances": [{"x": 1}]}'.encode("utf-16")),  # json.loads reads UTF-16, jiter not
+    ("application/json", b""),
+    ("text/plain", b'{"instances": [{"x": 1}]}'),
+    (None, b'{"instances": [{"x": 1}]}'),
+]
+
+
+def test_the_one_step_json_path_answers_exactly_as_fastapi(stub_app):
+    """POST /doubler/batch is read and validated in one step by pydantic-core; POST /doubler/versions/{v}/batch
+    takes the same body the standard FastAPI way. Every body, good or bad, gets the same answer from both."""
+    async def scenario():
+        async with serving(stub_app()) as client:
+            version = (await client.get("/models/doubler")).json()["version"]
+            answers = []
+            for content_type, body in ONE_STEP_BODIES:
+                headers = {"content-type": content_type} if content_type else {}
+                pair = [await client.post(path, content=body, headers=headers)
+                        for path in ("/doubler/batch", f"/doubler/versions/{version}/batch")]
+                answers.append((content_type, body, *[(r.status_code, r.headers["content-type"], r.json(),
+                                                        r.headers.get("x-model-version")) for r in pair]))
+            return answers
+    answers = asyncio.run(scenario())
+    for content_type, body, one_step, standard in answers:
+        assert one_step == standard, (content_type, body)
+    statuses = [one_step[0] for *_, one_step, _ in answers]
+    assert statuses == [200] * 4 + [422] * 8 + [200] + [422] * 3, statuses  # UTF-16 through the fallback
+
+
+def test_a_plain_json_body_skips_fastapis_dependency_solving(stub_app, monkeypatch):
+    """The one-step path is the one taken: FastAPI's standard handler (which solves the endpoint's
+    dependencies) runs only for a body that fails, to give its own error."""
+    import fastapi.routing
+
+    calls = []
+    solve = fastapi.routing.solve_dependencies
+
+    async def counted(*args, **kwargs):
+        calls.append(kwargs["request"].url.path)
+        return await solve(*args, **kwargs)
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counted)
+
+    async def scenario():
+        async with serving(stub_app()) as client:
+            good = [await client.post(path, json=body) for path, body in
+                    [("/doubler", {"x": 1}), ("/doubler/batch", {"instances": [{"x": 2}]})]]
+            bad = await client.post("/doubler", json={"x": "one"})
+            return good, bad
+    good, bad = asyncio.run(scenario())
+    assert [r.json() for r in good] == [{"y": 2.0}, {"predictions": [{"y": 4.0}]}]
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "x"]
+    assert calls == ["/doubler"], calls  # the bad body only
