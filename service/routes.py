@@ -37,43 +37,50 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class OneStepJSONRoute(APIRoute):
-    """A JSON route whose body pydantic-core parses and validates in one step (``validate_json`` on the bytes)
-    and whose answer it writes in one step, without FastAPI's dependency solving in between (in-process, per
-    request: see the README's *Cheaper requests*).
+class DirectRoute(APIRoute):
+    """A route whose endpoint is called directly, without FastAPI's dependency solving: a JSON body read and
+    validated by pydantic-core in one step (``validate_json`` on the bytes, not ``json.loads`` and then
+    validation), plain ``str`` path parameters passed as the router matched them, and the answer written in
+    one step (in-process, per request: see the README's *Cheaper requests*).
 
-    Only the plain case takes this path: a body declared as JSON that validates. An empty body, another
-    content type, or a body that fails validation (or that pydantic-core reads differently, such as UTF-16)
-    goes to FastAPI's own handler, which reads the same bytes again, so every error is exactly FastAPI's.
-    The endpoint must take its body and nothing but ``request`` and ``response``; any other is served the
-    standard way."""
+    Only the plain case takes this path. An empty body, another content type, or a body that fails
+    validation (or that pydantic-core reads differently, such as UTF-16) goes to FastAPI's own handler,
+    which reads the same bytes again, so every error is exactly FastAPI's. An endpoint that takes anything
+    but its body, ``request``, ``response`` and unconstrained ``str`` path parameters is served the standard
+    way."""
 
     def get_route_handler(self):
         standard = super().get_route_handler()
-        parameters = inspect.signature(self.endpoint).parameters
+        names = set(inspect.signature(self.endpoint).parameters)
         body = self.body_field
-        if body is None or set(parameters) - {body.name, "request", "response"}:
+        path = [f.name for f in self.dependant.path_params if f.field_info.annotation is str and not f.field_info.metadata]
+        if names - {body.name if body else None, "request", "response", *path}:
             return standard
-        validate_json = TypeAdapter(body.field_info.annotation).validate_json
+        validate_json = TypeAdapter(body.field_info.annotation).validate_json if body else None
         dump_json = TypeAdapter(self.response_model).dump_json if self.response_model else None
-        endpoint, wants = self.endpoint, {"request", "response"} & set(parameters)
+        endpoint = self.endpoint
 
         async def handle(request: Request) -> Response:
-            try:
-                data = await request.body()  # kept on the request: the standard handler reads it from there
-            except Exception:  # noqa: BLE001 - e.g. a body refused mid-stream (413): FastAPI answers as it does
-                return await standard(request)
-            if not data or not is_json(request.headers.get("content-type")):
-                return await standard(request)
-            try:
-                value = validate_json(data)
-            except ValidationError:
-                return await standard(request)
+            arguments = {name: request.path_params[name] for name in path}
+            if "request" in names:
+                arguments["request"] = request
+            if body is not None:
+                try:
+                    data = await request.body()  # kept on the request: the standard handler reads it from there
+                except Exception:  # noqa: BLE001 - e.g. a body refused mid-stream (413): FastAPI answers as it does
+                    return await standard(request)
+                if not data or not is_json(request.headers.get("content-type")):
+                    return await standard(request)
+                try:
+                    arguments[body.name] = validate_json(data)
+                except ValidationError:
+                    return await standard(request)
             headers = Response()  # headers the endpoint sets (X-Model-Version), as FastAPI's sub-response
             del headers.headers["content-length"]
-            context = {"request": request, "response": headers}
-            result = await endpoint(value, **{name: context[name] for name in wants})
-            if isinstance(result, Response) or dump_json is None:  # a stream, or no declared model
+            if "response" in names:
+                arguments["response"] = headers
+            result = await endpoint(**arguments)
+            if isinstance(result, Response) or dump_json is None:  # a stream or a raw answer, or no declared model
                 return result if isinstance(result, Response) else JSONResponse(result)
             answer = Response(dump_json(result), media_type="application/json")
             answer.headers.raw.extend(headers.headers.raw)
@@ -151,11 +158,11 @@ def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter | FastAPI
     hot = hot.router if isinstance(hot, FastAPI) else hot
     hot.add_api_route(f"/{name}", predict_one, methods=["POST"], response_model=Output, summary=predictor.summary,
                       description=predictor.description, responses={**ERRORS, **sse}, tags=[name],
-                      operation_id=f"predict_{folder}", route_class_override=OneStepJSONRoute)
+                      operation_id=f"predict_{folder}", route_class_override=DirectRoute)
     hot.add_api_route(f"/{name}/batch", predict_batch, methods=["POST"], response_model=BatchOutput,
                       summary=f"{predictor.summary} (many at once)", responses=ERRORS, tags=[name],
                       description="The same model for a list of instances, in one request.",
-                      operation_id=f"predict_{folder}_batch", route_class_override=OneStepJSONRoute)
+                      operation_id=f"predict_{folder}_batch", route_class_override=DirectRoute)
     version_docs = {404: {"model": ErrorBody, "description": "That version is not loaded (the message lists those "
                                                              "that are)."}}
     router.add_api_route(f"/{name}/versions/{{version}}", predict_version, methods=["POST"], response_model=Output,
@@ -180,7 +187,7 @@ def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter | FastAPI
         async def noop(item: Input) -> dict[str, bool]:  # type: ignore[valid-type]
             return {"valid": True}
         router.add_api_route(f"/{name}/noop", noop, methods=["POST"], include_in_schema=False,
-                             route_class_override=OneStepJSONRoute)
+                             route_class_override=DirectRoute)
     return router
 
 

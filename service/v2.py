@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 from service.batching import PredictionTimeoutError, QueueFullError
 from service.models.base import InputError
 from service.registry import ModelEntry, ModelUnavailableError, Registry, VersionNotFoundError
+from service.routes import DirectRoute
 
 NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
@@ -251,6 +252,7 @@ def v2_router(registry: Registry, server_name: str, server_version: str, hot: AP
     """The protocol's routes; inference (without a version) goes on ``hot`` (matched first, see
     routes.model_router)."""
     router = APIRouter(tags=["open inference protocol v2"])
+    hot = hot.router if isinstance(hot, FastAPI) else hot
 
     def error(message: str, status: int) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -332,7 +334,7 @@ def v2_router(registry: Registry, server_name: str, server_version: str, hot: AP
         (router if which else hot).add_api_route(  # the default version's inference is a hot route
             prefix + "/infer", routes["infer"][which], methods=["POST"], tags=router.tags,
             summary="Inference (v2, JSON or binary)", operation_id="v2_infer" + suffix,
-            openapi_extra=INFER_BODY, responses=_errors(400, 401, 404, 413, 422, 503, 504))
+            openapi_extra=INFER_BODY, responses=_errors(400, 401, 404, 413, 422, 503, 504), route_class_override=DirectRoute)
     return router
 
 
