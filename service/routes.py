@@ -75,15 +75,16 @@ class DirectRoute(APIRoute):
                     arguments[body.name] = validate_json(data)
                 except ValidationError:
                     return await standard(request)
-            headers = Response()  # headers the endpoint sets (X-Model-Version), as FastAPI's sub-response
-            del headers.headers["content-length"]
-            if "response" in names:
-                arguments["response"] = headers
+            headers = None
+            if "response" in names:  # headers the endpoint sets (X-Model-Version), as FastAPI's sub-response
+                arguments["response"] = headers = Response()
+                del headers.headers["content-length"]
             result = await endpoint(**arguments)
             if isinstance(result, Response) or dump_json is None:  # a stream or a raw answer, or no declared model
                 return result if isinstance(result, Response) else JSONResponse(result)
             answer = Response(dump_json(result), media_type="application/json")
-            answer.headers.raw.extend(headers.headers.raw)
+            if headers is not None:
+                answer.headers.raw.extend(headers.headers.raw)
             return answer
 
         return handle

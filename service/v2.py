@@ -22,6 +22,7 @@ import struct
 from typing import Annotated, Any
 
 import numpy as np
+import pydantic_core
 from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
@@ -470,7 +471,7 @@ def write_response(entry: ModelEntry, version: str, request_id: Any, predictions
         else:
             tensor["data"] = np.asarray(values, dtype=object).reshape(-1).tolist() if datatype != "BYTES" else values
         body["outputs"].append(tensor)
-    header = json.dumps(body, ensure_ascii=False).encode()
+    header = pydantic_core.to_json(body)  # UTF-8 JSON in one step (json.dumps and encode: twice the time here)
     if not chunks:
         return Response(header, media_type="application/json")
     return Response(header + b"".join(chunks), media_type="application/octet-stream",
