@@ -17,18 +17,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
-import tempfile
-from pathlib import Path
 
-from benchmarks.load import LUA, example, wrk
-from benchmarks.workers import RESULTS, ROOT, start
-from service.catalog import get
+from benchmarks.workers import RESULTS, ROOT, load_routes, medians, prepare, start
 from tests.conftest import free_port
 
 ROUTES = ("fashion/noop", "fashion", "phone-price/noop", "phone-price")
-LEVELS = (1, 64)
 
 
 def main() -> None:
@@ -38,16 +32,7 @@ def main() -> None:
     parser.add_argument("--previous", default="84ae355", help="the commit to compare with")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-requests-"))
-    previous = work / "previous"
-    subprocess.run(["git", "worktree", "add", "--detach", str(previous), args.previous], cwd=ROOT, check=True,
-                   capture_output=True)
-    (work / "wrk.lua").write_text(LUA)
-    bodies = {}
-    for route in ROUTES:
-        name = route.split("/")[0]
-        bodies[name] = work / f"{name}.json"
-        bodies[name].write_text(json.dumps(example(get(name))))
+    work, previous, bodies = prepare("bench-requests-", args.previous, sorted({r.split("/")[0] for r in ROUTES}))
     sides = {"earlier": previous, "this tree": ROOT}
     samples: dict[str, dict[str, list[dict]]] = {side: {} for side in sides}
     os.environ["SERVE_BENCHMARK_ROUTES"] = "true"
@@ -57,22 +42,14 @@ def main() -> None:
                 port = free_port()
                 process = start(side, port, sides[side], 1)
                 try:
-                    for route in ROUTES:
-                        for level in LEVELS:
-                            result = wrk(f"http://127.0.0.1:{port}/{route}", bodies[route.split("/")[0]],
-                                         work / "wrk.lua", level, args.duration)
-                            samples[side].setdefault(f"/{route}@{level}", []).append(result)
-                            print(side, route, level, result, flush=True)
+                    load_routes(samples[side], side, port, ROUTES, bodies, work, args.duration)
                 finally:
                     process.terminate()
                     process.wait(60)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(previous)], cwd=ROOT, capture_output=True)
 
-    summary = {side: {key: {"rps": statistics.median(r["requests"] / r["seconds"] for r in runs),
-                            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                            "errors": sum(r["errors"] for r in runs)}
-                      for key, runs in cells.items()} for side, cells in samples.items()}
+    summary = medians(samples)
     RESULTS.mkdir(exist_ok=True)
     out = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "previous": args.previous, "rounds": args.rounds,
            "duration_s": args.duration, "summary": summary, "samples": samples}
@@ -82,7 +59,7 @@ def main() -> None:
     for key in summary["earlier"]:
         before, after = summary["earlier"][key], summary["this tree"][key]
         route, level = key.split("@")
-        print(f"| {route} | {level} | {before['rps']:.0f} ({before['p50_ms']:.2f}) | {after['rps']:.0f} "
+        print(f"| /{route} | {level} | {before['rps']:.0f} ({before['p50_ms']:.2f}) | {after['rps']:.0f} "
               f"({after['p50_ms']:.2f}) | {after['rps'] / before['rps']:.2f}x | {before['errors'] + after['errors']} |")
 
 

@@ -5,7 +5,8 @@ at 1 and 64 connections, with ``wrk`` against one fresh ``python -m service`` (d
 tensors over gRPC (``SERVE_GRPC_PORT``) with Triton's ``perf_analyzer`` (C++, from the ``tritonclient`` wheel)
 as the load generator. Rounds rotate the order of the forms; each figure is the median over the rounds.
 After the rounds, ``perf_analyzer`` runs a short concurrency sweep (1, 4, 16, 64) on /fashion over HTTP and
-gRPC, and any error fails the run.
+gRPC, and any error fails the run. A last row loads a gRPC servicer that does no work at all
+(``benchmarks/grpc_noop.py``, as many processes as the service's workers): grpcio's own ceiling here.
 
     python -m benchmarks.v2 [--rounds 3] [--duration 3]
 
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -121,7 +123,13 @@ def main() -> None:
     if isinstance(pa, str):
         print(f"no gRPC rows and no sweep: {pa}", flush=True)
         cells = {k: v for k, v in cells.items() if not v[2].get("grpc")}
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port, noop_port = free_port(), free_port(), free_port()
+    noop = None
+    if not isinstance(pa, str):  # grpcio's ceiling: a servicer that does no work, as many processes as workers
+        noop = subprocess.Popen([sys.executable, "-m", "benchmarks.grpc_noop", "--port", str(noop_port), "--workers",
+                                 str(len(os.sched_getaffinity(0)))], cwd=ROOT, start_new_session=True)
+        cells["phone-price gRPC, no-op servicer (grpcio's ceiling)"] = ("phone-price", cells["phone-price v2 gRPC"][1],
+                                                                       {"grpc": True, "port": noop_port})
     os.environ["SERVE_GRPC_PORT"] = str(grpc_port)
     try:
         process = start("this tree", port, ROOT, None)
@@ -136,7 +144,7 @@ def main() -> None:
                 path, body, env = cells[key]
                 for level in (1, 64):
                     if env.get("grpc"):
-                        (result,) = perf_analyzer(pa, "grpc", grpc_port, path, body, str(level),
+                        (result,) = perf_analyzer(pa, "grpc", env.get("port", grpc_port), path, body, str(level),
                                                   args.duration * 1000 // 3, work)
                     else:
                         result = wrk(f"http://127.0.0.1:{port}{path}", body, work / "wrk.lua", level, args.duration,
@@ -152,6 +160,8 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(60)
+        if noop is not None:
+            os.killpg(noop.pid, signal.SIGTERM)
     summary = {key: {"rps": statistics.median(r["req_per_s"] if "concurrency" in r else r["requests"] / r["seconds"]
                                                for r in runs),
                      "p50_ms": statistics.median(r["p50_ms"] for r in runs), "errors": sum(r["errors"] for r in runs)}

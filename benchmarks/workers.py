@@ -73,6 +73,41 @@ def pss_mb(pid: int) -> float:
     return total / 1024
 
 
+def prepare(prefix: str, commit: str, names: list[str]) -> tuple[Path, Path, dict[str, Path]]:
+    """A temporary folder holding ``commit`` checked out in ``previous/`` (a git worktree: remove it when
+    done), the wrk script, and each named model's example as a body file."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    previous = work / "previous"
+    subprocess.run(["git", "worktree", "add", "--detach", str(previous), commit], cwd=ROOT, check=True,
+                   capture_output=True)
+    (work / "wrk.lua").write_text(LUA)
+    bodies = {}
+    for name in names:
+        bodies[name] = work / f"{name}.json"
+        bodies[name].write_text(json.dumps(example(get(name))))
+    return work, previous, bodies
+
+
+def medians(samples: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict]]:
+    """Per side and cell: the median req/s and p50 over the rounds, and the errors of all of them."""
+    return {side: {key: {"rps": statistics.median(r["requests"] / r["seconds"] for r in runs),
+                         "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                         "errors": sum(r["errors"] for r in runs)}
+                   for key, runs in cells.items()} for side, cells in samples.items()}
+
+
+def load_routes(cells: dict[str, list[dict]], side: str, port: int, routes, bodies: dict[str, Path], work: Path,
+                duration: int) -> None:
+    """``wrk`` on each route (``model`` or ``model/noop``, with that model's body) at each level; each result
+    goes to ``cells["route@level"]``."""
+    for route in routes:
+        for level in LEVELS:
+            result = wrk(f"http://127.0.0.1:{port}/{route}", bodies[route.split("/")[0]], work / "wrk.lua", level,
+                         duration)
+            cells.setdefault(f"{route}@{level}", []).append(result)
+            print(side, route, level, result, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -80,16 +115,8 @@ def main() -> None:
     parser.add_argument("--previous", default="c84aad2", help="the commit before the worker processes")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-workers-"))
-    previous = work / "previous"
-    subprocess.run(["git", "worktree", "add", "--detach", str(previous), args.previous], cwd=ROOT, check=True,
-                   capture_output=True)
+    work, previous, bodies = prepare("bench-workers-", args.previous, list(ROUTES))
     (work / "bare_fashion.py").write_text(BARE_APP)
-    (work / "wrk.lua").write_text(LUA)
-    bodies = {}
-    for name in ROUTES:
-        bodies[name] = work / f"{name}.json"
-        bodies[name].write_text(json.dumps(example(get(name))))
     sides = {"previous": (previous, None), "new, 1 worker": (ROOT, 1), "new, default": (ROOT, None),
              "bare FastAPI": (work, None)}
     samples: dict[str, dict[str, list[dict]]] = {side: {} for side in sides}
@@ -102,12 +129,8 @@ def main() -> None:
                 port = free_port()
                 process = start("bare" if side == "bare FastAPI" else side, port, folder, workers)
                 try:
-                    for name in (("fashion",) if side == "bare FastAPI" else ROUTES):
-                        for level in LEVELS:
-                            result = wrk(f"http://127.0.0.1:{port}/{name}", bodies[name], work / "wrk.lua", level,
-                                         args.duration)
-                            samples[side].setdefault(f"{name}@{level}", []).append(result)
-                            print(side, name, level, result, flush=True)
+                    load_routes(samples[side], side, port, ("fashion",) if side == "bare FastAPI" else ROUTES,
+                                bodies, work, args.duration)
                     memory[side].append(pss_mb(process.pid))
                 finally:
                     process.terminate()
@@ -115,10 +138,7 @@ def main() -> None:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(previous)], cwd=ROOT, capture_output=True)
 
-    summary = {side: {key: {"rps": statistics.median(r["requests"] / r["seconds"] for r in runs),
-                            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                            "errors": sum(r["errors"] for r in runs)}
-                      for key, runs in cells.items()} for side, cells in samples.items()}
+    summary = medians(samples)
     for side in summary:
         summary[side]["pss_mb"] = statistics.median(memory[side])
     RESULTS.mkdir(exist_ok=True)
