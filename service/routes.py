@@ -41,7 +41,7 @@ class DirectRoute(APIRoute):
     """A route whose endpoint is called directly, without FastAPI's dependency solving: a JSON body read and
     validated by pydantic-core in one step (``validate_json`` on the bytes, not ``json.loads`` and then
     validation), plain ``str`` path parameters passed as the router matched them, and the answer written in
-    one step (in-process, per request: see the README's *Cheaper requests*).
+    one step (measurements: *Cheaper requests* in the README).
 
     Only the plain case takes this path. An empty body, another content type, or a body that fails
     validation (or that pydantic-core reads differently, such as UTF-16) goes to FastAPI's own handler,
@@ -54,7 +54,8 @@ class DirectRoute(APIRoute):
         names = set(inspect.signature(self.endpoint).parameters)
         body = self.body_field
         path = [f.name for f in self.dependant.path_params if f.field_info.annotation is str and not f.field_info.metadata]
-        if names - {body.name if body else None, "request", "response", *path}:
+        if names - {body.name if body else None, "request", "response", *path} or not (
+                inspect.iscoroutinefunction(self.endpoint)):
             return standard
         validate_json = TypeAdapter(body.field_info.annotation).validate_json if body else None
         dump_json = TypeAdapter(self.response_model).dump_json if self.response_model else None
