@@ -19,7 +19,7 @@ import os
 import platform
 import subprocess
 
-from benchmarks.workers import RESULTS, ROOT, load_routes, medians, prepare, start
+from benchmarks.workers import RESULTS, ROOT, load_routes, medians, prepare, running
 from tests.conftest import free_port
 
 ROUTES = ("fashion/noop", "fashion", "phone-price/noop", "phone-price")
@@ -35,17 +35,12 @@ def main() -> None:
     work, previous, bodies = prepare("bench-requests-", args.previous, sorted({r.split("/")[0] for r in ROUTES}))
     sides = {"earlier": previous, "this tree": ROOT}
     samples: dict[str, dict[str, list[dict]]] = {side: {} for side in sides}
-    os.environ["SERVE_BENCHMARK_ROUTES"] = "true"
     try:
         for round_ in range(args.rounds):
             for side in list(sides)[::1 if round_ % 2 == 0 else -1]:
                 port = free_port()
-                process = start(side, port, sides[side], 1)
-                try:
+                with running(side, port, sides[side], 1, {"SERVE_BENCHMARK_ROUTES": "true"}):
                     load_routes(samples[side], side, port, ROUTES, bodies, work, args.duration)
-                finally:
-                    process.terminate()
-                    process.wait(60)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(previous)], cwd=ROOT, capture_output=True)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.load import LUA, wrk
-from benchmarks.workers import ROOT, pss_mb, start
+from benchmarks.workers import ROOT, pss_mb, running
 from service.catalog import get
 from tests.conftest import free_port
 
@@ -130,36 +130,30 @@ def main() -> None:
                                  str(len(os.sched_getaffinity(0)))], cwd=ROOT, start_new_session=True)
         cells["phone-price gRPC, no-op servicer (grpcio's ceiling)"] = ("phone-price", cells["phone-price v2 gRPC"][1],
                                                                        {"grpc": True, "port": noop_port})
-    os.environ["SERVE_GRPC_PORT"] = str(grpc_port)
-    try:
-        process = start("this tree", port, ROOT, None)
-    finally:
-        del os.environ["SERVE_GRPC_PORT"]
     samples: dict[str, list[dict]] = {}
     sweep: dict[str, list[dict]] = {}
     try:
-        keys = list(cells)
-        for round_ in range(args.rounds):
-            for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
-                path, body, env = cells[key]
-                for level in (1, 64):
-                    if env.get("grpc"):
-                        (result,) = perf_analyzer(pa, "grpc", env.get("port", grpc_port), path, body, str(level),
-                                                  args.duration * 1000 // 3, work)
-                    else:
-                        result = wrk(f"http://127.0.0.1:{port}{path}", body, work / "wrk.lua", level, args.duration,
-                                     env)
-                    samples.setdefault(f"{key} @{level}", []).append(result)
-                    print(key, level, result, flush=True)
-        if not isinstance(pa, str):
-            for protocol, at in (("http", port), ("grpc", grpc_port)):
-                sweep[protocol] = [perf_analyzer(pa, protocol, at, "fashion", cells["fashion v2 gRPC"][1], str(c),
-                                                 1000, work)[0] for c in (1, 4, 16, 64)]
-                print("perf_analyzer sweep", protocol, sweep[protocol], flush=True)
-        memory = pss_mb(process.pid)
+        with running("this tree", port, ROOT, None, {"SERVE_GRPC_PORT": str(grpc_port)}) as process:
+            keys = list(cells)
+            for round_ in range(args.rounds):
+                for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+                    path, body, env = cells[key]
+                    for level in (1, 64):
+                        if env.get("grpc"):
+                            (result,) = perf_analyzer(pa, "grpc", env.get("port", grpc_port), path, body, str(level),
+                                                      args.duration * 1000 // 3, work)
+                        else:
+                            result = wrk(f"http://127.0.0.1:{port}{path}", body, work / "wrk.lua", level,
+                                         args.duration, env)
+                        samples.setdefault(f"{key} @{level}", []).append(result)
+                        print(key, level, result, flush=True)
+            if not isinstance(pa, str):
+                for protocol, at in (("http", port), ("grpc", grpc_port)):
+                    sweep[protocol] = [perf_analyzer(pa, protocol, at, "fashion", cells["fashion v2 gRPC"][1], str(c),
+                                                     1000, work)[0] for c in (1, 4, 16, 64)]
+                    print("perf_analyzer sweep", protocol, sweep[protocol], flush=True)
+            memory = pss_mb(process.pid)
     finally:
-        process.terminate()
-        process.wait(60)
         if noop is not None:
             os.killpg(noop.pid, signal.SIGTERM)
     summary = {key: {"rps": statistics.median(r["req_per_s"] if "concurrency" in r else r["requests"] / r["seconds"]

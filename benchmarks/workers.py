@@ -22,6 +22,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -49,8 +51,21 @@ def fashion(item: FashionImage) -> FashionPrediction:  # sync: FastAPI runs it o
 '''
 
 
-def start(side: str, port: int, folder: Path, workers: int | None) -> subprocess.Popen:
-    env = {**os.environ, "SERVE_LOG_LEVEL": "WARNING", "SERVE_PORT": str(port), "PYTHONPATH": str(folder)}
+@contextmanager
+def running(side: str, port: int, folder: Path, workers: int | None, settings: dict | None = None) -> Iterator[subprocess.Popen]:
+    """A fresh server for the block (``side`` "bare": the bare FastAPI route), with ``settings`` added to
+    its environment; stopped when the block ends, however it ends."""
+    process = start(side, port, folder, workers, settings)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def start(side: str, port: int, folder: Path, workers: int | None, settings: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "SERVE_LOG_LEVEL": "WARNING", "SERVE_PORT": str(port), "PYTHONPATH": str(folder),
+           **(settings or {})}
     env.pop("SERVE_WORKERS", None)
     if workers:
         env["SERVE_WORKERS"] = str(workers)
@@ -127,14 +142,10 @@ def main() -> None:
             for side in order[round_ % len(order):] + order[:round_ % len(order)]:
                 folder, workers = sides[side]
                 port = free_port()
-                process = start("bare" if side == "bare FastAPI" else side, port, folder, workers)
-                try:
+                with running("bare" if side == "bare FastAPI" else side, port, folder, workers) as process:
                     load_routes(samples[side], side, port, ("fashion",) if side == "bare FastAPI" else ROUTES,
                                 bodies, work, args.duration)
                     memory[side].append(pss_mb(process.pid))
-                finally:
-                    process.terminate()
-                    process.wait(60)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(previous)], cwd=ROOT, capture_output=True)
 

@@ -83,8 +83,8 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
 
     # The prediction routes go first, on the app itself (an included router costs a second pass): routes are
     # tried in order, a few µs each. v2 inference is one route for every model, so it leads.
-    v2 = v2_router(registry, app.title, app.version, hot=app)
-    models = [model_router(entry, registry, hot=app) for entry in registry.entries.values()]
+    v2 = v2_router(registry, app.title, app.version, hot=app.router)
+    models = [model_router(entry, registry, hot=app.router) for entry in registry.entries.values()]
     app.include_router(ops_router(registry))
     add_docs(app)
     describe_uploads_as_binary(app)

@@ -6,7 +6,7 @@ import inspect
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, FastAPI, File, HTTPException, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Body, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -99,7 +99,7 @@ def is_json(content_type: str | None) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
-def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter | FastAPI) -> APIRouter:
+def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter) -> APIRouter:
     """Every route of one model, all through its batcher: ``POST /{name}`` for one instance,
     ``POST /{name}/batch`` for many, where the model declares them an upload route and a stream route, and
     ``POST /{name}/versions/{version}`` (and ``/batch``) to call one loaded version by name. Every answer
@@ -157,7 +157,6 @@ def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter | FastAPI
         return BatchOutput(predictions=await submit(body.instances, request, response, batch=True, version=version))
 
     sse = {200: {"content": {"text/event-stream": {}}}} if predictor.stream_event else {}
-    hot = hot.router if isinstance(hot, FastAPI) else hot
     hot.add_api_route(f"/{name}", predict_one, methods=["POST"], response_model=Output, summary=predictor.summary,
                       description=predictor.description, responses={**ERRORS, **sse}, tags=[name],
                       operation_id=f"predict_{folder}", route_class_override=DirectRoute)

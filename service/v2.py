@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pydantic_core
-from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
@@ -249,11 +249,10 @@ def model_config(entry: ModelEntry) -> dict:
 # ---------------------------------------------------------------- routes
 
 
-def v2_router(registry: Registry, server_name: str, server_version: str, hot: APIRouter | FastAPI) -> APIRouter:
+def v2_router(registry: Registry, server_name: str, server_version: str, hot: APIRouter) -> APIRouter:
     """The protocol's routes; inference (without a version) goes on ``hot`` (matched first, see
     routes.model_router)."""
     router = APIRouter(tags=["open inference protocol v2"])
-    hot = hot.router if isinstance(hot, FastAPI) else hot
 
     def error(message: str, status: int) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)

@@ -85,8 +85,6 @@ class InferenceCNN(nn.Module):
     def __init__(self, net: FashionCNN, dtype: torch.dtype):
         super().__init__()
         self.mirror_average, self.dtype = net.mirror_average, dtype
-        self.register_buffer("mean", net.mean.detach().clone())
-        self.register_buffer("std", net.std.detach().clone())
         layers = list(net.features)
         self.convs = nn.ModuleList()
         self.pooled: list[bool] = []  # whether a max pool follows each conv
@@ -97,7 +95,8 @@ class InferenceCNN(nn.Module):
                                        itertools.takewhile(lambda m: not isinstance(m, nn.Conv2d), layers[i + 1:])))
         self.hidden, self.out = (m for m in net.head if isinstance(m, nn.Linear))
         self.to(dtype=dtype, memory_format=torch.channels_last)
-        self.mean, self.std = self.mean.float(), self.std.float()
+        self.register_buffer("mean", net.mean.detach().float())  # normalising stays in float32, before the cast
+        self.register_buffer("std", net.std.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 28, 28) float pixels in 0-1 -> (N, 10) float32 logits (log-probabilities when mirror-averaged)."""
