@@ -12,6 +12,12 @@ until the process runs out of file descriptors. This protocol adds, per connecti
   sender): so a liveness probe still gets through while slow connections hold every place. Only when
   every connection is busy with a request does the new one get 503 and close.
 
+- a bound on what a caller can make it hold: the request line and headers (``SERVE_MAX_HEADER_BYTES``,
+  ``SERVE_MAX_HEADERS``; more get 431 and a close: llhttp itself has no limit, and megabytes of header
+  lines took gigabytes), requests pipelined ahead of their answers (``SERVE_MAX_PIPELINED``: uvicorn
+  resumes reading after every answer, so a client that pipelines and never reads queued thousands), and
+  answers the client does not read (writing stalls past the read timeout: the connection is dropped).
+
 Use it with ``uvicorn --http service.server:GuardedHttpProtocol`` (``python -m service`` does).
 hypercorn has a read timeout but no connection cap; keeping uvicorn keeps its worker manager and httptools'
 parser, and the whole addition is the two timers below.
@@ -25,6 +31,7 @@ import logging
 from collections.abc import Callable
 from functools import cache
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.settings import Settings
@@ -37,10 +44,13 @@ connections_changed: Callable[[int], None] = lambda count: None
 
 
 @cache
-def limits() -> tuple[float, int]:
-    """(request read timeout in seconds, most open connections), from the environment like every setting."""
-    settings = Settings()
-    return settings.request_read_timeout_s, settings.max_connections
+def limits() -> Settings:
+    """The connection limits, from the environment like every setting (read once per process)."""
+    return Settings()
+
+
+class StopReading(Exception):
+    """Raised in a parser callback to stop parsing this connection (httptools then abandons the data)."""
 
 
 def _raw_response(status: str, detail: str, extra: str = "") -> bytes:
@@ -53,11 +63,18 @@ def _raw_response(status: str, detail: str, extra: str = "") -> bytes:
 class GuardedHttpProtocol(HttpToolsProtocol):
     _deadline: asyncio.TimerHandle | None = None
     _waiting_since: float | None = None  # when this connection began to wait for a request; None while one runs
+    _write_stalled: asyncio.TimerHandle | None = None  # armed while the client does not read our answers
+    _head_open = True      # the parser is inside a request line or headers
+    _head_raw = 0          # bytes received since that head began (counted per read, for a head still open)
+    _head_size = 0         # bytes of its URL and header lines so far (counted per callback)
+    _header_count = 0
+    _stopped = False       # this connection reads nothing more (a head too large, too many pipelined)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         connections_changed(len(self.connections))
-        timeout, most = limits()
+        settings = limits()
+        timeout, most = settings.request_read_timeout_s, settings.max_connections
         if len(self.connections) > most and not self._close_longest_waiting():
             transport.write(_raw_response("503 Service Unavailable", f"the server holds its limit of {most} open "
                                           "connections (SERVE_MAX_CONNECTIONS), all busy; retry shortly",
@@ -100,14 +117,111 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()  # the whole request is in; what the handler does with it has its own timeout
+        self._head_open = True  # whatever comes next is the next request's head
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # starts the next pipelined request, and resumes reading
+        if self._stopped or self.pipeline:  # read more only once the requests already queued are answered
+            self.flow.pause_reading()
         if not self.transport.is_closing():
-            self._arm(limits()[0])  # the next request on this keep-alive connection gets the same deadline
+            self._arm(limits().request_read_timeout_s)  # the next request on this connection: the same deadline
+
+    # -- bounds on what one connection can make the server hold --------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, with the head's size counted and this protocol's own refusals left as they are."""
+        if self._stopped:
+            return
+        if self._head_open:
+            self._head_raw += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            if not self._stopped:  # a malformed request (our own refusals have answered already)
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        settings = limits()
+        if self._head_open and self._head_raw > settings.max_header_bytes and not self._stopped:
+            self._refuse_head(f"the request line and headers are longer than {settings.max_header_bytes} bytes "
+                              "(SERVE_MAX_HEADER_BYTES)")  # one header still arriving, a megabyte long
+
+    def on_message_begin(self) -> None:
+        self._head_open, self._head_size, self._header_count = True, 0, 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        self._check_head()
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        self._header_count += 1
+        self._check_head()
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_open, self._head_raw = False, 0
+        if self.cycle is not None and not self.cycle.response_complete and len(self.pipeline) >= limits().max_pipelined:
+            self._stop_after_answers()  # answer what is queued, then close: the client retries the rest
+            raise StopReading
+        super().on_headers_complete()
+
+    def _check_head(self) -> None:
+        settings = limits()
+        if self._header_count > settings.max_headers:
+            self._refuse_head(f"the request has more than {settings.max_headers} header lines (SERVE_MAX_HEADERS)")
+        elif self._head_size > settings.max_header_bytes:
+            self._refuse_head(f"the request line and headers are longer than {settings.max_header_bytes} bytes "
+                              "(SERVE_MAX_HEADER_BYTES)")
+        else:
+            return
+        raise StopReading
+
+    def _refuse_head(self, why: str) -> None:
+        """431 and close; while an earlier request's answer is still due, that answer first, then the close."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._stop_after_answers()
+            return
+        self._stopped = True
+        self._disarm()
+        self.transport.write(_raw_response("431 Request Header Fields Too Large", f"{why}; send fewer or shorter "
+                                           "headers"))
+        self.transport.close()
+
+    def _stop_after_answers(self) -> None:
+        self._stopped = True
+        self.flow.pause_reading()
+        self.cycle.keep_alive = False  # the newest request accepted closes the connection once answered
+
+    def pause_writing(self) -> None:
+        """The client is not reading our answers: give it the read timeout to start again, then drop it."""
+        super().pause_writing()
+        if self._write_stalled is None:
+            timeout = limits().request_read_timeout_s
+            self._write_stalled = self.loop.call_later(timeout, self._not_reading, timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_stalled is not None:
+            self._write_stalled.cancel()
+            self._write_stalled = None
+
+    def _not_reading(self, timeout: float) -> None:
+        log.info("dropped a connection that read none of its answers for %g s", timeout)
+        self.transport.abort()  # close() would wait for the unread answers to drain
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._write_stalled is not None:
+            self._write_stalled.cancel()
         super().connection_lost(exc)
         connections_changed(len(self.connections))

@@ -1,12 +1,16 @@
 """Service settings, read from environment variables prefixed with ``SERVE_`` (see README)."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# A canary split's weight: a whole number (not "50", not true) small enough that drawing by the weights
+# cannot overflow a float (10**400 would fail every request to the model).
+SplitWeight = Annotated[int, Field(strict=True, ge=1, le=1_000_000)]
 
 
 class BatchPolicy(BaseModel):
@@ -50,6 +54,13 @@ class Settings(BaseSettings):
         "Most open connections per worker process. One beyond it closes the connection that has waited longest "
         "for its request; if every one is busy, it gets 503 and is closed. Keep it under ulimit -n."))
     keep_alive_s: float = Field(5.0, gt=0, description="How long an idle keep-alive connection stays open.")
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description=(
+        "Most bytes of one request's line and headers; a longer head gets 431 and the connection is closed."))
+    max_headers: int = Field(100, ge=8, description="Most header lines in one request; more get 431 (and a close).")
+    max_pipelined: int = Field(8, ge=1, description=(
+        "Requests a client may send ahead on one connection before reading its answers (HTTP/1.1 pipelining); the "
+        "server stops reading that connection beyond them and closes it once the queued ones are answered. A client "
+        "that reads no answer for SERVE_REQUEST_READ_TIMEOUT_S is disconnected."))
     max_streams: int = Field(4, ge=1, description=(
         "Concurrent Server-Sent-Event streams per model; more get 503 with Retry-After. Each stream's pieces "
         "share the model's worker with its ordinary requests, so this also bounds how long those wait."))
@@ -84,8 +95,9 @@ class Settings(BaseSettings):
     model_versions: dict[str, str] = Field(default_factory=dict, description=(
         "A pinned version per model, e.g. {\"fashion\": \"2026.11.25.123948\"}; a model not named serves its "
         "newest version that loads."))
-    traffic: dict[str, dict[str, int]] = Field(default_factory=dict, description=(
-        "A weighted split between versions per model (a canary), e.g. {\"fashion\": {\"A\": 90, \"B\": 10}}."))
+    traffic: dict[str, dict[str, SplitWeight]] = Field(default_factory=dict, description=(
+        "A weighted split between versions per model (a canary), e.g. {\"fashion\": {\"A\": 90, \"B\": 10}}; "
+        "weights are whole numbers from 1 to 1,000,000."))
     model_poll_s: float | None = Field(None, gt=0, description=(
         "Look for new versions on disk every this many seconds and switch to them (models not pinned); unset: "
         "only when an admin asks (POST /admin/models/{m}/load)."))

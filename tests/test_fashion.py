@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -13,6 +14,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,9 @@ def encode(pixels: np.ndarray, fmt: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+BROKEN_EXIF = b"Exif\x00\x00NOTATIFF"  # an eXIf chunk Pillow cannot parse: getexif() raises SyntaxError
 
 
 def upload(client, data: bytes, **params):
@@ -169,8 +174,9 @@ def _png(width: int, height: int, idat: bytes) -> bytes:
     (_png(20_000, 20_000, zlib.compress(b"\0" * 64)), 413, "400000000 pixels, more than the limit of 40000000"),
     (_png(7000, 7000, zlib.compress(b"\0" * 64)), 413, "more than the limit of 40000000"),  # the service's cap
     (encode(np.array(EXAMPLE, np.uint8), icc_profile=bytes(7_000_000)), 413, "ICC colour profile"),
+    (encode(np.array(EXAMPLE, np.uint8), exif=BROKEN_EXIF), 422, "EXIF block is damaged"),
 ], ids=["empty", "text", "noise", "tiff", "truncated-png", "bomb-header", "pillow-cap-header", "over-cap-header",
-        "icc-bomb"])
+        "icc-bomb", "broken-exif"])
 def test_bad_uploads_get_a_clear_4xx(client, data, status, words):
     response = upload(client, data)
     assert response.status_code == status, response.text
@@ -381,3 +387,37 @@ def test_the_serving_form_computes_the_trained_function(mirror):
 def test_the_pool_without_indices_equals_max_pool():
     x = torch.randn(2, 3, 7, 9).contiguous(memory_format=torch.channels_last)
     assert torch.equal(fashion_cnn.max_pool_2x2(x), torch.nn.functional.max_pool2d(x, 2))
+
+
+def test_a_broken_upload_never_fails_the_requests_batched_with_it(server):
+    """64 clients at once mix good requests (JSON, batch, upload) with bad ones and the broken-EXIF PNG: the
+    broken upload gets its 422, the bad ones their 4xx, and every good request exactly its answer alone."""
+    good_png = encode(np.array(EXAMPLE, np.uint8))
+    broken = encode(np.array(EXAMPLE, np.uint8), exif=BROKEN_EXIF)
+    calls = {
+        "one": dict(url="/fashion", json={"pixels": EXAMPLE}),
+        "batch": dict(url="/fashion/batch", json={"instances": [{"pixels": EXAMPLE}] * 3}),
+        "upload": dict(url="/fashion/image", files={"file": ("g.png", good_png, "image/png")}),
+        "broken": dict(url="/fashion/image", files={"file": ("b.png", broken, "image/png")}),
+        "bad-json": dict(url="/fashion", json={"pixels": [1, 2, 3]}),
+    }
+    with httpx.Client(base_url=server.url, timeout=30) as solo:
+        alone = {name: solo.post(**call).json() for name, call in calls.items() if name not in ("broken", "bad-json")}
+
+    async def mixed() -> list[tuple[str, httpx.Response]]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            async def call(name: str) -> httpx.Response:  # as a client does: a 503 (uploads at their cap) retried
+                while (response := await client.post(**calls[name])).status_code == 503:
+                    await asyncio.sleep(0.05)
+                return response
+            names = [list(calls)[i % len(calls)] for i in range(64 * 5)]
+            return list(zip(names, await asyncio.gather(*(call(name) for name in names))))
+
+    for name, response in asyncio.run(mixed()):
+        if name == "broken":
+            assert response.status_code == 422 and "EXIF" in response.text, response.text
+        elif name == "bad-json":
+            assert response.status_code == 422, response.text
+        else:
+            assert response.status_code == 200 and response.json() == alone[name], (name, response.text[:300])

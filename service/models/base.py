@@ -54,6 +54,18 @@ class InputRejected(Exception):
         self.status = status
 
 
+def undecodable(exc: Exception) -> InputError | InputRejected:
+    """A decoder's failure as the upload's own 4xx: its InputError or InputRejected as raised, anything else
+    (Pillow raises SyntaxError, struct.error, ... for damaged files) a 422, so it never fails the items
+    batched with it. Without traceback and context: they reach the frames holding the upload's bytes, which
+    would then live until a full garbage collection."""
+    if not isinstance(exc, (InputError, InputRejected)):
+        exc = InputError(f"the file could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); send an "
+                         "undamaged image", "file")
+    exc.__context__ = exc.__cause__ = None
+    return exc.with_traceback(None)
+
+
 _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
 
 
@@ -208,11 +220,8 @@ class Predictor(ABC):
                 uploads = True
                 try:
                     item = self.decode(item.data, item.options)
-                except (InputError, InputRejected) as exc:
-                    # without its traceback and context: they reach the frames holding the upload's bytes,
-                    # which would then live until a full garbage collection
-                    exc.__context__ = None
-                    outputs[i] = exc.with_traceback(None)
+                except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on odd bytes is this item's 4xx
+                    outputs[i] = undecodable(exc)
                     continue
             ready.append((i, item))
         if uploads:

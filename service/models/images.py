@@ -58,7 +58,11 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as exc:  # Pillow raises OSError, SyntaxError, struct.error... for damaged data
         message = f"the {image.format} image is truncated or corrupt ({exc}); send the whole file"
         raise InputError(message, "file") from None
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception as exc:  # noqa: BLE001 - a damaged EXIF block (Pillow: SyntaxError "not a TIFF file")
+        raise InputError(f"the {image.format} image's EXIF block is damaged ({exc}), so its orientation is "
+                         "unknown; save the picture again (or without EXIF) and send it", "file") from None
     factor = -(-max(image.size) // WORKING_SIDE)  # box-averaged to at most WORKING_SIDE on the long side
     if image.has_transparency_data:  # onto white, in 1-byte planes: gray x alpha + (255 - alpha)
         alpha = (image if image.mode in ("RGBA", "LA") else image.convert("RGBA")).getchannel("A")
