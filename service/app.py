@@ -16,6 +16,7 @@ from service.admin import Control, admin_router
 from service.catalog import MODELS, Model
 from service.docs import PREFIX as DOCS_ASSETS, add_docs, describe_uploads_as_binary
 from service.errors import add_error_handlers
+from service.memory import trimming
 from service.metrics import Metrics
 from service.middleware import Gate, RequestContextMiddleware, configure_logging
 from service.registry import Registry
@@ -64,12 +65,14 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         if settings.grpc_port:
             from service.v2_grpc.server import start_grpc  # noqa: PLC0415 - grpc only when it is on
 
-            grpc_server = await start_grpc(registry, checks, settings.host, settings.grpc_port,
-                                           settings.max_body_bytes, app.title, app.version)
+            largest = max((checks.body_limit(f"/v2/models/{name}/infer") for name in registry.entries), default=1024)
+            grpc_server = await start_grpc(registry, checks, settings.host, settings.grpc_port, largest,
+                                           app.title, app.version)
         ready = [name for name, entry in registry.entries.items() if entry.state == "ready"]
         url = f"http://{settings.host}:{settings.port}"  # as `python -m service` was told to bind
         log.info("ready: serving %s at %s (API docs: %s/docs)", ", ".join(ready) or "no model", url, url)
-        yield
+        async with trimming():
+            yield
         if grpc_server is not None:
             await grpc_server.stop(grace=30)  # in-flight calls finish, like HTTP's drain
         await control.stop()

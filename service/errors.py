@@ -75,11 +75,14 @@ def _with_status(status: int, headers: dict[str, str] | None = None):
     return handler
 
 
-def unexpected(request: Request, exc: Exception) -> JSONResponse:
-    request_id = getattr(request.state, "request_id", "?")
-    log.exception("unhandled error", extra={"request_id": request_id})
+async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A 500 naming the request id (in the body and the X-Request-ID header: Starlette answers it outside the
+    middleware that adds the header), with the traceback in the log (passed explicitly: a sync handler would
+    run on a thread where the exception is no longer current, and log ``NoneType: None``)."""
+    request_id = request.scope.get("state", {}).get("request_id", "?")
+    log.error("unhandled error", exc_info=exc, extra={"request_id": request_id, "path": request.url.path})
     return JSONResponse({"detail": f"internal error; quote request id {request_id} when reporting it"},
-                        status_code=500)
+                        status_code=500, headers={"X-Request-ID": request_id})
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.memory import TRIM_AFTER_BYTES, trim_soon
 from service.metrics import Metrics
 
 log = logging.getLogger("service.access")
@@ -161,6 +162,8 @@ class RequestContextMiddleware:
                         await self.app(scope, limited_receive, send_with_id)
                     finally:
                         self.inflight_bytes -= hold
+                        if received > TRIM_AFTER_BYTES:
+                            trim_soon()  # its megabytes, freed on several threads, back to the system
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("route")

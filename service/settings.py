@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     grpc_port: int | None = Field(None, ge=1, le=65535, description=(
         "Serve the Open Inference Protocol v2 over gRPC on this port too (the container sets 8001); unset: off."))
+    grpc_max_calls: int = Field(256, ge=1, description=(
+        "gRPC calls in progress per worker process; more are refused at once with RESOURCE_EXHAUSTED."))
+    grpc_max_calls_per_connection: int = Field(32, ge=1, description=(
+        "gRPC calls in progress on one connection (HTTP/2 concurrent streams); a client waits for more."))
     manifest_public_key: str | None = Field(None, description=(
         "An ed25519 public key (PEM text, or the path of a PEM file): when set, a model loads only if its "
         "manifest.json carries a valid manifest.sig made with the matching private key (see the README)."))

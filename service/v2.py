@@ -30,7 +30,7 @@ from pydantic import BaseModel, ValidationError
 from service.batching import PredictionTimeoutError, QueueFullError
 from service.models.base import InputError
 from service.registry import ModelEntry, ModelUnavailableError, Registry, VersionNotFoundError
-from service.routes import DirectRoute
+from service.routes import DirectRoute, off_loop
 
 NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
@@ -79,10 +79,13 @@ class ProtocolError(Exception):
 # ---------------------------------------------------------------- tensors <-> values
 
 
-def decode_bytes_tensor(raw: bytes) -> list[bytes]:
-    """Triton's binary BYTES layout: each element is a 4-byte little-endian length, then its bytes."""
+def decode_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
+    """Triton's binary BYTES layout: each element is a 4-byte little-endian length, then its bytes; more
+    elements than the shape's ``count`` are refused as soon as they are found."""
     items, at = [], 0
     while at < len(raw):
+        if len(items) == count:
+            raise ProtocolError(f"a BYTES tensor's binary data holds more than the {count} elements of its shape")
         if at + 4 > len(raw):
             raise ProtocolError("a BYTES tensor's binary data ends inside an element's length")
         (size,) = struct.unpack_from("<I", raw, at)
@@ -104,17 +107,26 @@ def tensor_bytes(datatype: str, values: list) -> bytes:
     return np.asarray(values, dtype=np.dtype(NUMPY[datatype]).newbyteorder("<")).tobytes()
 
 
-def input_array(spec: dict, binary: bytes | None) -> np.ndarray:
-    """One request input as an array of its declared shape (BYTES as an object array of bytes)."""
+MAX_DIMS = 4  # instances, then at most a picture's rows and columns (and one more): no model takes more
+MAX_ROW_VALUES = 4096  # values of one input in one instance (a 28x28 picture: 784)
+
+
+def input_array(spec: dict, binary: bytes | None, max_instances: int) -> np.ndarray:
+    """One request input as an array of its declared shape (BYTES as an object array of bytes). The shape is
+    checked first, so that nothing is built from a shape no model takes (``[10**30, 0]``, 65 dimensions)."""
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
     if not isinstance(name, str) or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ProtocolError("each input needs a name, a datatype and a shape of non-negative integers")
     if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in NUMPY):
         raise ProtocolError(f"input '{name}' has datatype {datatype!r}; use one of {', '.join([*NUMPY, 'BYTES'])}")
+    if len(shape) > MAX_DIMS or (shape and shape[0] > max_instances) or math.prod(shape[1:]) > MAX_ROW_VALUES:
+        raise ProtocolError(f"input '{name}' has shape {str(shape)[:100]}; send [instances, ...] with 1 to "
+                            f"{max_instances} instances (SERVE_MAX_BATCH_INSTANCES), at most {MAX_DIMS} dimensions "
+                            f"and {MAX_ROW_VALUES} values per instance (GET /v2/models/{{model}} lists the shapes)")
     count = math.prod(shape)
     if binary is not None:
         if datatype == "BYTES":
-            values = np.array(decode_bytes_tensor(binary), dtype=object)
+            values = np.array(decode_bytes_tensor(binary, count), dtype=object)
         else:
             dtype = np.dtype(NUMPY[datatype]).newbyteorder("<")
             if len(binary) != count * dtype.itemsize:
@@ -159,7 +171,10 @@ def _params(obj: dict, what: str) -> dict:
 def _value(x: Any) -> Any:
     """One tensor element as the JSON value the schema validates: NaN and b"" are missing."""
     if isinstance(x, bytes):
-        return x.decode("utf-8", errors="strict") or None
+        try:
+            return x.decode("utf-8", errors="strict") or None
+        except UnicodeDecodeError:
+            raise ProtocolError("a BYTES element is not UTF-8 text; send text as UTF-8") from None
     if isinstance(x, np.ndarray):  # a list-valued field's row: numeric arrays stay arrays for the validator
         return x if x.dtype.kind in "uif" else x.tolist()
     if isinstance(x, (np.floating, float)):
@@ -314,8 +329,11 @@ def v2_router(registry: Registry, server_name: str, server_version: str, hot: AP
     async def infer(model: str, request: Request, version: str | None) -> Response:
         try:
             entry = entry_of(model, version)
-            header, binary = parse_body(await request.body(), request.headers.get(HEADER_LENGTH))
-            outputs, wanted, as_binary, answered_by = await run_inference(registry, entry, header, binary, version)
+            body = await request.body()
+            header, (instances, wanted, as_binary) = await off_loop(
+                len(body), read_rest_request, entry, body, request.headers.get(HEADER_LENGTH),
+                registry.settings.max_batch_instances)
+            outputs, answered_by = await run_inference(registry, entry, instances, version)
         except ProtocolError as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status,
                                 headers={"Retry-After": "1"} if exc.status == 503 else None)
@@ -349,12 +367,17 @@ def find_entry(registry: Registry, model: str, version: str | None) -> ModelEntr
     return entry
 
 
-async def run_inference(registry: Registry, entry: ModelEntry, header: dict, binary: bytes,
-                        version: str | None = None) -> tuple[list[BaseModel], list[str], set[str], str]:
-    """The predictions for a v2 request (REST or gRPC, already as a JSON header and binary data), the
-    outputs asked for, those to send as binary, and the version that answered (the one named, else as the
-    model's default and split choose). Every failure is a ProtocolError with its status."""
-    instances, wanted, as_binary = read_request(entry, header, binary, registry.settings.max_batch_instances)
+def read_rest_request(entry: ModelEntry, body: bytes, header_length: str | None,
+                      max_instances: int) -> tuple[dict, tuple[list[BaseModel], list[str], set[str]]]:
+    """A REST body (JSON, or JSON and binary tensors) as its JSON header and :func:`read_request`'s result."""
+    header, binary = parse_body(body, header_length)
+    return header, read_request(entry, header, binary, max_instances)
+
+
+async def run_inference(registry: Registry, entry: ModelEntry, instances: list[BaseModel],
+                        version: str | None = None) -> tuple[list[BaseModel], str]:
+    """The predictions for a v2 request's instances (REST or gRPC) and the version that answered (the one
+    named, else as the model's default and split choose). Every failure is a ProtocolError with its status."""
     try:
         outputs, answered_by = await registry.submit(entry, instances, version)
     except VersionNotFoundError as exc:
@@ -368,13 +391,13 @@ async def run_inference(registry: Registry, entry: ModelEntry, header: dict, bin
             raise ProtocolError(f"instance {i}: {out}", 422)
         if isinstance(out, Exception):
             raise out
-    return outputs, wanted, as_binary, answered_by
+    return outputs, answered_by
 
 
 def parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     """The JSON header and the binary data after it (empty without the binary extension)."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise ProtocolError(f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most the body's")
         json_part, binary = body[:int(header_length)], body[int(header_length):]
     else:
@@ -401,7 +424,7 @@ def read_request(entry: ModelEntry, header: dict, binary: bytes,
             if not isinstance(size, int) or size < 0 or at + size > len(binary):
                 raise ProtocolError(f"input '{spec.get('name')}' declares {size} bytes of binary data beyond the body")
             chunk, at = binary[at:at + size], at + size
-        arrays[spec.get("name")] = input_array(spec, chunk)
+        arrays[spec.get("name")] = input_array(spec, chunk, max_instances)
     if at != len(binary):
         raise ProtocolError(f"{len(binary) - at} bytes of binary data after the inputs that declare it")
     packed, numbers = entry.predictor.v2_packed, None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import signal
 import time
@@ -508,3 +509,27 @@ def test_a_plain_json_body_skips_fastapis_dependency_solving(stub_app, monkeypat
     assert [r.json() for r in good] == [{"y": 2.0}, {"predictions": [{"y": 4.0}]}]
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "x"]
     assert calls == ["/doubler"], calls  # the bad body only
+
+
+def test_a_500_names_its_request_id_in_header_and_body_and_logs_the_traceback(stub_app, caplog):
+    app = stub_app()
+
+    async def broken() -> dict:
+        raise RuntimeError("a bug in a route")
+    app.add_api_route("/broken", broken)
+
+    async def call() -> httpx.Response:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://in-process") as client:
+                return await client.get("/broken", headers={"X-Request-ID": "trace-me-1"})
+    service_log = logging.getLogger("service")  # it does not propagate to the root, where caplog listens
+    service_log.addHandler(caplog.handler)
+    try:
+        response = asyncio.run(call())
+    finally:
+        service_log.removeHandler(caplog.handler)
+    assert response.status_code == 500 and response.headers["x-request-id"] == "trace-me-1"
+    assert "trace-me-1" in response.json()["detail"]
+    (record,) = [r for r in caplog.records if r.name == "service.errors"]
+    assert record.request_id == "trace-me-1" and record.exc_info and "a bug in a route" in str(record.exc_info[1])

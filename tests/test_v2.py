@@ -188,3 +188,61 @@ def test_phone_features_packed_in_one_tensor(v2, client, binary):
     wrong.set_data_from_numpy(np.zeros((1, 19), np.float32))
     with pytest.raises(InferenceServerException, match=r"shape \[-1, 20\]"):
         v2.infer("phone-price", [wrong])
+
+
+ODD_BODIES = {  # (body, headers): each a 400 naming what to send, never a 500
+    "header length not ASCII digits": (b'{"inputs": []}', {"inference-header-content-length": "\u00b2".encode()}),
+    "a shape of 10**30 rows": (json.dumps({"inputs": [{"name": "ram", "datatype": "FP64", "shape": [10**30, 0],
+                                                       "data": []}]}).encode(), {}),
+    "65 dimensions": (json.dumps({"inputs": [{"name": "ram", "datatype": "FP64", "shape": [1] * 65,
+                                              "data": [1]}]}).encode(), {}),
+    "BYTES not UTF-8": (b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], '
+                        b'"parameters": {"binary_data_size": 6}}]}' + b"\x02\x00\x00\x00\xff\xfe",
+                        {"inference-header-content-length": b"92"}),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_BODIES))
+def test_odd_v2_requests_are_a_400_not_a_500(server, case):
+    body, headers = ODD_BODIES[case]
+    if "BYTES" in case:  # the header length must be the JSON part's
+        headers = {"inference-header-content-length": str(body.index(b"}]}") + 3).encode()}
+    response = httpx.post(f"{server.url}/v2/models/phone-price/infer", content=body,
+                          headers={"content-type": "application/octet-stream", **headers})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] and "x-request-id" in response.headers
+
+
+def test_odd_grpc_requests_are_invalid_argument_and_keyless_calls_are_refused(grpc_server):
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb  # Triton's own messages (ours share their proto names)
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+    server, port = grpc_server
+    key = (("x-api-key", "k"),)
+    odd = {
+        "a shape of 10**30 rows": pb.ModelInferRequest(model_name="phone-price", inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="ram", datatype="FP64", shape=[2**62, 0])]),
+        "65 dimensions": pb.ModelInferRequest(model_name="phone-price", inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="ram", datatype="FP64", shape=[1] * 65)],
+            raw_input_contents=[np.float64(1).tobytes()]),
+        "BYTES not UTF-8": pb.ModelInferRequest(model_name="house-price", inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="Neighborhood", datatype="BYTES", shape=[1])],
+            raw_input_contents=[b"\x02\x00\x00\x00\xff\xfe"]),
+    }
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for case, request in odd.items():
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(request, metadata=key)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, error.value.details())
+        # a large message without a key: refused by its metadata, before the message is read
+        big = pb.ModelInferRequest(model_name="fashion", inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="FP32", shape=[256, 28, 28])],
+            raw_input_contents=[bytes(256 * 784 * 4)])
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(big)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.ServerLive(pb.ServerLiveRequest()).live  # probes need no key
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ServerMetadata(pb.ServerMetadataRequest())
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -9,11 +9,13 @@ health service reports SERVING once every model is loaded.
 
 import logging
 import time
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service.middleware import Gate
+from service.memory import TRIM_AFTER_BYTES, trim_soon
+from service.middleware import SAFE_REQUEST_ID, Gate
 from service.registry import Registry
 from service.v2 import (
     ProtocolError,
@@ -22,9 +24,11 @@ from service.v2 import (
     model_config,
     output_descriptions,
     output_tensors,
+    read_request,
     run_inference,
     tensor_bytes,
 )
+from service.routes import off_loop
 from service.v2_grpc import inference_pb2 as pb
 from service.v2_grpc import inference_pb2_grpc as pb_grpc
 
@@ -65,19 +69,18 @@ def as_rest_request(request: pb.ModelInferRequest) -> tuple[dict, bytes]:
     return header, b"".join(raw)
 
 
+def read_grpc_request(entry, request: pb.ModelInferRequest, max_instances: int):
+    """The request's instances and outputs, as :func:`service.v2.read_request` reads a REST one."""
+    header, binary = as_rest_request(request)
+    return read_request(entry, header, binary, max_instances)
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, registry: Registry, gate: Gate, name: str, version: str):
         self.registry, self.gate, self.name, self.version = registry, gate, name, version
 
     def _ready(self) -> bool:
         return all(e.state == "ready" and e.batcher is not None for e in self.registry.entries.values())
-
-    async def _check_key(self, context) -> None:
-        if self.gate.api_keys:
-            metadata = {k.encode(): v.encode() for k, v in context.invocation_metadata() if isinstance(v, str)}
-            if not self.gate.has_valid_key(metadata):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key: send it in the "
-                                    "x-api-key metadata or as 'authorization: Bearer <key>'")
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -86,16 +89,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._ready())
 
     async def ServerMetadata(self, request, context):
-        await self._check_key(context)
         return pb.ServerMetadataResponse(name=self.name, version=self.version, extensions=["binary_tensor_data"])
 
     async def ModelReady(self, request, context):
-        await self._check_key(context)
         entry = await self._entry(request.name, request.version, context)
         return pb.ModelReadyResponse(ready=bool(entry.ready_versions()) and (bool(request.version) or entry.state == "ready"))
 
     async def ModelMetadata(self, request, context):
-        await self._check_key(context)
         entry = await self._entry(request.name, request.version, context)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -104,7 +104,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in output_descriptions(entry)])
 
     async def ModelConfig(self, request, context):
-        await self._check_key(context)
         config = model_config(await self._entry(request.name, request.version, context))
         return pb.ModelConfigResponse(config=pb.ModelConfig(
             name=config["name"], platform=config["platform"], backend=config["backend"],
@@ -113,14 +112,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         start = time.perf_counter()
-        await self._check_key(context)
         entry = await self._entry(request.model_name, request.model_version, context)
+        size = request.ByteSize()
         try:
-            header, binary = as_rest_request(request)
-            outputs, wanted, _, answered_by = await run_inference(self.registry, entry, header, binary,
-                                                                  request.model_version or None)
+            instances, wanted, _ = await off_loop(size, read_grpc_request, entry, request,
+                                                  self.registry.settings.max_batch_instances)
+            outputs, answered_by = await run_inference(self.registry, entry, instances, request.model_version or None)
         except ProtocolError as exc:
             await context.abort(STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+        except Exception:
+            request_id = request_id_of(context)
+            log.exception("unhandled error in a gRPC call", extra={"request_id": request_id, "route": "ModelInfer"})
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error; quote request id {request_id} when "
+                                "reporting it")
+        finally:
+            if size > TRIM_AFTER_BYTES:
+                trim_soon()
         response = pb.ModelInferResponse(model_name=entry.name, id=request.id, model_version=answered_by)
         for name, datatype, shape, values in output_tensors(outputs, wanted):
             response.outputs.add(name=name, datatype=datatype, shape=shape)
@@ -135,12 +142,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(STATUS[exc.status], str(exc))
 
 
+def request_id_of(context) -> str:
+    """The caller's x-request-id metadata if it is a plain token (it goes into logs), else a new one."""
+    given = dict(context.invocation_metadata()).get("x-request-id", "")
+    return given if isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
+                          "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})  # probes send no key
+
+
+class KeyCheck(grpc.aio.ServerInterceptor):
+    """The API key, checked on the call's metadata before its message is received: a call without a valid key
+    is answered UNAUTHENTICATED by a handler that never reads the message, so a keyless caller cannot make the
+    server take megabytes (a unary handler would receive the whole message first)."""
+
+    def __init__(self, gate: Gate):
+        self.gate = gate
+        self.refuse = grpc.stream_unary_rpc_method_handler(self._unauthenticated)
+
+    async def intercept_service(self, continuation, details):
+        if not self.gate.api_keys or details.method in OPEN_METHODS:
+            return await continuation(details)
+        metadata = {k.encode(): v.encode() for k, v in details.invocation_metadata or () if isinstance(v, str)}
+        return await continuation(details) if self.gate.has_valid_key(metadata) else self.refuse
+
+    @staticmethod
+    async def _unauthenticated(requests, context) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key: send it in the x-api-key "
+                            "metadata or as 'authorization: Bearer <key>'")
+
+
 async def start_grpc(registry: Registry, gate: Gate, host: str, port: int, max_message_bytes: int,
                      name: str, version: str) -> grpc.aio.Server:
     """Serve the protocol and the standard health service on host:port (several workers share the port:
-    grpc sets SO_REUSEPORT on Linux)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes)])
+    grpc sets SO_REUSEPORT on Linux). A message is at most what the largest v2 REST body may be; calls in
+    progress are capped per process (more: RESOURCE_EXHAUSTED at once) and per connection."""
+    settings = registry.settings
+    server = grpc.aio.server(
+        interceptors=[KeyCheck(gate)], maximum_concurrent_rpcs=settings.grpc_max_calls,
+        options=[("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes),
+                 ("grpc.max_concurrent_streams", settings.grpc_max_calls_per_connection)])
     servicer = InferenceServicer(registry, gate, name, version)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
