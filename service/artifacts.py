@@ -36,7 +36,7 @@ import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # base64 of the raw 64-byte ed25519 signature of manifest.json's exact bytes
@@ -73,6 +73,20 @@ class ArtifactError(RuntimeError):
     Messages name files relative to the artifact folder: they reach clients, server paths must not."""
 
 
+def refuse_link(path: Path, label: str) -> None:
+    """Refuse a symbolic link: it could lead out of the artifacts folder (to /etc/passwd, to another tree), and
+    what is read from it may reach clients in a reason. ``label`` names it relative to the artifacts folder."""
+    if path.is_symlink():
+        raise ArtifactError(f"{label} is a symbolic link; artifacts hold plain files and folders only")
+
+
+def manifest_problems(exc: ValidationError) -> str:
+    """A manifest's validation errors without its content: the top-level field and pydantic's message only.
+    (``str(exc)`` quotes the input, and deeper locations hold the manifest's own keys.)"""
+    return "; ".join(dict.fromkeys(f"{e['loc'][0]}: {e['msg']}" if e["loc"] else e["msg"]
+                                   for e in exc.errors(include_input=False, include_url=False)))
+
+
 class MissingArtifactError(ArtifactError):
     """The folder has no manifest: the model was never trained (or SERVE_ARTIFACTS_DIR points elsewhere)."""
 
@@ -88,7 +102,8 @@ def version_key(version: str) -> tuple:
 
 def version_folders(model_dir: Path) -> dict[str, Path]:
     """Every version in a model's folder, oldest first: the subfolders holding a manifest (partial writes and
-    other hidden folders are skipped)."""
+    other hidden folders are skipped). Symbolic links are listed, so that :class:`Artifact` refuses them
+    with the reason, rather than the version silently missing."""
     if not model_dir.is_dir():
         return {}
     found = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -247,7 +262,11 @@ class Artifact:
     def __init__(self, folder: Path, public_key: str | Ed25519PublicKey | None = None):
         self.folder = folder
         self.label = f"{folder.parent.name}/{folder.name}"  # "<model>/<version>": what messages name, never a path
+        # Nothing may lead out of the artifacts folder: not the model's folder, the version's, or the manifest.
+        refuse_link(folder.parent, folder.parent.name)
+        refuse_link(folder, self.label)
         path = folder / MANIFEST
+        refuse_link(path, f"{self.label}/{MANIFEST}")
         if not path.is_file():
             raise MissingArtifactError(f"no {MANIFEST} in the artifacts folder '{folder.name}'")
         raw = path.read_bytes()  # read once: the bytes verified are the bytes parsed
@@ -255,8 +274,8 @@ class Artifact:
             self._verify_signature(raw, public_key)
         try:
             self.manifest = Manifest.model_validate_json(raw)
-        except ValueError as exc:
-            raise ArtifactError(f"{folder.name}/{MANIFEST} is not a valid manifest: {exc}") from exc
+        except ValidationError as exc:  # the reason reaches clients: never the manifest's content
+            raise ArtifactError(f"{self.label}/{MANIFEST} is not a valid manifest: {manifest_problems(exc)}") from None
         check_compatible(self.manifest.libraries)
         for name in self.manifest.files:
             self.read(name)  # verify every file up front, so a broken artifact never half-loads
@@ -264,7 +283,8 @@ class Artifact:
     def _verify_signature(self, manifest: bytes, key: str | Ed25519PublicKey) -> None:
         verifier = public_key(key)
         path = self.folder / SIGNATURE
-        if path.is_symlink() or not path.is_file():
+        refuse_link(path, f"{self.label}/{SIGNATURE}")
+        if not path.is_file():
             raise ArtifactError(f"{self.label}/{MANIFEST} is not signed (no {SIGNATURE}), and a manifest "
                                 "public key is configured: sign it when training (--sign-key) or unset "
                                 "SERVE_MANIFEST_PUBLIC_KEY")
@@ -287,8 +307,7 @@ class Artifact:
             raise ArtifactError(f"{self.label}/{MANIFEST} lists {name!r}, which is not a plain file name "
                                 "in the artifact's folder; refusing to read it")
         path = self.folder / name
-        if path.is_symlink():
-            raise ArtifactError(f"{self.label}/{name} is a symbolic link; artifacts hold plain files only")
+        refuse_link(path, f"{self.label}/{name}")
         if not path.is_file():
             raise ArtifactError(f"{self.label}/{name} is missing")
         data = path.read_bytes()

@@ -49,6 +49,9 @@ def limits() -> Settings:
     return Settings()
 
 
+LINGER_S, LINGER_BYTES = 2.0, 1 << 20  # how long, and how much, a refused connection is drained before closing
+
+
 class StopReading(Exception):
     """Raised in a parser callback to stop parsing this connection (httptools then abandons the data)."""
 
@@ -69,6 +72,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _head_size = 0         # bytes of its URL and header lines so far (counted per callback)
     _header_count = 0
     _stopped = False       # this connection reads nothing more (a head too large, too many pipelined)
+    _drained = 0           # bytes dropped since
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -131,7 +135,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, with the head's size counted and this protocol's own refusals left as they are."""
-        if self._stopped:
+        if self._stopped:  # refused: what still arrives is dropped, up to a bound (see _lingering_close)
+            self._drained += len(data)
+            if self._drained > LINGER_BYTES:
+                self.transport.close()
             return
         if self._head_open:
             self._head_raw += len(data)
@@ -195,7 +202,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self.transport.write(_raw_response("431 Request Header Fields Too Large", f"{why}; send fewer or shorter "
                                            "headers"))
-        self.transport.close()
+        self._lingering_close()
+
+    def _lingering_close(self) -> None:
+        """Close after the answer, reading (and dropping) what the client still sends for a moment (at most
+        LINGER_S and LINGER_BYTES): closing a socket with unread data sends a reset, which can destroy the
+        answer before the client reads it."""
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.flow.resume_reading()  # data_received drops everything once _stopped is set
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def _stop_after_answers(self) -> None:
         self._stopped = True

@@ -232,3 +232,77 @@ def test_the_signature_is_not_listed_in_the_manifest_and_training_refuses_a_bad_
     with pytest.raises(SystemExit) as exit_info:
         main(["phone-price", "--sign-key", str(tmp_path / "not-a-key.pem"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and not (tmp_path / "out").exists()  # refused before any training
+
+
+SECRET = "TOP-SECRET-MARKER-7f3a"  # what a file outside the artifacts holds; no client may ever see it
+
+
+def bodies(artifacts_dir: Path) -> list[str]:
+    """What anonymous callers see with phone-price broken and house-price serving: /readyz, /models, a 503."""
+    async def scenario():
+        async with serving(create_app(Settings(artifacts_dir=artifacts_dir), models=[PHONE, HOUSE])) as client:
+            ready = (await client.get("/readyz")).json()["models"]
+            assert ready["house-price"] == "ready" and ready["phone-price"] != "ready"
+            assert (await client.post("/house-price", json={"GrLivArea": 1710})).status_code == 200
+            refused = await client.post("/phone-price", json=example(PHONE.name))
+            assert refused.status_code == 503
+            return [(await client.get("/readyz")).text, (await client.get("/models")).text,
+                    (await client.get("/models/phone-price")).text, refused.text]
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("manifest", ["symlink", "not json", "wrong types"])
+def test_a_bad_manifest_never_shows_its_content_to_clients(artifacts_copy, tmp_path, manifest):
+    """A manifest.json linked to a file outside the artifacts is never read; a plain bad one is refused
+    naming the fields at fault, never their values (pydantic's own message quotes the input)."""
+    folder = version_dir(artifacts_copy / PHONE.folder)
+    label = f"{PHONE.folder}/{folder.name}/{MANIFEST}"
+    if manifest == "symlink":
+        (tmp_path / "secret.txt").write_text(f"{SECRET}: the rest of a private file\n")
+        (folder / MANIFEST).unlink()
+        (folder / MANIFEST).symlink_to(tmp_path / "secret.txt")
+        why = f"{label} is a symbolic link"
+    elif manifest == "not json":
+        (folder / MANIFEST).write_text(f"{SECRET} is not JSON")
+        why = f"{folder.name}/{MANIFEST} is not a valid manifest: Invalid JSON"
+    else:  # the secret as a wrong-typed value and as a key inside a field
+        good = json.loads((folder / MANIFEST).read_text())
+        (folder / MANIFEST).write_text(json.dumps({**good, "name": [SECRET], "files": {SECRET: 1}}))
+        why = f"{folder.name}/{MANIFEST} is not a valid manifest: name: Input should be a valid string; files:"
+
+    with pytest.raises(ArtifactError) as info:
+        Artifact(folder)
+    assert why in str(info.value) and SECRET not in str(info.value)
+    for body in bodies(artifacts_copy):
+        assert SECRET not in body and str(tmp_path) not in body
+    assert why in bodies(artifacts_copy)[0]
+
+
+def test_a_symlinked_signature_is_refused(artifacts_copy, keys, tmp_path):
+    private, pem, _ = keys
+    folder = version_dir(artifacts_copy / PHONE.folder)
+    sign_manifest(folder, private)  # a valid signature, but kept outside the artifacts
+    (folder / SIGNATURE).rename(tmp_path / SIGNATURE)
+    (folder / SIGNATURE).symlink_to(tmp_path / SIGNATURE)
+    with pytest.raises(ArtifactError, match=f"{PHONE.folder}/{folder.name}/{SIGNATURE} is a symbolic link") as info:
+        Artifact(folder, pem)
+    assert str(tmp_path) not in str(info.value)
+
+
+@pytest.mark.parametrize("linked", ["version", "model"])
+def test_a_folder_linked_out_of_the_artifacts_is_refused(artifacts_copy, tmp_path, linked):
+    """A version folder (or a model's folder) that is a symbolic link is a failed version with the reason,
+    even when what it points at is a sound artifact; the other models keep serving."""
+    version = version_dir(artifacts_copy / PHONE.folder)
+    link = version if linked == "version" else artifacts_copy / PHONE.folder
+    outside = tmp_path / "outside" / link.name
+    outside.parent.mkdir()
+    link.rename(outside)
+    link.symlink_to(outside, target_is_directory=True)
+    why = f"{link.relative_to(artifacts_copy)} is a symbolic link"
+
+    with pytest.raises(ModelUnavailableError, match=f"version {version.name}: ArtifactError: {why}") as info:
+        open_model(PHONE, artifacts_copy)
+    assert str(tmp_path) not in str(info.value)
+    texts = bodies(artifacts_copy)
+    assert why in texts[0] and all(str(tmp_path) not in text for text in texts)

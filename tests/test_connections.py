@@ -85,8 +85,8 @@ def test_header_floods_get_431_and_a_close_and_the_server_keeps_answering():
     with running_server(models='["phone-price"]', max_header_bytes="8192", max_headers="50") as server:
         connect = lambda: socket.create_connection(("127.0.0.1", server.port))  # noqa: E731
         floods = {
-            "many lines": b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 400_000,
-            "one long value": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"b" * 4_000_000,
+            "many lines": b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 8_000_000,
+            "one long value": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"b" * 64_000_000,
             "too many headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 60 + b"\r\n",
             "a long URL": b"GET /healthz?" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
         }
@@ -96,7 +96,8 @@ def test_header_floods_get_431_and_a_close_and_the_server_keeps_answering():
             statuses, closed = answers_on(sock, 3)
             sock.close()
             assert statuses == [b"HTTP/1.1 431 Request Header Fields Too Large"] and closed, (label, statuses, sent)
-            assert sent < 2_000_000, (label, sent)  # it stopped reading, not after taking everything
+            # it stopped reading: the 64 MB floods stopped once the kernel's buffers (up to 36 MB here) were full
+            assert sent < 48_000_000, (label, sent)
         # a request just under the limits is served
         headers = {f"x-h{i}": "v" * 100 for i in range(40)}
         assert httpx.get(server.url + "/healthz", headers=headers).status_code == 200
