@@ -6,6 +6,7 @@ with :meth:`Registry.reconcile`. With several worker processes the desired state
 ``SERVE_CONTROL_DIR``: the worker that takes an admin call writes it (under a file lock), every worker
 polls it and applies each new generation, and each writes a report of its versions beside it, so an admin
 call returns once every worker has switched (or says which did not) and ``GET /admin/models`` shows all.
+Admin calls run one at a time (:meth:`Control.exclusive`), so each answer describes what that call did.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from service.artifacts import VERSION_NAME
 from service.registry import Desired, ModelEntry, Registry
+from service.settings import SplitWeight
 
 log = logging.getLogger("service.admin")
 
@@ -43,17 +45,31 @@ class Control:
         self.folder: Path | None = registry.settings.control_dir
         self.generation = 0  # of the desired state this process has applied
         self._task: asyncio.Task | None = None
+        self._admin = asyncio.Lock()
 
     # -- the shared file -------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self):
-        with open(self.folder / LOCK, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
+    @contextlib.asynccontextmanager
+    async def exclusive(self):
+        """Hold for a whole admin operation (change, wait for the workers, check, revert): in this process and,
+        by a file lock, across workers, so that calls at once cannot undo or misreport each other's changes.
+        The file lock is polled, never waited on, as a blocking wait would stop this worker's event loop."""
+        async with self._admin:
+            if self.folder is None:
                 yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            with open(self.folder / LOCK, "a") as handle:  # noqa: ASYNC230 - a local, empty file: opens at once
+                while True:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(SYNC_POLL_S / 4)
+                try:
+                    await self._sync()  # start from the last call's state, even if it timed out here
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _read(self) -> dict:
         try:
@@ -106,8 +122,11 @@ class Control:
         """Catch up with the shared state (a worker that replaced a dead one), then watch it and the disk."""
         if self.folder is not None:
             await self._sync()
-        await self.registry.reconcile()  # the split's and the extra versions, beside the one loaded first
-        self._write_report()
+        if self.registry.settings.model_poll_s:
+            await self._scan()  # the other workers have scanned the disk since start-up: catch up with them
+        else:
+            await self.registry.reconcile()  # the split's and the extra versions, beside the one loaded first
+            self._write_report()
         if self.folder is not None or self.registry.settings.model_poll_s:
             self._task = asyncio.get_running_loop().create_task(self._watch(), name="model-versions")
 
@@ -125,8 +144,10 @@ class Control:
         if state["generation"] <= self.generation:
             return
         for name, desired in state["models"].items():
-            if name in self.registry.entries:
-                self.registry.entries[name].desired = Desired(**desired)
+            if (entry := self.registry.entries.get(name)) is not None:
+                shared = Desired(**desired)
+                shared.consider(entry.desired.newest)  # this worker's own scan may have seen a newer one
+                entry.desired = shared
         retry = frozenset(v for versions in state.get("retry", {}).values() for v in versions)
         await self.registry.reconcile(retry=retry)
         self.generation = state["generation"]
@@ -141,27 +162,33 @@ class Control:
                 if self.folder is not None:
                     await self._sync()
                 if poll_s and time.monotonic() >= next_scan:
-                    await self.registry.reconcile()  # new versions on disk: the newest that loads serves
-                    self._write_report()
+                    await self._scan()
                     next_scan = time.monotonic() + poll_s
             except Exception:  # never let the watcher die: the next pass tries again
                 log.exception("applying model versions failed")
 
+    async def _scan(self) -> None:
+        """New versions on disk (SERVE_MODEL_POLL_S): the newest that loads serves, where not pinned."""
+        for entry in self.registry.entries.values():
+            entry.desired.consider(entry.newest_on_disk())
+        await self.registry.reconcile()
+        self._write_report()
+
     async def change(self, name: str, edit: Callable[[Desired], None], retry: frozenset[str] = frozenset()) -> None:
-        """Edit one model's desired state, apply it here, and wait for every other worker to apply it."""
+        """Edit one model's desired state, apply it here, and wait for every other worker to apply it. Call it
+        inside :meth:`exclusive`."""
         entry = self.registry.entries[name]
         if self.folder is None:
             edit(entry.desired)
             await self.registry.reconcile([name], retry)
             return
-        with self._locked():
-            state = self._read()
-            desired = Desired(**state["models"].get(name, asdict(entry.desired)))
-            edit(desired)
-            state["models"][name] = asdict(desired)
-            state["generation"] += 1
-            state["retry"] = {name: sorted(retry)}
-            self._write(state)
+        state = self._read()
+        desired = Desired(**state["models"].get(name, asdict(entry.desired)))
+        edit(desired)
+        state["models"][name] = asdict(desired)
+        state["generation"] += 1
+        state["retry"] = {name: sorted(retry)}
+        self._write(state)
         await self._sync()
         await self._wait_for_workers(state["generation"])
 
@@ -185,13 +212,15 @@ class VersionBody(BaseModel):
 
 
 class SplitBody(BaseModel):
-    weights: dict[str, int] = Field(description=(
-        "Version name -> weight (whole numbers, shares of the total), e.g. {\"A\": 90, \"B\": 10}; {} ends the "
-        "split (the default version takes all)."), examples=[{"2026.11.25.123948": 90, "2026.11.26.090000": 10}])
+    weights: dict[str, SplitWeight] = Field(description=(
+        "Version name -> weight (whole numbers from 1 to 1,000,000, shares of the total), e.g. {\"A\": 90, \"B\": "
+        "10}; {} ends the split (the default version takes all)."),
+        examples=[{"2026.11.25.123948": 90, "2026.11.26.090000": 10}])
 
 
 def admin_router(registry: Registry, control: Control) -> APIRouter:
-    """``/admin/models...``: on only when SERVE_ADMIN_KEYS is set, and only for those keys (``app.gate``)."""
+    """``/admin/models...``: on only when SERVE_ADMIN_KEYS is set, and only for those keys (``app.gate``).
+    Each change runs whole inside ``control.exclusive()``: its checks, the change and its answer see no other."""
     router = APIRouter(prefix="/admin", tags=["admin"])
 
     def entry_of(name: str) -> ModelEntry:
@@ -224,17 +253,19 @@ def admin_router(registry: Registry, control: Control) -> APIRouter:
         """Loaded, verified and warmed up beside the serving version; the newest becomes the default unless
         a version is pinned. A named version stays loaded for POST /{model}/versions/{version}."""
         entry, version = entry_of(name), body.version if body else None
-        if version is not None:
-            on_disk(entry, version)
+        async with control.exclusive():
+            if version is not None:
+                on_disk(entry, version)
 
-            def edit(desired: Desired) -> None:
-                if version not in desired.extra:
-                    desired.extra.append(version)
-            await control.change(name, edit, frozenset({version}))
-            return outcome(entry, [version])
-        newest = list(entry.on_disk())[-1:]
-        await control.change(name, lambda desired: None, frozenset(newest))
-        return outcome(entry, newest)
+                def edit(desired: Desired) -> None:
+                    if version not in desired.extra:
+                        desired.extra.append(version)
+                await control.change(name, edit, frozenset({version}))
+                return outcome(entry, [version])
+            newest = entry.newest_on_disk()  # from now on the newest that every worker may serve
+            found = [newest] if newest else []
+            await control.change(name, lambda desired: desired.consider(newest), frozenset(found))
+            return outcome(entry, found)
 
     @router.post("/models/{name}/unload", summary="Unload a version", operation_id="admin_unload")
     async def unload(name: str, body: VersionBody) -> dict:
@@ -242,14 +273,15 @@ def admin_router(registry: Registry, control: Control) -> APIRouter:
         version = body.version
         if version is None:
             raise HTTPException(422, "send {\"version\": \"...\"}: the version to unload")
-        if version == entry.default or version in entry.desired.split or version == entry.desired.pin:
-            raise HTTPException(409, f"version {version} of {name} is serving (the default, pinned or in the split); "
-                                     "pin another version or end the split first")
+        async with control.exclusive():
+            if version == entry.default or version in entry.desired.split or version == entry.desired.pin:
+                raise HTTPException(409, f"version {version} of {name} is serving (the default, pinned or in the "
+                                         "split); pin another version or end the split first")
 
-        def edit(desired: Desired) -> None:
-            desired.extra = [v for v in desired.extra if v != version]
-        await control.change(name, edit)
-        return outcome(entry, [])
+            def edit(desired: Desired) -> None:
+                desired.extra = [v for v in desired.extra if v != version]
+            await control.change(name, edit)
+            return outcome(entry, [])
 
     @router.put("/models/{name}/default", summary="Pin the version that serves (or the newest again)",
                 operation_id="admin_default")
@@ -258,37 +290,39 @@ def admin_router(registry: Registry, control: Control) -> APIRouter:
         switched to; the version it replaces is unloaded once its requests finish."""
         entry = entry_of(name)
         version = body.version and on_disk(entry, body.version)
-        before = entry.desired.pin
+        async with control.exclusive():
+            before = entry.desired.pin
 
-        def edit(desired: Desired) -> None:
-            desired.pin = version
-        await control.change(name, edit, frozenset({version} if version else ()))
-        if version is not None and entry.default != version:
-            reason = entry.failed_now(version) or "it did not load"
-            await control.change(name, lambda desired: setattr(desired, "pin", before))
-            raise HTTPException(422, f"version {version} did not load ({reason}); {entry.default or 'nothing'} "
-                                     "keeps serving")
-        return outcome(entry, [])
+            def edit(desired: Desired) -> None:
+                desired.pin = version
+            await control.change(name, edit, frozenset({version} if version else ()))
+            if version is not None and entry.default != version:
+                reason = entry.failed_now(version) or "it did not load"
+                await control.change(name, lambda desired: setattr(desired, "pin", before))
+                raise HTTPException(422, f"version {version} did not load ({reason}); {entry.default or 'nothing'} "
+                                         "keeps serving")
+            return outcome(entry, [])
 
     @router.put("/models/{name}/split", summary="Split traffic between versions (a canary)", operation_id="admin_split")
     async def split(name: str, body: SplitBody) -> dict:
         entry = entry_of(name)
         weights = body.weights
-        if weights and (len(weights) < 2 or any(w <= 0 for w in weights.values())):
+        if len(weights) == 1:
             raise HTTPException(422, "send two or more versions with positive weights, e.g. {\"weights\": {\"A\": 90, "
                                      "\"B\": 10}}, or {\"weights\": {}} to end the split")
         for version in weights:
             on_disk(entry, version)
-        before = dict(entry.desired.split)
+        async with control.exclusive():
+            before = dict(entry.desired.split)
 
-        def edit(desired: Desired) -> None:
-            desired.split = dict(weights)
-        await control.change(name, edit, frozenset(weights))
-        if weights and entry.split != weights:
-            reasons = [f"version {v} did not load ({why})" for v in weights if (why := entry.failed_now(v))]
-            await control.change(name, lambda desired: setattr(desired, "split", before))
-            raise HTTPException(422, "; ".join(reasons or ["the split's versions did not all load"])
-                                + "; the traffic stays as it was")
-        return outcome(entry, [])
+            def edit(desired: Desired) -> None:
+                desired.split = dict(weights)
+            await control.change(name, edit, frozenset(weights))
+            if weights and entry.split != weights:
+                reasons = [f"version {v} did not load ({why})" for v in weights if (why := entry.failed_now(v))]
+                await control.change(name, lambda desired: setattr(desired, "split", before))
+                raise HTTPException(422, "; ".join(reasons or ["the split's versions did not all load"])
+                                    + "; the traffic stays as it was")
+            return outcome(entry, [])
 
     return router

@@ -2,7 +2,8 @@
 
 With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set, see service/workers.py) each worker writes
 its values to files there and :meth:`Metrics.exposition` adds up every worker's, so ``/metrics`` describes
-the whole server whichever worker answers; the queue depth is kept per worker (a ``pid`` label).
+the whole server whichever worker answers; the queue depth and open connections are kept per live worker (a
+``pid`` label): a dead worker's series leave with it (service/workers.py), so their sum is the server's now.
 """
 
 import os
@@ -27,9 +28,9 @@ class Metrics:
         self.inference = Histogram("model_inference_seconds", "Time of one batched forward pass.", ["model"],
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("model_queue_depth", "Items waiting for a forward pass (per worker process).",
-                                 ["model"], registry=r, multiprocess_mode="all")
+                                 ["model"], registry=r, multiprocess_mode="liveall")
         self.open_connections = Gauge("http_open_connections", "Open HTTP connections (per worker process).",
-                                      registry=r, multiprocess_mode="all")
+                                      registry=r, multiprocess_mode="liveall")
         self.model_up = Gauge("model_up", "1 if the model is loaded and serving, else 0.", ["model"], registry=r,
                               multiprocess_mode="livemin")  # 0 if any live worker lacks the model
 

@@ -65,9 +65,17 @@ class ModelVersion:
 class Desired:
     """What should serve, per model (the admin API and settings set it; every worker process applies it)."""
 
-    pin: str | None = None                                 # None: the newest version that loads
+    pin: str | None = None                                 # None: the newest (up to `newest`) that loads
     split: dict[str, int] = field(default_factory=dict)    # version -> weight; empty: all to the default
     extra: list[str] = field(default_factory=list)         # also loaded, for POST /{m}/versions/{v}
+    # The newest version agreed on when not pinned: newer folders on disk are ignored until an admin load or a
+    # SERVE_MODEL_POLL_S scan raises it, so a worker that restarts serves what the others do, not what it finds.
+    newest: str | None = None
+
+    def consider(self, version: str | None) -> None:
+        """Raise :attr:`newest` to ``version`` (never lowers it: a version once agreed on stays eligible)."""
+        if version is not None and (self.newest is None or version_key(version) > version_key(self.newest)):
+            self.newest = version
 
 
 @dataclass
@@ -93,6 +101,7 @@ class ModelEntry:
         predictor_cls = model.predictor_class()
         entry = cls(model, predictor_cls(), predictor_cls.Input, artifacts_dir / model.folder,
                     desired=desired or Desired())
+        entry.desired.consider(entry.newest_on_disk())  # what every worker forked from here agrees on
         while (name := entry.target()) is not None:  # the newest that verifies (or the pinned one)
             version = ModelVersion(name, predictor_cls())
             try:
@@ -155,6 +164,9 @@ class ModelEntry:
     def on_disk(self) -> dict[str, Path]:
         return version_folders(self.folder)
 
+    def newest_on_disk(self) -> str | None:
+        return next(reversed(self.on_disk()), None)
+
     def stamp(self, name: str) -> int:
         """When a version's manifest last changed: a failed version is tried again only once it does."""
         try:
@@ -172,12 +184,14 @@ class ModelEntry:
         return sorted((v for v, mv in self.versions.items() if mv.state == "ready"), key=lambda v: v != self.default)
 
     def target(self) -> str | None:
-        """The version that should serve by default: the pinned one, else the newest on disk that has not
-        failed (as it is now); None if there is none."""
+        """The version that should serve by default: the pinned one, else the newest on disk, up to
+        ``desired.newest``, that has not failed (as it is now); None if there is none."""
         disk = self.on_disk()
         if self.desired.pin is not None:
             return self.desired.pin if self.desired.pin in disk else None
-        usable = [v for v in disk if self.failed_now(v) is None]
+        newest = self.desired.newest
+        usable = [v for v in disk if self.failed_now(v) is None
+                  and newest is not None and version_key(v) <= version_key(newest)]
         return usable[-1] if usable else None
 
     def verify(self, name: str, public_key: str | None) -> Artifact:
@@ -255,7 +269,8 @@ class ModelEntry:
             versions[name] = {"state": state, "reason": reason, "on_disk": name in disk,
                               "active_requests": loaded.active if loaded else 0}
         return {"default": self.default, "split": self.split, "pinned": self.desired.pin,
-                "desired": {"pin": self.desired.pin, "split": self.desired.split, "extra": self.desired.extra},
+                "desired": {"pin": self.desired.pin, "split": self.desired.split, "extra": self.desired.extra,
+                            "newest": self.desired.newest},
                 "versions": versions}
 
 

@@ -119,7 +119,8 @@ class PreforkServer(BaseApplication):
 
 
 def forget_worker_metrics(server, worker) -> None:
-    """gunicorn's child_exit hook: a dead worker's live gauges (queue depth) stop counting."""
+    """gunicorn's child_exit hook: a dead worker's live gauges (queue depth, open connections, model_up) are
+    deleted, so a SIGKILLed worker's last queue depth does not stay in sum(model_queue_depth) for good."""
     from prometheus_client import multiprocess  # noqa: PLC0415
 
     multiprocess.mark_process_dead(worker.pid)

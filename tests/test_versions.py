@@ -289,3 +289,39 @@ def test_the_v2_protocol_names_and_calls_versions(repo):
             absent = await client.post("/v2/models/doubler/versions/7/infer", json=body, headers=CLIENT)
             assert absent.status_code == 404 and "loaded: 2, 1" in absent.json()["error"]
     asyncio.run(scenario())
+
+
+def test_split_weights_are_whole_numbers_in_a_sane_range(repo):
+    from pydantic import ValidationError
+    add_version(repo / DOUBLER.folder, "2")
+
+    async def scenario():
+        async with serving(app_for(repo)) as client:
+            rules = {10**400: "less than or equal to 1000000", "50": "valid integer", True: "valid integer",
+                     0: "greater than or equal to 1"}  # 10**400 once made every request to the model a 500
+            for bad, rule in rules.items():
+                refused = await client.put("/admin/models/doubler/split", json={"weights": {"1": bad, "2": 10}},
+                                           headers=ADMIN)
+                assert refused.status_code == 422 and rule in refused.text, (bad, refused.text)
+            assert await answered_by(client) == "2"  # no split was set
+            taken = await client.put("/admin/models/doubler/split", json={"weights": {"1": 1_000_000, "2": 1}},
+                                     headers=ADMIN)
+            assert taken.status_code == 200, taken.text
+    asyncio.run(scenario())
+    for bad in (10**400, "50", True, 0):
+        with pytest.raises(ValidationError, match="traffic.doubler.1"):
+            Settings(traffic={"doubler": {"1": bad, "2": 1}})
+
+
+def test_a_newer_version_on_disk_waits_for_an_admin_load(repo):
+    """Only a load (or polling) moves to a version put on disk after start-up: a worker that restarts would
+    otherwise serve it while the others do not (tests/test_versions_e2e.py shows that on real workers)."""
+    async def scenario():
+        async with serving(app_for(repo)) as client:
+            add_version(repo / DOUBLER.folder, "2")
+            unload = await client.post("/admin/models/doubler/unload", json={"version": "9"}, headers=ADMIN)
+            assert unload.status_code == 200  # any change reconciles: still not the version nobody agreed on
+            assert await answered_by(client) == "1"
+            assert (await client.post("/admin/models/doubler/load", headers=ADMIN)).json()["desired"]["newest"] == "2"
+            assert await answered_by(client) == "2"
+    asyncio.run(scenario())

@@ -1,5 +1,6 @@
 """``python -m service`` with several worker processes: one port, weights loaded once before the fork,
-metrics of the whole server, a killed worker replaced while the others answer, SIGTERM drains all."""
+metrics of the whole server, a killed worker replaced while the others answer (its gauges gone from the
+metrics), SIGTERM drains all."""
 
 import os
 import signal
@@ -70,6 +71,10 @@ def test_workers_share_weights_and_metrics_and_replace_a_dead_worker():
             time.sleep(0.05)
         assert len(now) == 2 and workers[0] not in now, "the killed worker was not replaced within 5 s"
         assert answered >= 1
+        # the dead worker's queue depth and connections leave /metrics (KEDA scales on their sum)
+        metrics = httpx.get(url + "/metrics").text
+        assert f'pid="{workers[0]}"' not in metrics
+        assert f'model_queue_depth{{model="phone-price",pid="{now[0]}"}}' in metrics
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(45) == 0
