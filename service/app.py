@@ -65,8 +65,8 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         if settings.grpc_port:
             from service.v2_grpc.server import start_grpc  # noqa: PLC0415 - grpc only when it is on
 
-            largest = max((checks.body_limit(f"/v2/models/{name}/infer") for name in registry.entries), default=1024)
-            grpc_server = await start_grpc(registry, checks, settings.host, settings.grpc_port, largest,
+            grpc_server = await start_grpc(registry, checks, settings.host, settings.grpc_port,
+                                           min(settings.grpc_max_message_bytes, settings.max_body_bytes),
                                            app.title, app.version)
         ready = [name for name, entry in registry.entries.items() if entry.state == "ready"]
         url = f"http://{settings.host}:{settings.port}"  # as `python -m service` was told to bind

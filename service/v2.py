@@ -111,18 +111,43 @@ MAX_DIMS = 4  # instances, then at most a picture's rows and columns (and one mo
 MAX_ROW_VALUES = 4096  # values of one input in one instance (a 28x28 picture: 784)
 
 
-def input_array(spec: dict, binary: bytes | None, max_instances: int) -> np.ndarray:
-    """One request input as an array of its declared shape (BYTES as an object array of bytes). The shape is
-    checked first, so that nothing is built from a shape no model takes (``[10**30, 0]``, 65 dimensions)."""
+def row_values(entry: ModelEntry) -> dict[str, int]:
+    """The most values each input takes per instance: what its metadata shape says (a 28x28 picture: 784), one
+    for a field of one value, MAX_ROW_VALUES for a list of any length. Fixed for the entry's schema."""
+    found = _ROW_VALUES.get(entry.Input)
+    if found is None:
+        properties = entry.Input.model_json_schema().get("properties", {})  # by alias, as clients name them
+        declared = {t["name"]: t["shape"][1:] for t in field_tensors(entry)}
+
+        def most(name: str) -> int:
+            shape = declared.get(name)
+            if shape is not None and all(d > 0 for d in shape):
+                return math.prod(shape)
+            prop = properties.get(name, {})
+            is_list = any(p.get("type") == "array" for p in prop.get("anyOf", [prop]))
+            return MAX_ROW_VALUES if is_list or shape else 1
+        found = _ROW_VALUES[entry.Input] = {name: most(name) for name in [*properties, *declared]}
+    return found
+
+
+_ROW_VALUES: dict[type[BaseModel], dict[str, int]] = {}
+
+
+def input_array(spec: dict, binary: bytes | None, max_instances: int, rows: dict[str, int]) -> np.ndarray:
+    """One request input as an array of its declared shape (BYTES as an object array of bytes). The name and
+    shape are checked first, so that nothing is built from a shape no model takes (``[10**30, 0]``, 65
+    dimensions, a million values where the model takes one per instance)."""
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
     if not isinstance(name, str) or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise ProtocolError("each input needs a name, a datatype and a shape of non-negative integers")
+    if name not in rows:
+        raise ProtocolError(f"no input named {name[:100]!r}; inputs: {', '.join(rows)}")
     if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in NUMPY):
         raise ProtocolError(f"input '{name}' has datatype {datatype!r}; use one of {', '.join([*NUMPY, 'BYTES'])}")
-    if len(shape) > MAX_DIMS or (shape and shape[0] > max_instances) or math.prod(shape[1:]) > MAX_ROW_VALUES:
+    if len(shape) > MAX_DIMS or (shape and shape[0] > max_instances) or math.prod(shape[1:]) > rows[name]:
         raise ProtocolError(f"input '{name}' has shape {str(shape)[:100]}; send [instances, ...] with 1 to "
                             f"{max_instances} instances (SERVE_MAX_BATCH_INSTANCES), at most {MAX_DIMS} dimensions "
-                            f"and {MAX_ROW_VALUES} values per instance (GET /v2/models/{{model}} lists the shapes)")
+                            f"and {rows[name]} values per instance (GET /v2/models/{{model}} lists the shapes)")
     count = math.prod(shape)
     if binary is not None:
         if datatype == "BYTES":
@@ -370,7 +395,8 @@ def find_entry(registry: Registry, model: str, version: str | None) -> ModelEntr
 def read_rest_request(entry: ModelEntry, body: bytes, header_length: str | None,
                       max_instances: int) -> tuple[dict, tuple[list[BaseModel], list[str], set[str]]]:
     """A REST body (JSON, or JSON and binary tensors) as its JSON header and :func:`read_request`'s result."""
-    header, binary = parse_body(body, header_length)
+    most_values = 2 * max_instances * sum(row_values(entry).values()) + 1024  # room for nested shapes' commas
+    header, binary = parse_body(body, header_length, most_values)
     return header, read_request(entry, header, binary, max_instances)
 
 
@@ -394,17 +420,22 @@ async def run_inference(registry: Registry, entry: ModelEntry, instances: list[B
     return outputs, answered_by
 
 
-def parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """The JSON header and the binary data after it (empty without the binary extension)."""
+def parse_body(body: bytes, header_length: str | None, most_values: int) -> tuple[dict, bytes]:
+    """The JSON header and the binary data after it (empty without the binary extension). A JSON part with
+    more values (commas) than ``most_values`` is refused before it is parsed: parsing holds the interpreter
+    (even on a thread) for as long as it takes, 85 ms for 8 MB of small numbers."""
     if header_length is not None:
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise ProtocolError(f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most the body's")
         json_part, binary = body[:int(header_length)], body[int(header_length):]
     else:
         json_part, binary = body, b""
+    if json_part.count(b",") > most_values:
+        raise ProtocolError(f"the request's JSON holds more values than {most_values}, the most its model's inputs "
+                            "take for SERVE_MAX_BATCH_INSTANCES instances; send fewer instances per request", 413)
     try:
-        header = json.loads(json_part)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        header = pydantic_core.from_json(json_part)
+    except ValueError as exc:  # not JSON, not UTF-8, nested too deep
         raise ProtocolError(f"the request's JSON could not be read: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise ProtocolError("the request must be a JSON object with a non-empty 'inputs' list")
@@ -414,7 +445,7 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
 def read_request(entry: ModelEntry, header: dict, binary: bytes,
                  max_instances: int) -> tuple[list[BaseModel], list[str], set[str]]:
     """The validated instances, the outputs asked for, and which of them to send as binary."""
-    arrays, at = {}, 0
+    arrays, at, rows = {}, 0, row_values(entry)
     for spec in header["inputs"]:
         if not isinstance(spec, dict):
             raise ProtocolError("each input must be a JSON object")
@@ -424,7 +455,7 @@ def read_request(entry: ModelEntry, header: dict, binary: bytes,
             if not isinstance(size, int) or size < 0 or at + size > len(binary):
                 raise ProtocolError(f"input '{spec.get('name')}' declares {size} bytes of binary data beyond the body")
             chunk, at = binary[at:at + size], at + size
-        arrays[spec.get("name")] = input_array(spec, chunk, max_instances)
+        arrays[spec.get("name")] = input_array(spec, chunk, max_instances, rows)
     if at != len(binary):
         raise ProtocolError(f"{len(binary) - at} bytes of binary data after the inputs that declare it")
     packed, numbers = entry.predictor.v2_packed, None

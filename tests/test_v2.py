@@ -196,21 +196,35 @@ ODD_BODIES = {  # (body, headers): each a 400 naming what to send, never a 500
                                                        "data": []}]}).encode(), {}),
     "65 dimensions": (json.dumps({"inputs": [{"name": "ram", "datatype": "FP64", "shape": [1] * 65,
                                               "data": [1]}]}).encode(), {}),
-    "BYTES not UTF-8": (b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], '
-                        b'"parameters": {"binary_data_size": 6}}]}' + b"\x02\x00\x00\x00\xff\xfe",
-                        {"inference-header-content-length": b"92"}),
+    "BYTES not UTF-8": (b'{"inputs": [{"name": "Neighborhood", "datatype": "BYTES", "shape": [1], '
+                        b'"parameters": {"binary_data_size": 6}}]}' + b"\x02\x00\x00\x00\xff\xfe", {}),
+    "an input the model does not have": (b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], '
+                                         b'"data": [1]}]}', {}),
+    "a million values for a one-value input": (json.dumps({"inputs": [{"name": "ram", "datatype": "FP64",
+                                                           "shape": [1, 1_000_000], "data": []}]}).encode(), {}),
 }
 
 
 @pytest.mark.parametrize("case", list(ODD_BODIES))
 def test_odd_v2_requests_are_a_400_not_a_500(server, case):
     body, headers = ODD_BODIES[case]
+    model = "phone-price"
     if "BYTES" in case:  # the header length must be the JSON part's
-        headers = {"inference-header-content-length": str(body.index(b"}]}") + 3).encode()}
-    response = httpx.post(f"{server.url}/v2/models/phone-price/infer", content=body,
+        headers, model = {"inference-header-content-length": str(body.index(b"}]}") + 3).encode()}, "house-price"
+    response = httpx.post(f"{server.url}/v2/models/{model}/infer", content=body,
                           headers={"content-type": "application/octet-stream", **headers})
     assert response.status_code == 400, response.text
     assert response.json()["error"] and "x-request-id" in response.headers
+    if "UTF-8" in case:
+        assert "UTF-8" in response.json()["error"]
+
+
+def test_a_v2_json_body_with_more_values_than_any_request_needs_is_refused_before_parsing(server):
+    values = ",".join(["1"] * 2_000_000)  # 4 MB of numbers for a model that takes 20 per instance
+    body = f'{{"inputs": [{{"name": "ram", "datatype": "FP64", "shape": [1], "data": [{values}]}}]}}'.encode()
+    response = httpx.post(f"{server.url}/v2/models/phone-price/infer", content=body,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "more values than" in response.json()["error"]
 
 
 def test_odd_grpc_requests_are_invalid_argument_and_keyless_calls_are_refused(grpc_server):
