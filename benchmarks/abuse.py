@@ -8,10 +8,13 @@ environment variables), and while it runs a separate monitor process measures wh
 - a well-behaved client: steady valid requests (20/s over 4 connections, the model's example from
   ``GET /models``, with the API key when one is set): latency and every non-2xx answer or error;
 - the server's memory: PSS (VmRSS without smaps_rollup) of the server process and its worker processes
-  summed, from /proc every 50 ms (peak, and
-  the value at the end, after a 2 s settle).
+  summed, from /proc every 50 ms: the peak and the level at the end of a 10 s settle after the attack
+  (``--settle``), each also as a rise over the level just before the attack.
 
-Attacks (``--only`` picks some; each is bounded in time, the whole suite takes about four minutes):
+Checks common to every attack: the server alive, the good client only 2xx, /healthz never failing and its
+p99 under 100 ms, memory peaking at most 500 MB and ending at most 300 MB above the level before the attack.
+
+Attacks (``--only`` picks some; each is bounded in time, the whole suite takes about ten minutes):
 
     big-uploads        8 concurrent POST /fashion/image of a 6300x6300 RGBA PNG (~190 KB, flat colour) for
                        --seconds, and one more client looping an 8000x6000 photo-like JPEG; target: peak
@@ -37,7 +40,36 @@ Attacks (``--only`` picks some; each is bounded in time, the whole suite takes a
                        each manifest re-hashed; targets: no marker, those models failed, phone-price serves.
                        A control loads each payload the unsafe way in a throwaway process, to show it is live.
 
-    python -m benchmarks.abuse [--only NAME ...] [--seconds 10] [--out benchmarks/results/abuse.json]
+Round two, against two workers with client keys and gRPC on (SERVE_WORKERS=2, SERVE_API_KEYS,
+SERVE_GRPC_PORT; --seconds 15 unless given):
+
+    header-flood       16 connections at once (each reconnects) send a request line, then 4 MB of header
+                       lines without a key: many short lines, or one huge value; target: 431 and a close;
+                       records the statuses and the bytes sent before the answer or the close
+    pipeline-unread    8 connections pipeline GET /healthz (60 MB in all) and never read an answer: how much
+                       each could send before the server stopped reading, how many answers it wrote, whether
+                       it closed the connection; target: it stops reading (answers bounded)
+    grpc-big-nokey     32 concurrent ModelInfer calls of 7.5 MB (fashion pixels as raw_input_contents), no
+                       key; target: UNAUTHENTICATED; records the codes and each call's time
+    grpc-big-invalid   the same with a key and invalid contents (FP32 bytes one value short of the shape, a
+                       wrong shape, a BYTES tensor of empty elements, a message over the cap); target:
+                       INVALID_ARGUMENT, RESOURCE_EXHAUSTED over the cap
+    grpc-flood         64 callers of small phone-price ModelInfer calls (half without a key) while the good
+                       HTTP client runs; targets: OK / UNAUTHENTICATED, the good client's p50 under 100 ms
+    grpc-streams-unread  10,000 ModelInfer calls over 16 connections whose request never comes (streams the
+                       server must hold), left hanging; how many were held vs ended early (RESOURCE_EXHAUSTED,
+                       UNAVAILABLE), memory, and a gRPC probe call every 0.2 s on its own connection; target:
+                       the probe served
+    v2-bodies          POST /v2/models/{m}/infer with a key: 8 MB binary BYTES tensors of tiny elements
+                       (Triton's 4-byte length framing; house-price's MSZoning, fashion's pixels) and JSON
+                       arrays of 1M numbers (flat, nested) for fashion;
+                       target: 400/413/422, answered within 2 s
+    broken-upload-mix  64 clients mixing good requests (POST /fashion, /fashion/batch, /fashion/image of a
+                       small PNG), bad ones (invalid JSON, wrong pixels) and a tiny PNG whose eXIf chunk is
+                       not TIFF (Pillow's getexif() raises); targets: each good request answered exactly as
+                       when sent alone, the broken upload 4xx (never 500), no good request 5xx
+
+    python -m benchmarks.abuse [--only NAME ...] [--seconds S] [--settle 10] [--out benchmarks/results/abuse.json]
 
 Reading the figures: a server that answers early (401, 413) and closes while a body is still arriving
 resets the connection, and the reset can discard its answer before the client reads it; such requests are
@@ -78,7 +110,7 @@ import traceback
 import zipfile
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +127,8 @@ MB = 1024 * 1024
 
 @dataclass
 class Options:
-    seconds: float = 10.0                 # how long each attack runs (slowloris: at least the read timeout + 6 s)
+    seconds: float | None = 10.0          # how long each attack runs (slowloris: at least the read timeout + 6 s);
+                                          # None: each attack's own default (10 s, the round-two attacks 15 s)
     slow_connections: int = 1000          # slowloris connections (capped by the file-descriptor limit)
     read_timeout_s: float = 5.0           # SERVE_REQUEST_READ_TIMEOUT_S for the slowloris run
     slow_max_connections: int | None = None  # SERVE_MAX_CONNECTIONS for the slowloris run (None: the default)
@@ -108,13 +141,28 @@ class Options:
     good_rate: float = 20.0               # the well-behaved client's requests per second
     probe_interval_s: float = 0.02        # the fresh-connection /healthz prober's period
     baseline_s: float = 1.0               # monitoring before the attack starts
-    settle_s: float = 2.0                 # monitoring after it ends (RSS "after" is read at the end of it)
+    settle_s: float = 10.0                # monitoring after it ends (RSS "after" is read at the end of it)
     client_timeout_s: float = 30.0        # the attacker's timeout per request
     control: bool = True                  # tampered-artifact: prove each payload is live in a throwaway process
     payload_dir: Path | None = None       # cache of the generated images (default: $TMPDIR/abuse-payloads)
     keep_work: bool = False               # keep each attack's folder (server log, tampered artifacts)
     server_nofile: int | None = None      # the server's RLIMIT_NOFILE soft limit (default: this process's at start)
     verbose: bool = False
+    # round two (two workers, client keys, gRPC on)
+    header_connections: int = 16          # header-flood: connections at once (each reconnects)
+    header_bytes: int = 4 * MB            # header-flood: header bytes each connection sends
+    pipeline_connections: int = 8         # pipeline-unread: connections
+    pipeline_bytes: int = 60 * MB         # pipeline-unread: pipelined GET /healthz bytes over all of them
+    grpc_concurrency: int = 32            # grpc-big-*: calls in flight at once
+    grpc_message_bytes: int = 7_500_000   # grpc-big-*: raw_input_contents size (the cap is SERVE_MAX_BODY_BYTES)
+    grpc_callers: int = 64                # grpc-flood: concurrent callers (half without a key)
+    grpc_streams: int = 10_000            # grpc-streams-unread: calls opened and left hanging
+    grpc_channels: int = 4                # gRPC connections the callers share
+    grpc_stream_channels: int = 16        # grpc-streams-unread: connections the hanging calls share
+    v2_bytes: int = 8_000_000             # v2-bodies: binary BYTES tensor size
+    v2_numbers: int = 1_000_000           # v2-bodies: numbers in the JSON arrays
+    v2_concurrency: int = 4               # v2-bodies: requests at once
+    mix_clients: int = 64                 # broken-upload-mix: concurrent clients
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,6 +416,7 @@ class Server:
     def __init__(self, settings: dict[str, str], work: Path, nofile: int | None = None):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
+        self.grpc_port = int(settings["SERVE_GRPC_PORT"]) if settings.get("SERVE_GRPC_PORT") else None
         self.log_path = work / "server.log"
         self.log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "SERVE_LOG_LEVEL": "WARNING", **settings}
@@ -606,6 +655,9 @@ def summarize_samples(samples: dict, t_start: float, t_end: float) -> dict[str, 
                      "peak": round(max(during) / MB, 1) if during else None,
                      "after": round(during[-1] / MB, 1) if during else None,
                      "samples": len(during)}
+    if before and during:  # rises over the level just before the attack; "after": at the end of the settle
+        out["rss_mb"]["peak_rise"] = round((max(during) - before[-1]) / MB, 1)
+        out["rss_mb"]["end_rise"] = round((during[-1] - before[-1]) / MB, 1)
     # every 0.5 s from the attack's start (negative: the baseline), to tell a plateau from a leak
     timeline, next_at = [], None
     for t, value in rss:
@@ -762,6 +814,9 @@ class Ctx:
 
     def key_header(self) -> bytes:
         return f"X-API-Key: {self.key}\r\n".encode() if self.key else b""
+
+    def key_metadata(self) -> list[tuple[str, str]]:
+        return [("x-api-key", self.key)] if self.key else []
 
 
 def multipart(filename: str, data: bytes, content_type: str) -> tuple[bytes, str]:
@@ -1223,6 +1278,7 @@ class Attack:
     finish: Callable[[Ctx], None] = lambda ctx: None
     bound: Callable[[Options], float] = lambda opts: opts.seconds + 40
     checks: Callable[[dict, Options], dict[str, bool]] = lambda result, opts: {}
+    seconds: float = 10.0  # the default length (Options.seconds None)
 
 
 def _prepare_big_uploads(ctx: Ctx) -> None:
@@ -1390,6 +1446,637 @@ def _checks_tampered(result: dict, opts: Options) -> dict[str, bool]:
             "no_absolute_paths": not out.get("absolute_paths_in_responses")}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Round two: two workers, client keys and gRPC on
+
+
+def round_two_settings(opts: Options) -> dict[str, str]:
+    """The round-two server: two workers, client keys, and the v2 protocol over gRPC on a free port."""
+    return {"SERVE_WORKERS": "2", "SERVE_API_KEYS": json.dumps([API_KEY]), "SERVE_GRPC_PORT": str(free_port())}
+
+
+async def flood_connection(port: int, first: bytes, piece: bytes, total: int, tail: bytes,
+                           timeout: float = 5.0) -> dict[str, Any]:
+    """Send ``first``, then ``piece`` repeated to ``total`` bytes, then ``tail``, reading all the while: the
+    first answer's status, the bytes sent before it came (or the server closed), and how the connection ended
+    (closed by the server, reset, or still open ``timeout`` s after the last write)."""
+    record: dict[str, Any] = {"status": None, "sent_at_answer": None, "sent": 0}
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 10)
+    except (OSError, TimeoutError) as exc:
+        record["ended"] = f"connect error: {type(exc).__name__}"
+        return record
+    got = bytearray()
+
+    async def read_all() -> str:
+        try:
+            while data := await reader.read(1 << 16):
+                if record["sent_at_answer"] is None:
+                    record["sent_at_answer"] = record["sent"]
+                    record["answer_s"] = round(time.monotonic() - t0, 4)
+                got.extend(data[:2000 - len(got)])
+            return "closed by server"
+        except (ConnectionError, OSError) as exc:
+            return f"reset: {type(exc).__name__}"
+
+    reading = asyncio.create_task(read_all())
+    chunk = piece * max(1, (1 << 16) // len(piece))
+    try:
+        writer.write(first)
+        while record["sent"] < total and record["sent_at_answer"] is None and not reading.done():
+            data = chunk[:total - record["sent"]]
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), timeout)
+            record["sent"] += len(data)
+        if record["sent"] >= total and record["sent_at_answer"] is None and not reading.done():
+            writer.write(tail)
+            await asyncio.wait_for(writer.drain(), timeout)
+            record["sent_all"] = True
+        await asyncio.wait({reading}, timeout=timeout)  # the answer, then the close
+    except TimeoutError:
+        record["write_stalled"] = True
+    except (ConnectionError, OSError) as exc:
+        record["write_error"] = type(exc).__name__
+        await asyncio.wait({reading}, timeout=1.0)
+    finally:
+        record["ended"] = reading.result() if reading.done() else "still open"
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        close_writer(writer)
+    record["seconds"] = round(time.monotonic() - t0, 4)
+    if got.startswith(b"HTTP/"):
+        record["status"] = parse_head(bytes(got))[0]
+        if b"\r\n\r\n" in got:
+            record["detail"] = detail_of(bytes(got).split(b"\r\n\r\n", 1)[1])
+    return record
+
+
+async def attack_header_flood(ctx: Ctx) -> None:
+    opts, out = ctx.opts, ctx.outcome
+    head = (f"POST /phone-price HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 2\r\n").encode()  # no key
+    modes = {"many-lines": (head, b"X-Flood: " + b"a" * 16 + b"\r\n", b"\r\n{}"),
+             "huge-value": (head + b"X-Big: ", b"a" * 1024, b"\r\n\r\n{}")}
+    out.update(connections=opts.header_connections, header_bytes=opts.header_bytes)
+    records: list[dict] = []
+    out["records"] = records
+    deadline = time.monotonic() + opts.seconds
+
+    async def worker(mode: str) -> None:
+        first = True
+        while first or time.monotonic() < deadline:
+            first = False
+            record = await flood_connection(ctx.port, *modes[mode][:2], opts.header_bytes, modes[mode][2])
+            record["mode"] = mode
+            records.append(record)
+            if record["ended"].startswith("connect error"):
+                await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(worker(list(modes)[i % 2]) for i in range(opts.header_connections)))
+
+
+def summarize_floods(records: list[dict]) -> dict[str, Any]:
+    sent = [r["sent_at_answer"] if r["sent_at_answer"] is not None else r["sent"] for r in records]
+    details = {}
+    for r in records:
+        if r.get("detail") and str(r["status"]) not in details:
+            details[str(r["status"])] = r["detail"]
+    return {"connections": len(records),
+            "statuses": dict(Counter(str(r["status"]) for r in records)),
+            "ended": dict(Counter(r["ended"] for r in records)),
+            "sent_all": sum(bool(r.get("sent_all")) for r in records),
+            "write_stalled": sum(bool(r.get("write_stalled")) for r in records),
+            "kb_sent_before_answer_or_close": {"p50": round(percentile(sent, 50) / 1024, 1) if sent else None,
+                                               "max": round(max(sent) / 1024, 1) if sent else None},
+            "seconds": {"p50": percentile([r.get("seconds", 0) for r in records], 50),
+                        "max": max((r.get("seconds", 0) for r in records), default=None)},
+            "details": details}
+
+
+def _finish_header_flood(ctx: Ctx) -> None:
+    records = ctx.outcome.pop("records", [])
+    ctx.outcome["by_mode"] = {mode: summarize_floods([r for r in records if r["mode"] == mode])
+                              for mode in sorted({r["mode"] for r in records})}
+
+
+def _checks_header_flood(result: dict, opts: Options) -> dict[str, bool]:
+    modes = result["outcome"].get("by_mode", {})
+
+    def answered_431(summary: dict) -> bool:
+        """Every connection got 431, or was reset (the server closed with headers unread: the 431 can be lost
+        to the reset), and at least one 431 came."""
+        statuses, ended = summary["statuses"], summary["ended"]
+        unanswered = statuses.get("None", 0)
+        return statuses.get("431", 0) > 0 and set(statuses) <= {"431", "None"} and \
+            unanswered <= sum(v for k, v in ended.items() if k.startswith("reset"))
+
+    return {"header_431": len(modes) == 2 and all(answered_431(s) for s in modes.values()),
+            "header_431_closes": len(modes) == 2 and all(s["ended"].get("still open", 0) == 0 for s in modes.values())}
+
+
+async def pipeline_connection(port: int, share: int, deadline: float, stall_s: float = 1.0) -> dict[str, Any]:
+    """Pipeline GET /healthz up to ``share`` bytes without reading an answer, until the writes stall (the
+    server stopped reading) for ``stall_s``, fail, or the deadline; hold the connection to the deadline, then
+    read for 2 s what came back: how many answers, and whether the server closed the connection."""
+    request = f"GET /healthz HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    chunk = request * ((1 << 16) // len(request))
+    record: dict[str, Any] = {"sent": 0, "answers_read": 0}
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 10)
+    except (OSError, TimeoutError) as exc:
+        record["ended"] = record["closed"] = f"connect error: {type(exc).__name__}"
+        return record
+    t0 = time.monotonic()
+    try:
+        record["ended"] = "deadline"
+        while time.monotonic() < deadline:
+            data = chunk[:(share - record["sent"]) // len(request) * len(request)]
+            if not data:
+                record["ended"] = "sent all"
+                break
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), stall_s)
+            record["sent"] += len(data)
+    except TimeoutError:
+        record["ended"] = "stalled"
+    except (ConnectionError, OSError) as exc:
+        record["ended"] = f"write error: {type(exc).__name__}"
+    record["stopped_after_s"] = round(time.monotonic() - t0, 2)
+    record["requests_sent"] = record["sent"] // len(request)
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))  # never reading meanwhile
+    record["closed"] = "still open"
+    tail, end = b"", time.monotonic() + 2.0
+    try:
+        while (left := end - time.monotonic()) > 0:
+            data = await asyncio.wait_for(reader.read(1 << 20), left)
+            if not data:
+                record["closed"] = "closed by server"
+                break
+            record["answers_read"] += (tail + data).count(b"HTTP/1.1 ") - tail.count(b"HTTP/1.1 ")
+            tail = data[-8:]
+    except TimeoutError:
+        pass
+    except (ConnectionError, OSError) as exc:
+        record["closed"] = f"reset: {type(exc).__name__}"
+    close_writer(writer)
+    return record
+
+
+async def attack_pipeline_unread(ctx: Ctx) -> None:
+    opts, out = ctx.opts, ctx.outcome
+    share = opts.pipeline_bytes // opts.pipeline_connections
+    out.update(connections=opts.pipeline_connections, mb_per_connection=round(share / MB, 2))
+    deadline = time.monotonic() + opts.seconds
+    out["records"] = await asyncio.gather(*(pipeline_connection(ctx.port, share, deadline)
+                                            for _ in range(opts.pipeline_connections)))
+
+
+def _finish_pipeline(ctx: Ctx) -> None:
+    records = ctx.outcome.get("records") or []
+    for r in records:
+        r["mb_sent"] = round(r.pop("sent") / MB, 2)
+    ctx.outcome["ended"] = dict(Counter(r["ended"] for r in records))
+    ctx.outcome["closed"] = dict(Counter(r["closed"] for r in records))
+    ctx.outcome["mb_sent"] = {"min": min((r["mb_sent"] for r in records), default=None),
+                              "max": max((r["mb_sent"] for r in records), default=None),
+                              "total": round(sum(r["mb_sent"] for r in records), 1)}
+    ctx.outcome["answers_read_max"] = max((r["answers_read"] for r in records), default=None)
+
+
+def _checks_pipeline(result: dict, opts: Options) -> dict[str, bool]:
+    records = result["outcome"].get("records") or []
+    return {"pipeline_server_stopped_reading": bool(records) and all(
+                r["ended"] == "stalled" or r["ended"].startswith("write error") for r in records),
+            # the server answers what it queued (SERVE_MAX_PIPELINED, 8 by default), not all it was sent
+            "pipeline_answers_bounded": bool(records) and all(r["answers_read"] <= 1000 for r in records),
+            # and drops a client that reads no answers (closed or reset by the end of the attack)
+            "pipeline_connections_closed": bool(records) and all(r["closed"] != "still open" for r in records)}
+
+
+# gRPC
+
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_channel(ctx: Ctx):
+    """A channel on its own connection (no subchannel shared with the others), messages up to 64 MB."""
+    import grpc  # only the gRPC attacks need it
+    return grpc.aio.insecure_channel(f"{HOST}:{ctx.server.grpc_port}", options=[
+        ("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", 64 * MB),
+        ("grpc.max_receive_message_length", 64 * MB)])
+
+
+def infer_method(channel, stream: bool = False):
+    """ModelInfer on ``channel``; with ``stream``, called with a request iterator (it may never send one)."""
+    from service.v2_grpc import inference_pb2 as pb
+    make = channel.stream_unary if stream else channel.unary_unary
+    return make(INFER_METHOD, request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString)
+
+
+def infer_request(model: str, example: dict):
+    """A ModelInferRequest of one instance: each field of ``example`` a [1] tensor in its typed contents."""
+    from service.v2_grpc import inference_pb2 as pb
+    request = pb.ModelInferRequest(model_name=model)
+    for name, value in example.items():
+        if value is None:
+            continue
+        tensor = request.inputs.add(name=name, shape=[1])
+        if isinstance(value, bool):
+            tensor.datatype = "BOOL"
+            tensor.contents.bool_contents.append(value)
+        elif isinstance(value, int):
+            tensor.datatype = "INT64"
+            tensor.contents.int64_contents.append(value)
+        elif isinstance(value, float):
+            tensor.datatype = "FP64"
+            tensor.contents.fp64_contents.append(value)
+        else:
+            tensor.datatype = "BYTES"
+            tensor.contents.bytes_contents.append(str(value).encode())
+    return request
+
+
+def pixels_request(datatype: str, shape: list[int], raw: bytes):
+    """A fashion ModelInferRequest whose pixels are ``raw`` (raw_input_contents), declared as given."""
+    from service.v2_grpc import inference_pb2 as pb
+    request = pb.ModelInferRequest(model_name="fashion")
+    request.inputs.add(name="pixels", datatype=datatype, shape=shape)
+    request.raw_input_contents.append(raw)
+    return request
+
+
+async def grpc_call(method, request, metadata: list, timeout: float) -> dict[str, Any]:
+    import grpc
+    record: dict[str, Any] = {"code": "OK", "detail": None}
+    t0 = time.monotonic()
+    try:
+        await method(request, metadata=metadata or None, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        record["code"], record["detail"] = exc.code().name, (exc.details() or "")[:200]
+    record["seconds"] = round(time.monotonic() - t0, 4)
+    return record
+
+
+def summarize_calls(records: list[dict]) -> dict[str, Any]:
+    times = [r["seconds"] for r in records]
+    details = {}
+    for r in records:
+        if r["detail"] and r["code"] not in details:
+            details[r["code"]] = r["detail"]
+    return {"calls": len(records), "codes": dict(Counter(r["code"] for r in records)),
+            "seconds": {"p50": percentile(times, 50), "p99": percentile(times, 99), "max": max(times, default=None)},
+            "details": details}
+
+
+async def grpc_callers(ctx: Ctx, requests: dict[str, Any], metadata: Callable[[int], list], callers: int,
+                       records: list[dict]) -> None:
+    """``callers`` loops for --seconds over a few channels, caller i sending the requests in turn from the
+    i-th, with ``metadata(i)``; each call's code and time go to ``records``."""
+    channels = [grpc_channel(ctx) for _ in range(ctx.opts.grpc_channels)]
+    names = list(requests)
+    deadline = time.monotonic() + ctx.opts.seconds
+
+    async def caller(i: int) -> None:
+        method = infer_method(channels[i % len(channels)])
+        turn = i
+        while turn == i or time.monotonic() < deadline:
+            name = names[turn % len(names)]
+            turn += 1
+            record = await grpc_call(method, requests[name], metadata(i), ctx.opts.client_timeout_s)
+            record["variant"] = name
+            record["keyed"] = bool(metadata(i))
+            records.append(record)
+
+    try:
+        await asyncio.gather(*(caller(i) for i in range(callers)))
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def big_message_instances(opts: Options) -> int:
+    return opts.grpc_message_bytes // (28 * 28 * 4)  # 28x28 FP32 pictures in a message of that size
+
+
+async def attack_grpc_big_nokey(ctx: Ctx) -> None:
+    n = big_message_instances(ctx.opts)
+    ctx.outcome["message_bytes"] = n * 28 * 28 * 4
+    records: list[dict] = []
+    ctx.outcome["calls_raw"] = records
+    requests = {"fp32": pixels_request("FP32", [n, 28, 28], bytes(n * 28 * 28 * 4))}
+    await grpc_callers(ctx, requests, lambda i: [], ctx.opts.grpc_concurrency, records)
+
+
+async def attack_grpc_big_invalid(ctx: Ctx) -> None:
+    n = big_message_instances(ctx.opts)
+    size = n * 28 * 28 * 4
+    over = (9 * MB) // (28 * 28 * 4)
+    requests = {"fp32_short": pixels_request("FP32", [n, 28, 28], bytes(size - 4)),  # 1 value short
+                "fp32_wrong_shape": pixels_request("FP32", [1, 28, 28], bytes(size)),
+                "bytes_empty_elements": pixels_request("BYTES", [n, 28, 28], bytes(size)),  # n*784 empty strings
+                "over_cap": pixels_request("FP32", [over, 28, 28], bytes(over * 28 * 28 * 4))}
+    ctx.outcome["message_bytes"] = {name: r.ByteSize() for name, r in requests.items()}
+    records: list[dict] = []
+    ctx.outcome["calls_raw"] = records
+    await grpc_callers(ctx, requests, lambda i: ctx.key_metadata(), ctx.opts.grpc_concurrency, records)
+
+
+async def attack_grpc_flood(ctx: Ctx) -> None:
+    request = infer_request("phone-price", ctx.examples["phone-price"])
+    records: list[dict] = []
+    ctx.outcome["calls_raw"] = records
+    t0 = time.monotonic()
+    await grpc_callers(ctx, {"phone": request}, lambda i: ctx.key_metadata() if i % 2 == 0 else [],
+                       ctx.opts.grpc_callers, records)
+    ctx.outcome["calls_per_s"] = round(len(records) / (time.monotonic() - t0), 1)
+
+
+def _finish_grpc(ctx: Ctx) -> None:
+    records = ctx.outcome.pop("calls_raw", [])
+    ctx.outcome["by_variant"] = {name: summarize_calls([r for r in records if r["variant"] == name])
+                                 for name in sorted({r["variant"] for r in records})}
+    ctx.outcome["by_key"] = {label: summarize_calls([r for r in records if r["keyed"] == keyed])
+                             for label, keyed in (("with_key", True), ("no_key", False))
+                             if any(r["keyed"] == keyed for r in records)}
+
+
+def _only_codes(summary: dict | None, codes: set[str]) -> bool:
+    return bool(summary) and summary["calls"] > 0 and set(summary["codes"]) <= codes
+
+
+def _checks_grpc_nokey(result: dict, opts: Options) -> dict[str, bool]:
+    return {"grpc_nokey_unauthenticated": _only_codes(result["outcome"].get("by_key", {}).get("no_key"),
+                                                      {"UNAUTHENTICATED"})}
+
+
+def _checks_grpc_invalid(result: dict, opts: Options) -> dict[str, bool]:
+    variants = result["outcome"].get("by_variant", {})
+    return {"grpc_invalid_refused": len(variants) == 4 and all(
+                _only_codes(v, {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}) for v in variants.values()),
+            "grpc_over_cap_resource_exhausted": _only_codes(variants.get("over_cap"), {"RESOURCE_EXHAUSTED"})}
+
+
+def _checks_grpc_flood(result: dict, opts: Options) -> dict[str, bool]:
+    by_key = result["outcome"].get("by_key", {})
+    good = result.get("good_client") or {}
+    return {"grpc_with_key_ok": _only_codes(by_key.get("with_key"), {"OK"}),
+            "grpc_nokey_unauthenticated": _only_codes(by_key.get("no_key"), {"UNAUTHENTICATED"}),
+            "good_client_p50_under_100ms": good.get("p50_ms") is not None and good["p50_ms"] < 100}
+
+
+async def attack_grpc_streams_unread(ctx: Ctx) -> None:
+    """Open --grpc-streams ModelInfer calls whose request never comes (HTTP/2 streams the server must hold),
+    over a few connections, and leave them; meanwhile a separate channel calls phone-price every 0.2 s. A call
+    still pending at the end was accepted by the server or is queued by this client's HTTP/2 stack (the
+    server's MAX_CONCURRENT_STREAMS): grpcio does not tell them apart."""
+    opts, out = ctx.opts, ctx.outcome
+    hold = asyncio.Event()
+
+    async def never_sends():
+        await hold.wait()
+        return
+        yield  # an async generator that never yields: the call's message never comes
+
+    channels = [grpc_channel(ctx) for _ in range(opts.grpc_stream_channels)]
+    methods = [infer_method(channel, stream=True) for channel in channels]
+    deadline = time.monotonic() + opts.seconds
+    calls = []
+    try:
+        t0 = time.monotonic()
+        for i in range(opts.grpc_streams):
+            calls.append(methods[i % len(methods)](never_sends(), metadata=ctx.key_metadata()))
+            if i % 200 == 199:
+                await asyncio.sleep(0)
+        out.update(streams=opts.grpc_streams, channels=len(channels), opened_in_s=round(time.monotonic() - t0, 2))
+        probes: list[dict] = []
+        out["probe_raw"] = probes
+        request = infer_request("phone-price", ctx.examples["phone-price"])
+        probe_channel = grpc_channel(ctx)
+        try:
+            method = infer_method(probe_channel)
+            while time.monotonic() < deadline:
+                probes.append(await grpc_call(method, request, ctx.key_metadata(), 2.0))
+                await asyncio.sleep(0.2)
+        finally:
+            await probe_channel.close()
+        codes = Counter()
+        for call in calls:
+            if call.done():
+                codes[(await call.code()).name] += 1
+        out["ended_early"] = dict(codes)  # refused (RESOURCE_EXHAUSTED, UNAVAILABLE) or otherwise ended
+        out["held_to_end"] = len(calls) - sum(codes.values())  # accepted, or queued by the client's HTTP/2 limit
+    finally:
+        for call in calls:
+            call.cancel()
+        hold.set()
+        for channel in channels:
+            await channel.close()
+
+
+def _finish_grpc_streams(ctx: Ctx) -> None:
+    ctx.outcome["probe"] = summarize_calls(ctx.outcome.pop("probe_raw", []))
+
+
+def _checks_grpc_streams(result: dict, opts: Options) -> dict[str, bool]:
+    return {"grpc_probe_ok": _only_codes(result["outcome"].get("probe"), {"OK"})}
+
+
+# REST v2 bodies and the upload mix
+
+def v2_bodies(opts: Options) -> dict[str, tuple[str, bytes, bytes]]:
+    """name: (path, extra headers, body): binary BYTES tensors of many tiny elements (Triton's layout: a 4-byte
+    little-endian length, then the bytes) and JSON arrays of numbers, flat and nested."""
+    bodies = {}
+    for name, model, tensor, element in (("bytes_1_byte_elements", "house-price", "MSZoning", b"\x01\x00\x00\x00a"),
+                                         ("bytes_empty_elements", "fashion", "pixels", b"\x00" * 4)):
+        count = opts.v2_bytes // len(element)
+        binary = element * count
+        header = json.dumps({"inputs": [{"name": tensor, "datatype": "BYTES", "shape": [count],
+                                         "parameters": {"binary_data_size": len(binary)}}]}).encode()
+        bodies[name] = (f"/v2/models/{model}/infer", f"Inference-Header-Content-Length: {len(header)}\r\n".encode(),
+                        header + binary)
+    rows = max(1, opts.v2_numbers // 784)
+    flat = ",".join(["12.5"] * (rows * 784))
+    row = "[" + ",".join(["12.5"] * 28) + "]"
+    picture = "[" + ",".join([row] * 28) + "]"
+    for name, data in (("json_numbers_flat", f"[{flat}]"), ("json_numbers_nested", "[" + ",".join([picture] * rows) + "]")):
+        body = f'{{"inputs": [{{"name": "pixels", "datatype": "FP32", "shape": [{rows}, 28, 28], "data": {data}}}]}}'
+        bodies[name] = ("/v2/models/fashion/infer", b"", body.encode())
+    return bodies
+
+
+def _prepare_v2(ctx: Ctx) -> None:
+    ctx.extra["v2"] = v2_bodies(ctx.opts)
+
+
+async def attack_v2_bodies(ctx: Ctx) -> None:
+    opts, out = ctx.opts, ctx.outcome
+    bodies = ctx.extra["v2"]
+    out["body_bytes"] = {name: len(body) for name, (_, _, body) in bodies.items()}
+    names = list(bodies)
+    records: list[dict] = []
+    out["records"] = records
+    deadline = time.monotonic() + opts.seconds
+
+    async def worker(i: int) -> None:
+        turn = i
+        while turn == i or time.monotonic() < deadline:
+            name = names[turn % len(names)]
+            turn += 1
+            path, extra, body = bodies[name]
+            head = post_head(path, "application/octet-stream" if extra else "application/json", len(body),
+                             ctx.key_header() + extra)
+            record = await exchange(ctx.port, head, body, timeout=opts.client_timeout_s)
+            record["payload"] = name
+            records.append(record)
+
+    await asyncio.gather(*(worker(i) for i in range(opts.v2_concurrency)))
+
+
+def _finish_v2(ctx: Ctx) -> None:
+    ctx.outcome["by_payload"] = uploads_by_payload(ctx.outcome.pop("records", []))
+
+
+def _checks_v2(result: dict, opts: Options) -> dict[str, bool]:
+    payloads = result["outcome"].get("by_payload", {})
+
+    def refused(summary: dict) -> bool:
+        """Every request 400/413/422, or reset while its body was still being sent (the server answered early
+        and closed: the answer was lost to the reset, see ``exchange``), and at least one status came."""
+        statuses = summary["statuses"]
+        return any(k in ("400", "413", "422") for k in statuses) and \
+            all(k in ("400", "413", "422") or k.startswith("reset mid-body") for k in statuses)
+
+    return {"v2_bodies_4xx": len(payloads) == 4 and all(refused(s) for s in payloads.values()),
+            "v2_bodies_answered_within_2s": len(payloads) == 4 and all(
+                (s["seconds_to_answer_or_reset"]["max"] or 99) < 2 for s in payloads.values())}
+
+
+def small_png(broken_exif: bool = False) -> bytes:
+    """A 28x28 greyscale garment PNG; with ``broken_exif`` a 8x8 one with an eXIf chunk that is no TIFF
+    (``Image.open(...).getexif()`` raises on it)."""
+    import io
+
+    from PIL import Image, ImageDraw
+    buffer = io.BytesIO()
+    if broken_exif:
+        Image.new("L", (8, 8), 128).save(buffer, format="PNG", exif=b"Exif\x00\x00NOTATIFF")
+    else:
+        image = Image.new("L", (28, 28), 0)
+        _garment(ImageDraw.Draw(image), 28, 28, 200)
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _prepare_mix(ctx: Ctx) -> None:
+    import io
+
+    from PIL import Image
+    ctx.extra["png"], ctx.extra["broken"] = small_png(), small_png(broken_exif=True)
+    try:
+        Image.open(io.BytesIO(ctx.extra["broken"])).getexif()
+        ctx.outcome["broken_exif_raises"] = False
+    except Exception as exc:  # noqa: BLE001 - the point of the payload: Pillow cannot read its EXIF
+        ctx.outcome["broken_exif_raises"] = f"{type(exc).__name__}: {exc}"
+
+
+async def attack_broken_upload_mix(ctx: Ctx) -> None:
+    opts, out = ctx.opts, ctx.outcome
+    example = ctx.examples["fashion"]
+    other = {"pixels": [[255 - v for v in row] for row in example["pixels"]]}
+    image = {"file": ("shirt.png", ctx.extra["png"], "image/png")}
+    kinds = {  # name: (group, path, httpx arguments)
+        "fashion": ("good", "/fashion", {"json": example}),
+        "fashion-batch": ("good", "/fashion/batch", {"json": {"instances": [example, other]}}),
+        "fashion-image": ("good", "/fashion/image", {"files": image}),
+        "invalid-json": ("bad", "/fashion", {"content": b'{"pixels": [[0, 1,', "headers": {"Content-Type": "application/json"}}),
+        "wrong-pixels": ("bad", "/fashion", {"json": {"pixels": [[1, 2, 3]]}}),
+        "broken-exif": ("exif", "/fashion/image", {"files": {"file": ("broken.png", ctx.extra["broken"], "image/png")}}),
+    }
+    out["broken_png_bytes"] = len(ctx.extra["broken"])
+    records: list[dict] = []
+    out["records"] = records
+    headers = {"X-API-Key": ctx.key} if ctx.key else {}
+    limits = httpx.Limits(max_connections=opts.mix_clients, max_keepalive_connections=opts.mix_clients)
+    async with httpx.AsyncClient(base_url=ctx.server.url, headers=headers, timeout=opts.client_timeout_s,
+                                 limits=limits) as client:
+        async def send(kind: str) -> dict[str, Any]:
+            group, path, arguments = kinds[kind]
+            record: dict[str, Any] = {"kind": kind, "group": group, "status": None}
+            t0 = time.monotonic()
+            try:
+                response = await client.post(path, **arguments)
+                record["status"] = response.status_code
+                try:
+                    record["body"] = response.json()
+                except ValueError:
+                    record["body"] = response.text[:300]
+            except httpx.HTTPError as exc:
+                record["error"] = type(exc).__name__
+            record["seconds"] = round(time.monotonic() - t0, 4)
+            return record
+
+        # each good request's answer when sent alone, before the mix
+        alone = {kind: await send(kind) for kind, (group, _, _) in kinds.items() if group == "good"}
+        out["alone"] = {kind: r["status"] for kind, r in alone.items()}
+        names = list(kinds)
+        deadline = time.monotonic() + opts.seconds
+
+        async def client_loop(i: int) -> None:
+            turn = i
+            while turn == i or time.monotonic() < deadline:
+                record = await send(names[turn % len(names)])
+                turn += 1
+                if record["group"] == "good":
+                    expected = alone[record["kind"]]
+                    record["matches"] = expected["status"] == 200 and record["status"] == 200 and \
+                        record.get("body") == expected.get("body")
+                    if not record["matches"] and "first_mismatch" not in out:
+                        out["first_mismatch"] = {"kind": record["kind"], "status": record["status"],
+                                                 "got": str(record.get("body"))[:300],
+                                                 "alone": str(expected.get("body"))[:300]}
+                if record["group"] != "good" or not record.get("matches"):
+                    record["detail"] = str(record.get("body"))[:200] if record["status"] != 200 else None
+                record.pop("body", None)
+                records.append(record)
+
+        await asyncio.gather(*(client_loop(i) for i in range(opts.mix_clients)))
+
+
+def _finish_mix(ctx: Ctx) -> None:
+    records = ctx.outcome.pop("records", [])
+    by_kind = {}
+    for kind in sorted({r["kind"] for r in records}):
+        rows = [r for r in records if r["kind"] == kind]
+        times = [r["seconds"] for r in rows]
+        by_kind[kind] = {"group": rows[0]["group"], "requests": len(rows),
+                         "statuses": dict(Counter(str(r["status"] or r.get("error")) for r in rows)),
+                         "seconds": {"p50": percentile(times, 50), "max": max(times)},
+                         "details": {str(r["status"]): r["detail"] for r in rows if r.get("detail")}}
+        if rows[0]["group"] == "good":
+            by_kind[kind]["mismatches"] = sum(not r["matches"] for r in rows)
+    ctx.outcome["by_kind"] = by_kind
+
+
+def _checks_mix(result: dict, opts: Options) -> dict[str, bool]:
+    out = result["outcome"]
+    kinds = out.get("by_kind", {})
+
+    def groups(name: str) -> list[dict]:
+        return [k for k in kinds.values() if k["group"] == name]
+
+    def statuses(name: str) -> list[str]:
+        return [s for k in groups(name) for s in k["statuses"]]
+
+    return {"exif_payload_raises_in_pillow": bool(out.get("broken_exif_raises")),
+            "exif_4xx": bool(statuses("exif")) and all(s.isdigit() and 400 <= int(s) < 500 for s in statuses("exif")),
+            "bad_requests_4xx": bool(statuses("bad")) and all(s.isdigit() and 400 <= int(s) < 500 for s in statuses("bad")),
+            "good_never_5xx": bool(statuses("good")) and all(s.isdigit() and int(s) < 500 for s in statuses("good")),
+            "good_answers_match": len(groups("good")) == 3 and all(k["mismatches"] == 0 for k in groups("good"))}
+
+
 ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Attack("big-uploads", attack_big_uploads, prepare=_prepare_big_uploads, finish=_finish_uploads,
            bound=lambda o: o.seconds + o.client_timeout_s + 5, checks=_checks_big_uploads),
@@ -1412,6 +2099,22 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
            bound=lambda o: o.seconds + 20, checks=_checks_streams),
     Attack("tampered-artifact", attack_tampered_artifact, prepare=_prepare_tampered, finish=_finish_tampered,
            bound=lambda o: 60, checks=_checks_tampered),
+    Attack("header-flood", attack_header_flood, settings=round_two_settings, finish=_finish_header_flood,
+           bound=lambda o: o.seconds + 30, checks=_checks_header_flood, seconds=15.0),
+    Attack("pipeline-unread", attack_pipeline_unread, settings=round_two_settings, finish=_finish_pipeline,
+           bound=lambda o: o.seconds + 15, checks=_checks_pipeline, seconds=15.0),
+    Attack("grpc-big-nokey", attack_grpc_big_nokey, settings=round_two_settings, finish=_finish_grpc,
+           bound=lambda o: o.seconds + o.client_timeout_s + 10, checks=_checks_grpc_nokey, seconds=15.0),
+    Attack("grpc-big-invalid", attack_grpc_big_invalid, settings=round_two_settings, finish=_finish_grpc,
+           bound=lambda o: o.seconds + o.client_timeout_s + 10, checks=_checks_grpc_invalid, seconds=15.0),
+    Attack("grpc-flood", attack_grpc_flood, settings=round_two_settings, finish=_finish_grpc,
+           bound=lambda o: o.seconds + o.client_timeout_s + 10, checks=_checks_grpc_flood, seconds=15.0),
+    Attack("grpc-streams-unread", attack_grpc_streams_unread, settings=round_two_settings,
+           finish=_finish_grpc_streams, bound=lambda o: o.seconds + 60, checks=_checks_grpc_streams, seconds=15.0),
+    Attack("v2-bodies", attack_v2_bodies, settings=round_two_settings, prepare=_prepare_v2, finish=_finish_v2,
+           bound=lambda o: o.seconds + o.client_timeout_s + 10, checks=_checks_v2, seconds=15.0),
+    Attack("broken-upload-mix", attack_broken_upload_mix, settings=round_two_settings, prepare=_prepare_mix,
+           finish=_finish_mix, bound=lambda o: o.seconds + o.client_timeout_s + 20, checks=_checks_mix, seconds=15.0),
 )}
 
 
@@ -1431,10 +2134,13 @@ def fetch_examples(url: str, key: str | None) -> dict[str, dict]:
 def common_checks(result: dict) -> dict[str, bool]:
     healthz = result.get("healthz") or {}
     good = result.get("good_client") or {}
+    rss = result.get("rss_mb") or {}
     return {"server_alive": bool(result.get("server_alive")),
-            "healthz_p99_under_50ms": healthz.get("p99_ms") is not None and healthz["p99_ms"] < 50,
+            "healthz_p99_under_100ms": healthz.get("p99_ms") is not None and healthz["p99_ms"] < 100,
             "healthz_never_failed": healthz.get("n", 0) > 0 and healthz.get("failures", 1) == 0,
-            "good_client_only_2xx": good.get("requests", 0) > 0 and good.get("non_2xx_count", 1) == 0}
+            "good_client_only_2xx": good.get("requests", 0) > 0 and good.get("non_2xx_count", 1) == 0,
+            "memory_peak_rise_under_500mb": rss.get("peak_rise") is not None and rss["peak_rise"] <= 500,
+            "memory_end_rise_under_300mb": rss.get("end_rise") is not None and rss["end_rise"] <= 300}
 
 
 def run_attack(name: str, opts: Options | None = None) -> dict[str, Any]:
@@ -1442,6 +2148,8 @@ def run_attack(name: str, opts: Options | None = None) -> dict[str, Any]:
     for what the server does (a crash, a refusal, a timeout is recorded)."""
     opts = opts or Options()
     attack = ATTACKS[name]
+    if opts.seconds is None:
+        opts = replace(opts, seconds=attack.seconds)
     work = Path(tempfile.mkdtemp(prefix=f"abuse-{name}-"))
     ctx = Ctx(opts=opts, work=work, payloads=payload_dir(opts))
     result: dict[str, Any] = {"attack": name, "parameters": {k: (str(v) if isinstance(v, Path) else v)
@@ -1542,16 +2250,39 @@ def _outcome_line(result: dict) -> str:
         models = (out.get("readyz") or {}).get("body", {}).get("models", {})
         states = {k: str(v).split(":")[0] for k, v in models.items()}
         return f"states {states}; markers {out.get('markers_present')}; control {list((out.get('control') or {}).values())}"
+    if name == "header-flood":
+        return "; ".join(f"{m}: {s['statuses']} {s['ended']}, KB sent before answer/close max "
+                         f"{s['kb_sent_before_answer_or_close']['max']}" for m, s in out.get("by_mode", {}).items())
+    if name == "pipeline-unread":
+        return (f"{out.get('connections')} conns: {out.get('ended')}, MB sent {out.get('mb_sent')}, answers read max "
+                f"{out.get('answers_read_max')}, {out.get('closed')}")
+    if name in ("grpc-big-nokey", "grpc-big-invalid"):
+        return "; ".join(f"{v}: {s['codes']} p50 {s['seconds']['p50']} s max {s['seconds']['max']} s"
+                         for v, s in out.get("by_variant", {}).items())
+    if name == "grpc-flood":
+        return (f"{out.get('calls_per_s')} calls/s; " + "; ".join(
+            f"{k}: {s['codes']} p50 {s['seconds']['p50']} s" for k, s in out.get("by_key", {}).items()))
+    if name == "grpc-streams-unread":
+        probe = out.get("probe") or {}
+        return (f"{out.get('streams')} calls: held {out.get('held_to_end')}, ended early {out.get('ended_early')}; "
+                f"probe {probe.get('codes')} p99 {(probe.get('seconds') or {}).get('p99')} s")
+    if name == "v2-bodies":
+        return "; ".join(f"{p}: {s['statuses']} max {s['seconds_to_answer']['max']} s"
+                         for p, s in out.get("by_payload", {}).items())
+    if name == "broken-upload-mix":
+        return "; ".join(f"{k}: {s['statuses']}" + (f" mismatches {s['mismatches']}" if "mismatches" in s else "")
+                         for k, s in out.get("by_kind", {}).items())
     return json.dumps(out)[:120]
 
 
 def table(results: list[dict]) -> str:
-    rows = [("| attack | peak RSS MB | RSS after | /healthz p50 / p99 / max ms | fails | good req | good non-2xx | "
-             "good p99 ms | checks failed | outcome |"), "|---|---:|---:|---|---:|---:|---|---:|---|---|"]
+    rows = [("| attack | peak RSS MB (rise) | RSS after settle (rise) | /healthz p50 / p99 / max ms | fails | good req | "
+             "good non-2xx | good p99 ms | checks failed | outcome |"), "|---|---:|---:|---|---:|---:|---|---:|---|---|"]
     for r in results:
         rss, hz, good = r.get("rss_mb") or {}, r.get("healthz") or {}, r.get("good_client") or {}
         failed = [k for k, v in r.get("checks", {}).items() if not v]
-        rows.append(f"| {r['attack']} | {rss.get('peak')} | {rss.get('after')} | {hz.get('p50_ms')} / {hz.get('p99_ms')} / "
+        rows.append(f"| {r['attack']} | {rss.get('peak')} ({rss.get('peak_rise')}) | {rss.get('after')} "
+                    f"({rss.get('end_rise')}) | {hz.get('p50_ms')} / {hz.get('p99_ms')} / "
                     f"{hz.get('max_ms')} | {hz.get('failures')} | {good.get('requests')} | {good.get('non_2xx') or 0} | "
                     f"{good.get('p99_ms')} | {', '.join(failed) or '-'} | {outcome_line(r)} |")
     return "\n".join(rows)
@@ -1588,7 +2319,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(ATTACKS), metavar="NAME",
                         help=f"attacks to run (default: all): {', '.join(ATTACKS)}")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each attack (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="length of each attack (default: 10, the round-two attacks 15)")
+    parser.add_argument("--settle", type=float, default=10.0,
+                        help="monitoring after each attack; memory 'after' is read at its end (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS / "abuse.json", help="JSON report (default: %(default)s)")
     parser.add_argument("--slow-connections", type=int, default=1000, help="slowloris connections")
     parser.add_argument("--read-timeout", type=float, default=5.0, help="SERVE_REQUEST_READ_TIMEOUT_S for slowloris")
@@ -1599,13 +2333,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uploads", type=int, default=8, help="big-uploads concurrency")
     parser.add_argument("--json-keys", type=int, default=800_000, help="unique keys in the json-key-flood body")
     parser.add_argument("--rate", type=float, default=20.0, help="the good client's requests per second")
+    parser.add_argument("--grpc-streams", type=int, default=10_000, help="grpc-streams-unread: calls left hanging")
+    parser.add_argument("--mix-clients", type=int, default=64, help="broken-upload-mix concurrency")
     parser.add_argument("--no-control", action="store_true", help="skip proving the tampered payloads live")
     parser.add_argument("--keep", action="store_true", help="keep each attack's folder (server log, artifacts)")
     args = parser.parse_args(argv)
     opts = Options(seconds=args.seconds, slow_connections=args.slow_connections, read_timeout_s=args.read_timeout,
                    slow_max_connections=args.slow_max_connections,
                    connection_cap=args.connection_cap, streams=args.streams, uploads=args.uploads,
-                   json_keys=args.json_keys, good_rate=args.rate, control=not args.no_control, keep_work=args.keep)
+                   json_keys=args.json_keys, good_rate=args.rate, control=not args.no_control, keep_work=args.keep,
+                   settle_s=args.settle, grpc_streams=args.grpc_streams, mix_clients=args.mix_clients)
     results = run_suite(args.only or list(ATTACKS), opts, args.out)
     print()
     print(table(results))
