@@ -7,6 +7,7 @@ sends them. The API key comes in the ``x-api-key`` or ``authorization: Bearer`` 
 health service reports SERVING once every model is loaded.
 """
 
+import asyncio
 import logging
 import time
 import uuid
@@ -152,23 +153,81 @@ OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive", "/infere
                           "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})  # probes send no key
 
 
-class KeyCheck(grpc.aio.ServerInterceptor):
-    """The API key, checked on the call's metadata before its message is received: a call without a valid key
-    is answered UNAUTHENTICATED by a handler that never reads the message, so a keyless caller cannot make the
-    server take megabytes (a unary handler would receive the whole message first)."""
+class CallGuard(grpc.aio.ServerInterceptor):
+    """What a gRPC caller can make the server hold, decided on the call's metadata, before its message:
 
-    def __init__(self, gate: Gate):
-        self.gate = gate
+    - the API key: a call without a valid one is answered UNAUTHENTICATED by a handler that never reads the
+      message (a unary handler receives the whole message first: keyless 8 MB calls took gigabytes);
+    - the message must arrive within SERVE_REQUEST_READ_TIMEOUT_S, as an HTTP request must;
+    - at most SERVE_GRPC_MAX_CALLS calls in progress per process. A call over it makes room by cancelling
+      the call that has waited longest for its message (a slow or stalled client), as the HTTP protocol
+      closes the longest-waiting connection; only when every call has its message is it refused with
+      RESOURCE_EXHAUSTED. So 10,000 calls that never send their message cannot lock out a real client.
+
+    Every unary method is served as a stream-unary one for this: its handler reads the message itself."""
+
+    def __init__(self, gate: Gate, max_calls: int, read_timeout_s: float):
+        self.gate, self.max_calls, self.read_timeout_s = gate, max_calls, read_timeout_s
+        self.waiting: dict[asyncio.Task, None] = {}  # calls waiting for their message, oldest first
+        self.working = 0                               # calls with their message, being answered
+        self.evicted: set[asyncio.Task] = set()        # waiting calls told to give their place
         self.refuse = grpc.stream_unary_rpc_method_handler(self._unauthenticated)
 
     async def intercept_service(self, continuation, details):
-        if not self.gate.api_keys or details.method in OPEN_METHODS:
-            return await continuation(details)
         metadata = {k.encode(): v.encode() for k, v in details.invocation_metadata or () if isinstance(v, str)}
-        return await continuation(details) if self.gate.has_valid_key(metadata) else self.refuse
+        if self.gate.api_keys and details.method not in OPEN_METHODS and not self.gate.has_valid_key(metadata):
+            return self.refuse
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler  # unknown (UNIMPLEMENTED), or the health service's Watch
+
+        async def guarded(requests, context):
+            return await self._serve(handler.unary_unary, context)
+        return grpc.stream_unary_rpc_method_handler(guarded, request_deserializer=handler.request_deserializer,
+                                                    response_serializer=handler.response_serializer)
+
+    async def _serve(self, behavior, context):
+        if len(self.waiting) + self.working >= self.max_calls:
+            if not self.waiting:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is answering its limit of "
+                                    f"{self.max_calls} gRPC calls (SERVE_GRPC_MAX_CALLS); retry shortly")
+            oldest = next(iter(self.waiting))
+            self.waiting.pop(oldest)
+            self.evicted.add(oldest)
+            oldest.cancel()  # the longest-waiting call gives its place (it answers for itself, below)
+        task = asyncio.current_task()
+        self.waiting[task] = None
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                request = await context.read()
+        except asyncio.CancelledError:
+            if task not in self.evicted:
+                raise
+            self.evicted.discard(task)
+            task.uncancel()  # a cancelled handler alone would leave its call open: end it with a status
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"this call waited longest for its message while the "
+                                f"server holds its limit of {self.max_calls} gRPC calls (SERVE_GRPC_MAX_CALLS); "
+                                "send the message with the call, and retry")
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the request message did not arrive within "
+                                f"{self.read_timeout_s:g} s (SERVE_REQUEST_READ_TIMEOUT_S); send it at once")
+        except Exception:  # a message over the cap (RESOURCE_EXHAUSTED), a broken stream: what grpc held is freed
+            trim_soon()
+            raise
+        finally:
+            self.waiting.pop(task, None)
+        if request is grpc.aio.EOF:
+            trim_soon()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
+        self.working += 1
+        try:
+            return await behavior(request, context)
+        finally:
+            self.working -= 1
 
     @staticmethod
     async def _unauthenticated(requests, context) -> None:
+        trim_soon()  # what grpc buffered of the unread message is freed: give it back
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key: send it in the x-api-key "
                             "metadata or as 'authorization: Bearer <key>'")
 
@@ -179,8 +238,9 @@ async def start_grpc(registry: Registry, gate: Gate, host: str, port: int, max_m
     grpc sets SO_REUSEPORT on Linux). A message is at most what the largest v2 REST body may be; calls in
     progress are capped per process (more: RESOURCE_EXHAUSTED at once) and per connection."""
     settings = registry.settings
-    server = grpc.aio.server(
-        interceptors=[KeyCheck(gate)], maximum_concurrent_rpcs=settings.grpc_max_calls,
+    guard = CallGuard(gate, settings.grpc_max_calls, settings.request_read_timeout_s)
+    server = grpc.aio.server(  # grpc's own cap far above ours: only ours decides, by the rule above
+        interceptors=[guard], maximum_concurrent_rpcs=4 * settings.grpc_max_calls,
         options=[("grpc.max_receive_message_length", max_message_bytes),
                  ("grpc.max_send_message_length", max_message_bytes),
                  ("grpc.max_concurrent_streams", settings.grpc_max_calls_per_connection)])
