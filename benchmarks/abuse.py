@@ -49,7 +49,7 @@ SERVE_GRPC_PORT; --seconds 15 unless given):
     pipeline-unread    8 connections pipeline GET /healthz (60 MB in all) and never read an answer: how much
                        each could send before the server stopped reading, how many answers it wrote, whether
                        it closed the connection; target: it stops reading (answers bounded)
-    grpc-big-nokey     32 concurrent ModelInfer calls of 3.9 MB (fashion pixels as raw_input_contents), no
+    grpc-big-nokey     32 concurrent ModelInfer calls of 2 MB (fashion pixels as raw_input_contents), no
                        key; target: UNAUTHENTICATED; records the codes and each call's time
     grpc-big-invalid   the same with a key and invalid contents (FP32 bytes one value short of the shape, a
                        wrong shape, a BYTES tensor of empty elements, a message over the cap); target:
@@ -154,7 +154,7 @@ class Options:
     pipeline_connections: int = 8         # pipeline-unread: connections
     pipeline_bytes: int = 60 * MB         # pipeline-unread: pipelined GET /healthz bytes over all of them
     grpc_concurrency: int = 32            # grpc-big-*: calls in flight at once
-    grpc_message_bytes: int = 3_900_000   # grpc-big-*: raw_input_contents size, under SERVE_GRPC_MAX_MESSAGE_BYTES
+    grpc_message_bytes: int = 2_000_000   # grpc-big-*: raw_input_contents size, under SERVE_GRPC_MAX_MESSAGE_BYTES
     grpc_callers: int = 64                # grpc-flood: concurrent callers (half without a key)
     grpc_streams: int = 10_000            # grpc-streams-unread: calls opened and left hanging
     grpc_channels: int = 4                # gRPC connections the callers share

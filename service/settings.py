@@ -89,8 +89,8 @@ class Settings(BaseSettings):
         "Serve the Open Inference Protocol v2 over gRPC on this port too (the container sets 8001); unset: off."))
     grpc_max_calls: int = Field(64, ge=1, description=(
         "gRPC calls in progress per worker process; more are refused at once with RESOURCE_EXHAUSTED. With "
-        "SERVE_GRPC_MAX_MESSAGE_BYTES it bounds what gRPC messages can hold: 64 x 4 MB."))
-    grpc_max_message_bytes: int = Field(4 * 2**20, ge=64 * 1024, description=(
+        "SERVE_GRPC_MAX_MESSAGE_BYTES it bounds what gRPC messages can hold: 64 x 2 MB."))
+    grpc_max_message_bytes: int = Field(2 * 2**20, ge=64 * 1024, description=(
         "Largest gRPC message (refused from its length prefix, before it is received). Binary tensors are "
         "compact: 256 Fashion-MNIST pictures as FP64, the largest valid request, take 1.6 MB."))
     grpc_max_calls_per_connection: int = Field(32, ge=1, description=(

@@ -79,7 +79,7 @@ class ProtocolError(Exception):
 # ---------------------------------------------------------------- tensors <-> values
 
 
-def decode_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
+def decode_bytes_tensor(raw: bytes | memoryview, count: int) -> list[bytes]:
     """Triton's binary BYTES layout: each element is a 4-byte little-endian length, then its bytes; more
     elements than the shape's ``count`` are refused as soon as they are found."""
     items, at = [], 0
@@ -89,7 +89,7 @@ def decode_bytes_tensor(raw: bytes, count: int) -> list[bytes]:
         if at + 4 > len(raw):
             raise ProtocolError("a BYTES tensor's binary data ends inside an element's length")
         (size,) = struct.unpack_from("<I", raw, at)
-        items.append(raw[at + 4:at + 4 + size])
+        items.append(bytes(raw[at + 4:at + 4 + size]))
         at += 4 + size
     if at != len(raw):
         raise ProtocolError("a BYTES tensor's binary data ends inside an element")
@@ -133,7 +133,8 @@ def row_values(entry: ModelEntry) -> dict[str, int]:
 _ROW_VALUES: dict[type[BaseModel], dict[str, int]] = {}
 
 
-def input_array(spec: dict, binary: bytes | None, max_instances: int, rows: dict[str, int]) -> np.ndarray:
+def input_array(spec: dict, binary: bytes | memoryview | None, max_instances: int,
+                rows: dict[str, int]) -> np.ndarray:
     """One request input as an array of its declared shape (BYTES as an object array of bytes). The name and
     shape are checked first, so that nothing is built from a shape no model takes (``[10**30, 0]``, 65
     dimensions, a million values where the model takes one per instance)."""
@@ -442,22 +443,28 @@ def parse_body(body: bytes, header_length: str | None, most_values: int) -> tupl
     return header, binary
 
 
-def read_request(entry: ModelEntry, header: dict, binary: bytes,
+def read_request(entry: ModelEntry, header: dict, binary: bytes | list[bytes],
                  max_instances: int) -> tuple[list[BaseModel], list[str], set[str]]:
-    """The validated instances, the outputs asked for, and which of them to send as binary."""
+    """The validated instances, the outputs asked for, and which of them to send as binary. ``binary`` is the
+    REST body's data after the JSON (each input's part a view of it, not a copy) or gRPC's raw contents, one
+    per input that declares a ``binary_data_size``."""
     arrays, at, rows = {}, 0, row_values(entry)
+    pieces = iter(binary) if isinstance(binary, list) else None
+    data = memoryview(binary) if isinstance(binary, bytes) else None
     for spec in header["inputs"]:
         if not isinstance(spec, dict):
             raise ProtocolError("each input must be a JSON object")
         size = _params(spec, f"input '{spec.get('name')}'").get("binary_data_size")
         chunk = None
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or at + size > len(binary):
+        if pieces is not None and size is not None:
+            chunk = next(pieces)
+        elif data is not None and size is not None:
+            if not isinstance(size, int) or size < 0 or at + size > len(data):
                 raise ProtocolError(f"input '{spec.get('name')}' declares {size} bytes of binary data beyond the body")
-            chunk, at = binary[at:at + size], at + size
+            chunk, at = data[at:at + size], at + size
         arrays[spec.get("name")] = input_array(spec, chunk, max_instances, rows)
-    if at != len(binary):
-        raise ProtocolError(f"{len(binary) - at} bytes of binary data after the inputs that declare it")
+    if data is not None and at != len(data):
+        raise ProtocolError(f"{len(data) - at} bytes of binary data after the inputs that declare it")
     packed, numbers = entry.predictor.v2_packed, None
     if packed and packed[0] in arrays:  # one [-1, k] tensor in place of k named inputs
         matrix = arrays.pop(packed[0])

@@ -8,10 +8,8 @@ framing. Required: ``Input``, ``Output``, ``example``, ``summary``, ``setup`` an
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import json
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from service.artifacts import Artifact
+from service.memory import return_freed_memory
 from service.settings import Settings
 
 
@@ -64,17 +63,6 @@ def undecodable(exc: Exception) -> InputError | InputRejected:
                          "undamaged image", "file")
     exc.__context__ = exc.__cause__ = None
     return exc.with_traceback(None)
-
-
-_malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
-
-
-def return_freed_memory() -> None:
-    """Give freed pages back to the system now. After an upload (megabytes of bytes, a decoded picture),
-    glibc would otherwise keep them in the arena of whichever thread freed them: ten seconds of 7 MB
-    uploads raised the server from 410 to 800 MB for good. Costs about a millisecond, once per batch."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 MANY_UNKNOWN_KEYS = 20  # beyond this many unknown keys in one instance, one error lists a few and counts them

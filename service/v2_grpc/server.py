@@ -50,8 +50,8 @@ def _parameters(params) -> dict:
             if value.WhichOneof("parameter_choice")}
 
 
-def as_rest_request(request: pb.ModelInferRequest) -> tuple[dict, bytes]:
-    """The request as the REST form takes it: a JSON-like header, and the raw contents as binary data."""
+def as_rest_request(request: pb.ModelInferRequest) -> tuple[dict, list[bytes]]:
+    """The request as the REST form takes it: a JSON-like header, and the raw contents, one per input."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise ProtocolError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one per input")
@@ -67,7 +67,7 @@ def as_rest_request(request: pb.ModelInferRequest) -> tuple[dict, bytes]:
         inputs.append(spec)
     header = {"id": request.id, "inputs": inputs, "parameters": {"binary_data_output": True},
               "outputs": [{"name": o.name, "parameters": {"binary_data": True}} for o in request.outputs]}
-    return header, b"".join(raw)
+    return header, raw
 
 
 def read_grpc_request(entry, request: pb.ModelInferRequest, max_instances: int):
@@ -119,16 +119,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             instances, wanted, _ = await off_loop(size, read_grpc_request, entry, request,
                                                   self.registry.settings.max_batch_instances)
             outputs, answered_by = await run_inference(self.registry, entry, instances, request.model_version or None)
+            failure = None
         except ProtocolError as exc:
-            await context.abort(STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc))
+            failure = STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT), str(exc)
         except Exception:
             request_id = request_id_of(context)
             log.exception("unhandled error in a gRPC call", extra={"request_id": request_id, "route": "ModelInfer"})
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error; quote request id {request_id} when "
-                                "reporting it")
-        finally:
-            if size > TRIM_AFTER_BYTES:
-                trim_soon()
+            failure = grpc.StatusCode.INTERNAL, f"internal error; quote request id {request_id} when reporting it"
+        if size > TRIM_AFTER_BYTES:
+            trim_soon()
+        if failure is not None:  # aborted outside the except: its error would otherwise carry the one caught,
+            del request  # whose traceback holds the frames with the message's megabytes until a full collection
+            await context.abort(*failure)
         response = pb.ModelInferResponse(model_name=entry.name, id=request.id, model_version=answered_by)
         for name, datatype, shape, values in output_tensors(outputs, wanted):
             response.outputs.add(name=name, datatype=datatype, shape=shape)
