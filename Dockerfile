@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # Small CPU image by default. Variants (see README "Deploy"):
 #   CUDA:     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128  (run with --gpus all)
-#   offline:  put wheels in ./wheels (pip download) and --build-arg OFFLINE=1
+#   offline:  put wheels in ./wheels and --build-arg OFFLINE=1: the wheels requirements.lock names (on Linux
+#             x86_64 with Python 3.11: `pip download -d wheels --only-binary :all: --require-hashes -r requirements.lock`)
+#             and torch's (`pip download -d wheels --no-deps --index-url https://download.pytorch.org/whl/cpu torch==2.13.0`)
 #   local base image stand-in: --build-arg BASE_IMAGE=local/python:3.11-slim
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -9,16 +11,21 @@ FROM ${BASE_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG OFFLINE=0
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml requirements.lock ./
 COPY wheels/ /wheels/
-# The runtime dependencies come from pyproject.toml, the one list of them.
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
- && python -m venv /opt/venv \
+# Everything but torch comes from requirements.lock (`make lock`): exact versions, checked against their hashes.
+# Then torch, the version pyproject.toml pins, from TORCH_INDEX_URL (OFFLINE: from /wheels): the lock already
+# holds its dependencies, so the CPU build adds nothing else; a CUDA index adds its build's nvidia-* packages.
+RUN python -m venv /opt/venv \
+ && torch="torch==$(sed -n 's/.*"torch==\([0-9.]*\)".*/\1/p' pyproject.toml)" \
  && if [ "$OFFLINE" = "1" ]; then \
-        /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels -r requirements.txt; \
+        /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels --require-hashes -r requirements.lock \
+     && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels "$torch"; \
     else \
-        /opt/venv/bin/pip install --no-cache-dir --extra-index-url "$TORCH_INDEX_URL" -r requirements.txt; \
+        /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements.lock \
+     && /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$torch"; \
     fi \
+ && /opt/venv/bin/pip check \
  && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include /opt/venv/lib/python3.11/site-packages/torch/share \
  && find /opt/venv -depth -name __pycache__ -type d -exec rm -rf {} +   # headers and caches: not needed to serve
 

@@ -12,8 +12,8 @@ import os
 
 import grpc
 
-from service.v2_grpc import inference_pb2 as pb
-from service.v2_grpc import inference_pb2_grpc as pb_grpc
+from service.v2.generated import inference_pb2 as pb
+from service.v2.generated import inference_pb2_grpc as pb_grpc
 
 MODEL, INPUT, OUTPUT = "phone-price", ("features", "FP64", [-1, 20]), ("probabilities", "FP64", [-1, 4])
 
@@ -40,15 +40,25 @@ class NoopServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(name=MODEL, versions=["1"], platform="pytorch",
-                                        inputs=[tensor(name=INPUT[0], datatype=INPUT[1], shape=INPUT[2])],
-                                        outputs=[tensor(name=OUTPUT[0], datatype=OUTPUT[1], shape=OUTPUT[2])])
+        return pb.ModelMetadataResponse(
+            name=MODEL,
+            versions=["1"],
+            platform="pytorch",
+            inputs=[tensor(name=INPUT[0], datatype=INPUT[1], shape=INPUT[2])],
+            outputs=[tensor(name=OUTPUT[0], datatype=OUTPUT[1], shape=OUTPUT[2])],
+        )
 
     async def ModelConfig(self, request, context):
-        return pb.ModelConfigResponse(config=pb.ModelConfig(
-            name=MODEL, platform="pytorch", backend="pytorch", max_batch_size=0,
-            input=[pb.ModelInput(name=INPUT[0], data_type="TYPE_FP64", dims=INPUT[2])],
-            output=[pb.ModelOutput(name=OUTPUT[0], data_type="TYPE_FP64", dims=OUTPUT[2])]))
+        return pb.ModelConfigResponse(
+            config=pb.ModelConfig(
+                name=MODEL,
+                platform="pytorch",
+                backend="pytorch",
+                max_batch_size=0,
+                input=[pb.ModelInput(name=INPUT[0], data_type="TYPE_FP64", dims=INPUT[2])],
+                output=[pb.ModelOutput(name=OUTPUT[0], data_type="TYPE_FP64", dims=OUTPUT[2])],
+            )
+        )
 
     async def ModelInfer(self, request, context):
         return self.answer

@@ -7,8 +7,8 @@ as the framework's ceiling; and the model's in-process ceiling (items/s at batch
 
 Each of ``--rounds`` rounds starts two fresh servers side by side, one per mode, and runs every route
 and level on both (off, on, no-op; the next round on, off, no-op), so a slow moment of a shared machine
-hits both modes alike, neither always runs second, and no one server process's luck decides a figure. Each figure is the median
-over the rounds; the per-round values are kept in the JSON.
+hits both modes alike, neither always runs second, and no one server process's luck decides a figure. Each
+figure is the median over the rounds; the per-round values are kept in the JSON.
 
     python -m benchmarks.load [--duration 3] [--rounds 3] [--models phone-price fashion]
 
@@ -33,7 +33,7 @@ import httpx
 import torch
 
 from service.catalog import MODELS, Model
-from service.registry import open_model
+from service.runtime.registry import open_model
 from service.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,7 +51,8 @@ wrk.body = io.open(os.getenv("BODY_FILE"), "rb"):read("*a")
 function done(summary, latency, requests)
   local errors = summary.errors.status + summary.errors.connect + summary.errors.read
                + summary.errors.write + summary.errors.timeout
-  io.write(string.format('RESULT {"requests": %d, "seconds": %.3f, "errors": %d, "p50_ms": %.3f, "p95_ms": %.3f, "p99_ms": %.3f}\\n',
+  io.write(string.format(
+    'RESULT {"requests": %d, "seconds": %.3f, "errors": %d, "p50_ms": %.3f, "p95_ms": %.3f, "p99_ms": %.3f}\\n',
     summary.requests, summary.duration / 1e6, errors, latency:percentile(50) / 1e3,
     latency:percentile(95) / 1e3, latency:percentile(99) / 1e3))
 end
@@ -63,11 +64,29 @@ def example(model: Model) -> dict:
 
 
 def start_server(port: int, batching: dict) -> subprocess.Popen:
-    env = {**os.environ, "SERVE_BENCHMARK_ROUTES": "true", "SERVE_DEFAULT_BATCHING": json.dumps(batching),
-           "SERVE_LOG_LEVEL": "WARNING", "SERVE_MAX_QUEUE": "4096"}
-    process = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.app:app", "--port", str(port),
-                                "--log-level", "warning", "--no-access-log", "--http", "service.server:GuardedHttpProtocol"],
-                               env=env)
+    env = {
+        **os.environ,
+        "SERVE_BENCHMARK_ROUTES": "true",
+        "SERVE_DEFAULT_BATCHING": json.dumps(batching),
+        "SERVE_LOG_LEVEL": "WARNING",
+        "SERVE_MAX_QUEUE": "4096",
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--http",
+            "service.api.server:GuardedHttpProtocol",
+        ],
+        env=env,
+    )
     return wait_ready(process, f"http://127.0.0.1:{port}/readyz")
 
 
@@ -86,11 +105,15 @@ def wait_ready(process: subprocess.Popen, url: str, seconds: float = 120) -> sub
 
 
 def wrk(url: str, body_file: Path, script: Path, connections: int, seconds: int, env: dict | None = None) -> dict:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url],
-                         env={**os.environ, "BODY_FILE": str(body_file), **(env or {})}, capture_output=True, text=True,
-                         check=True)
-    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url],
+        env={**os.environ, "BODY_FILE": str(body_file), **(env or {})},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    line = next(text for text in out.stdout.splitlines() if text.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
     result["req_per_s"] = round(result["requests"] / result["seconds"], 1)
     return result
 
@@ -119,8 +142,10 @@ def in_process_ceiling(model: Model, seconds: float = 1.5) -> dict:
 
 def chart(results: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     models = list(results["routes"])
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.6), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -139,13 +164,19 @@ def chart(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    rows = ["| route | mode | clients | req/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| route | mode | clients | req/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for model, runs in results["routes"].items():
         for mode in ("batching_off", "batching_on", "noop"):
             for c in LEVELS:
                 r = runs[mode][str(c)]
-                rows.append(f"| /{model}{'/noop' if mode == 'noop' else ''} | {mode.replace('_', ' ')} | {c} | "
-                            f"{r['req_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |")
+                rows.append(
+                    f"| /{model}{'/noop' if mode == 'noop' else ''} | {mode.replace('_', ' ')} | {c} | "
+                    f"{r['req_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
+                    f"{r['errors']} |"
+                )
     rows.append("")
     rows.append("| model | in-process items/s, batch 1 | batch 64 |")
     rows.append("|---|---:|---:|")
@@ -170,12 +201,20 @@ def main() -> None:
     for p in predictors:
         (work / f"{p.name}.json").write_text(json.dumps(example(p)))
 
-    results: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                                 "python": platform.python_version(), "torch": torch.__version__,
-                                 "torch_threads": torch.get_num_threads()},
-                     "load_generator": "wrk 4.1 (1 thread) on the same machine", "duration_s": args.duration,
-                     "rounds": args.rounds,
-                     "routes": {p.name: {} for p in predictors}, "in_process": {}}
+    results: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "load_generator": "wrk 4.1 (1 thread) on the same machine",
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "routes": {p.name: {} for p in predictors},
+        "in_process": {},
+    }
     # Fresh servers every round: a process's own luck (memory layout, which core it lands on) shifts its
     # latency by up to a millisecond, so each round's pair is new and the medians average that out.
     samples: dict[tuple[str, int, str], list[dict]] = {}
@@ -184,15 +223,18 @@ def main() -> None:
         try:
             for p in predictors:
                 body = work / f"{p.name}.json"
-                targets = {"batching_off": f"http://127.0.0.1:{args.port}/{p.name}",
-                           "batching_on": f"http://127.0.0.1:{args.port + 1}/{p.name}",
-                           "noop": f"http://127.0.0.1:{args.port + 1}/{p.name}/noop"}
+                targets = {
+                    "batching_off": f"http://127.0.0.1:{args.port}/{p.name}",
+                    "batching_on": f"http://127.0.0.1:{args.port + 1}/{p.name}",
+                    "noop": f"http://127.0.0.1:{args.port + 1}/{p.name}/noop",
+                }
                 # the two modes swap places every round, so neither always runs right after the other
-                order = ["batching_off", "batching_on"][::1 if round_ % 2 == 0 else -1] + ["noop"]
+                order = ["batching_off", "batching_on"][:: 1 if round_ % 2 == 0 else -1] + ["noop"]
                 for c in LEVELS:
                     for label in order:
                         samples.setdefault((p.name, c, label), []).append(
-                            wrk(targets[label], body, script, c, args.duration))
+                            wrk(targets[label], body, script, c, args.duration)
+                        )
                 print(f"round {round_ + 1}/{args.rounds}: /{p.name} done", flush=True)
         finally:
             for server in servers.values():
@@ -205,9 +247,13 @@ def main() -> None:
                 result = results["routes"][p.name].setdefault(label, {})[str(c)] = median_run(samples[p.name, c, label])
                 print(f"{label:13s} /{p.name:20s} c={c:<3d} {result}", flush=True)
             # paired by round: the on and off runs of one round ran seconds apart
-            paired = [on["p50_ms"] - off["p50_ms"]
-                      for on, off in zip(samples[p.name, c, "batching_on"], samples[p.name, c, "batching_off"])]
-            results["routes"][p.name].setdefault("p50_on_minus_off_ms", {})[str(c)] = round(statistics.median(paired), 3)
+            paired = [
+                on["p50_ms"] - off["p50_ms"]
+                for on, off in zip(samples[p.name, c, "batching_on"], samples[p.name, c, "batching_off"])
+            ]
+            results["routes"][p.name].setdefault("p50_on_minus_off_ms", {})[str(c)] = round(
+                statistics.median(paired), 3
+            )
     for p in predictors:
         results["in_process"][p.name] = in_process_ceiling(p)
 
@@ -218,8 +264,10 @@ def main() -> None:
     for p in predictors:
         runs = results["routes"][p.name]
         on, off, noop = (runs[m]["64"]["req_per_s"] for m in ("batching_on", "batching_off", "noop"))
-        print(f"{p.name}: 64 clients batching on/off = {on / off:.2f}x; on/no-op = {on / noop:.0%}; "
-              f"1-client p50 on - off = {runs['p50_on_minus_off_ms']['1']:+.2f} ms (median of paired rounds)")
+        print(
+            f"{p.name}: 64 clients batching on/off = {on / off:.2f}x; on/no-op = {on / noop:.0%}; "
+            f"1-client p50 on - off = {runs['p50_on_minus_off_ms']['1']:+.2f} ms (median of paired rounds)"
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 from benchmarks.load import RESULTS, start_server
 from service import catalog
 from service.models.poem import MAX_SEED, PoemRequest
-from service.registry import open_model
+from service.runtime.registry import open_model
 from service.settings import Settings
 
 BODY = {"line_num": 4, "line_length": 7, "rhyme": True, "temperature": 0.8, "top_k": 0}
@@ -37,9 +37,13 @@ REGULATED_TARGET_MS = 60.0
 
 def summary(seconds: list[float]) -> dict[str, float]:
     ms = sorted(s * 1000 for s in seconds)
-    return {"n": len(ms), "median_ms": round(statistics.median(ms), 2),
-            "p95_ms": round(ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))], 2),
-            "min_ms": round(ms[0], 2), "max_ms": round(ms[-1], 2)}
+    return {
+        "n": len(ms),
+        "median_ms": round(statistics.median(ms), 2),
+        "p95_ms": round(ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))], 2),
+        "min_ms": round(ms[0], 2),
+        "max_ms": round(ms[-1], 2),
+    }
 
 
 def over_http(url: str, seeds: list[int], bodies: list[dict]) -> list[tuple[dict, dict]]:
@@ -93,34 +97,49 @@ def main() -> None:
 
     server = start_server(args.port, {"max_batch_size": 64})
     try:
-        (http, first_char), (regulated, regulated_first) = over_http(f"http://127.0.0.1:{args.port}", seeds,
-                                                                     [BODY, REGULATED])
+        (http, first_char), (regulated, regulated_first) = over_http(
+            f"http://127.0.0.1:{args.port}", seeds, [BODY, REGULATED]
+        )
     finally:
         server.terminate()
         server.wait(30)
     threads = torch.get_num_threads()  # before in_process sets the worker's count
     local, local_regulated = in_process(seeds, [BODY, REGULATED])
     results = {
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "torch_threads": threads},
-        "request": BODY, "sequential_requests": args.requests, "target_median_ms": TARGET_MS,
-        "http_poem": http, "http_stream_first_char": first_char, "in_process_predict": local,
-        "regulated_request": REGULATED, "regulated_target_median_ms": REGULATED_TARGET_MS,
-        "http_poem_regulated": regulated, "http_stream_first_char_regulated": regulated_first,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": threads,
+        },
+        "request": BODY,
+        "sequential_requests": args.requests,
+        "target_median_ms": TARGET_MS,
+        "http_poem": http,
+        "http_stream_first_char": first_char,
+        "in_process_predict": local,
+        "regulated_request": REGULATED,
+        "regulated_target_median_ms": REGULATED_TARGET_MS,
+        "http_poem_regulated": regulated,
+        "http_stream_first_char_regulated": regulated_first,
         "in_process_predict_regulated": local_regulated,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "poem.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     verdict = "meets" if http["median_ms"] < TARGET_MS else "MISSES"
-    print(f"POST /poem, 4 rows x 7 characters: median {http['median_ms']} ms, p95 {http['p95_ms']} ms "
-          f"({verdict} the {TARGET_MS:.0f} ms target); in-process median {results['in_process_predict']['median_ms']} ms")
+    print(
+        f"POST /poem, 4 rows x 7 characters: median {http['median_ms']} ms, p95 {http['p95_ms']} ms "
+        f"({verdict} the {TARGET_MS:.0f} ms target); in-process median {results['in_process_predict']['median_ms']} ms"
+    )
     verdict = "meets" if regulated["median_ms"] < REGULATED_TARGET_MS else "MISSES"
-    print(f"regulated (meter \"regulated\"), same run: median {regulated['median_ms']} ms, "
-          f"p95 {regulated['p95_ms']} ms "
-          f"({verdict} the {REGULATED_TARGET_MS:.0f} ms target); in-process median "
-          f"{results['in_process_predict_regulated']['median_ms']} ms")
+    print(
+        f'regulated (meter "regulated"), same run: median {regulated["median_ms"]} ms, '
+        f"p95 {regulated['p95_ms']} ms "
+        f"({verdict} the {REGULATED_TARGET_MS:.0f} ms target); in-process median "
+        f"{results['in_process_predict_regulated']['median_ms']} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -28,18 +28,21 @@ import torch
 
 from benchmarks.load import RESULTS
 from service import catalog
-from service.models.meter import Table, keep, patterns
 from service.models.poem import PoemRequest
+from service.models.poem.meter import Table, keep, patterns
 from service.nets.char_rnn import BOS
-from service.registry import open_model
+from service.runtime.registry import open_model
 from service.settings import Settings
 from training.common import Options
 from training.poem import load
 
 FORMS = [(2, 5), (2, 7), (4, 5), (4, 7)]
-KINDS = {"free": {}, "free_no_rhyme": {"rhyme": False},
-         "regulated_classic": {"meter": "regulated", "strictness": "classic"},
-         "regulated_strict": {"meter": "regulated", "strictness": "strict"}}
+KINDS = {
+    "free": {},
+    "free_no_rhyme": {"rhyme": False},
+    "regulated_classic": {"meter": "regulated", "strictness": "classic"},
+    "regulated_strict": {"meter": "regulated", "strictness": "strict"},
+}
 CLAUSE = re.compile(r"[，。？！；]")
 
 
@@ -58,19 +61,23 @@ def log_likelihood(predictor, poems: list[str]) -> dict:
             total, n_total = total + float(logp.sum()), n_total + len(poem)
             per_poem.append(float(logp.mean()))
             hanzi, n_hanzi = hanzi + float(logp[is_hanzi].sum()), n_hanzi + int(is_hanzi.sum())
-    return {"poems": len(poems), "mean_log_likelihood_per_char": round(total / n_total, 4),
-            "perplexity_per_char": round(float(torch.tensor(-total / n_total).exp()), 2),
-            "mean_log_likelihood_per_hanzi": round(hanzi / n_hanzi, 4),
-            # the spread between poems: the standard error of the mean of the per-poem means
-            "standard_error_per_char": round(float(torch.tensor(per_poem).std() / len(per_poem) ** 0.5), 4)}
+    return {
+        "poems": len(poems),
+        "mean_log_likelihood_per_char": round(total / n_total, 4),
+        "perplexity_per_char": round(float(torch.tensor(-total / n_total).exp()), 2),
+        "mean_log_likelihood_per_hanzi": round(hanzi / n_hanzi, 4),
+        # the spread between poems: the standard error of the mean of the per-poem means
+        "standard_error_per_char": round(float(torch.tensor(per_poem).std() / len(per_poem) ** 0.5), 4),
+    }
 
 
 def generate(predictor, fields: dict, n: int) -> tuple[list[str], float]:
     poems, start = [], time.perf_counter()
     for seed in range(n):
         rows, length = FORMS[seed % len(FORMS)]
-        (out,) = predictor.run([PoemRequest(line_num=rows, line_length=length, temperature=0.8, top_k=0,
-                                            seed=seed, **fields)])
+        (out,) = predictor.run(
+            [PoemRequest(line_num=rows, line_length=length, temperature=0.8, top_k=0, seed=seed, **fields)]
+        )
         poems.append(out.poem)
     return poems, time.perf_counter() - start
 
@@ -90,8 +97,12 @@ def rhymes_ok(table: Table, ends: list[str]) -> bool:
 def classify(table: Table, poem: str) -> dict[str, bool]:
     texts = [t for t in CLAUSE.split(poem) if t]
     length, clauses = len(texts[0]), len(texts)
-    verdict = {"strict": False, "classic": False, "tones_classic": False,
-               "rhymes_even_clauses": rhymes_ok(table, [t[-1] for t in texts[1::2]])}
+    verdict = {
+        "strict": False,
+        "classic": False,
+        "tones_classic": False,
+        "rhymes_even_clauses": rhymes_ok(table, [t[-1] for t in texts[1::2]]),
+    }
     for strictness in ("strict", "classic"):
         for p in patterns(length, clauses, strictness):
             tones = all(clause_fits(table, t, a) for t, a in zip(texts, p.allowed))
@@ -112,16 +123,22 @@ def main() -> None:
     hp = entry.manifest.hyperparameters
     _, train, val = load(Options(seed=hp["seed"]), hp)
 
-    results: dict = {"model_version": entry.manifest.version, "poems_per_kind": args.poems,
-                     "forms": "a quarter each of 2x5, 2x7, 4x5, 4x7; temperature 0.8, top_k 0, seeds 0..n-1",
-                     "generated": {}}
+    results: dict = {
+        "model_version": entry.manifest.version,
+        "poems_per_kind": args.poems,
+        "forms": "a quarter each of 2x5, 2x7, 4x5, 4x7; temperature 0.8, top_k 0, seeds 0..n-1",
+        "generated": {},
+    }
     samples = {}
     for kind, fields in KINDS.items():
         poems, seconds = generate(predictor, fields, args.poems)
         samples[kind] = poems[:4]
         one_group = sum(rhymes_ok(predictor.meter.table, [t[-1] for t in CLAUSE.split(p)[1::2]]) for p in poems)
-        results["generated"][kind] = {**log_likelihood(predictor, poems), "seconds": round(seconds, 1),
-                                      "fraction_even_rhymes_in_one_pingshui_group": round(one_group / len(poems), 3)}
+        results["generated"][kind] = {
+            **log_likelihood(predictor, poems),
+            "seconds": round(seconds, 1),
+            "fraction_even_rhymes_in_one_pingshui_group": round(one_group / len(poems), 3),
+        }
     shapes = Counter()
     real = []
     for poem in val:  # validation poems of the same forms, as many per form as generated
@@ -134,16 +151,22 @@ def main() -> None:
     table = predictor.meter.table
     verdicts = [classify(table, poem) for poem in train]
     counts = Counter(k for v in verdicts for k, ok in v.items() if ok)
-    results["training_poems"] = {"poems": len(train), **{
-        f"fraction_{k}": round(counts[k] / len(train), 4) for k in ("strict", "classic", "tones_classic",
-                                                                     "rhymes_even_clauses")}}
+    results["training_poems"] = {
+        "poems": len(train),
+        **{
+            f"fraction_{k}": round(counts[k] / len(train), 4)
+            for k in ("strict", "classic", "tones_classic", "rhymes_even_clauses")
+        },
+    }
     unknown = Counter(c for poem in train for c in poem if "\u4e00" <= c <= "\u9fff" and c not in table.tones)
     results["training_poems"]["unknown_char_share"] = round(
-        sum(unknown.values()) / sum(1 for poem in train for c in poem if "\u4e00" <= c <= "\u9fff"), 4)
+        sum(unknown.values()) / sum(1 for poem in train for c in poem if "\u4e00" <= c <= "\u9fff"), 4
+    )
     known = [v for poem, v in zip(train, verdicts) if not any(c in unknown for c in poem)]
     results["training_poems"]["poems_with_an_unknown_char"] = round(1 - len(known) / len(train), 4)
     results["training_poems"]["fraction_classic_among_poems_without_unknown_chars"] = round(
-        sum(v["classic"] for v in known) / len(known), 4)
+        sum(v["classic"] for v in known) / len(known), 4
+    )
     results["samples"] = samples
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "poem_quality.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

@@ -37,7 +37,7 @@ def main() -> None:
     samples: dict[str, dict[str, list[dict]]] = {side: {} for side in sides}
     try:
         for round_ in range(args.rounds):
-            for side in list(sides)[::1 if round_ % 2 == 0 else -1]:
+            for side in list(sides)[:: 1 if round_ % 2 == 0 else -1]:
                 port = free_port()
                 with running(side, port, sides[side], 1, {"SERVE_BENCHMARK_ROUTES": "true"}):
                     load_routes(samples[side], side, port, ROUTES, bodies, work, args.duration)
@@ -46,16 +46,24 @@ def main() -> None:
 
     summary = medians(samples)
     RESULTS.mkdir(exist_ok=True)
-    out = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "previous": args.previous, "rounds": args.rounds,
-           "duration_s": args.duration, "summary": summary, "samples": samples}
+    out = {
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "previous": args.previous,
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "summary": summary,
+        "samples": samples,
+    }
     (RESULTS / "requests.json").write_text(json.dumps(out, indent=2))
     print(f"| route | clients | earlier ({args.previous}) req/s (p50 ms) | this tree | ratio | errors |")
     print("|---|---:|---:|---:|---:|---:|")
     for key in summary["earlier"]:
         before, after = summary["earlier"][key], summary["this tree"][key]
         route, level = key.split("@")
-        print(f"| /{route} | {level} | {before['rps']:.0f} ({before['p50_ms']:.2f}) | {after['rps']:.0f} "
-              f"({after['p50_ms']:.2f}) | {after['rps'] / before['rps']:.2f}x | {before['errors'] + after['errors']} |")
+        print(
+            f"| /{route} | {level} | {before['rps']:.0f} ({before['p50_ms']:.2f}) | {after['rps']:.0f} "
+            f"({after['p50_ms']:.2f}) | {after['rps'] / before['rps']:.2f}x | {before['errors'] + after['errors']} |"
+        )
 
 
 if __name__ == "__main__":

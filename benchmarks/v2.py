@@ -59,19 +59,29 @@ def bodies(work: Path) -> dict[str, tuple[str, Path, dict]]:
         v2_json = work / f"{name}.v2.json"
         v2_json.write_text(json.dumps({"inputs": json_tensors}))
         out[f"{name} v2 JSON"] = (f"/v2/models/{name}/infer", v2_json, {})
-        header = json.dumps({"inputs": [{**t, "parameters": {"binary_data_size": len(d)}} for t, d in zip(tensors, data)],
-                             "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+        header = json.dumps(
+            {
+                "inputs": [{**t, "parameters": {"binary_data_size": len(d)}} for t, d in zip(tensors, data)],
+                "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
         tensor = tensors[0]  # perf_analyzer's input data: the same tensor, sent as gRPC raw contents
-        content = (np.array(example["pixels"], np.float32).reshape(-1).tolist() if name == "fashion"
-                   else [float(v) for v in example.values()])
+        content = (
+            np.array(example["pixels"], np.float32).reshape(-1).tolist()
+            if name == "fashion"
+            else [float(v) for v in example.values()]
+        )
         grpc_data = work / f"{name}.pa.json"
         # perf_analyzer sends the datatype the metadata declares: pixels FP32 [1, 28, 28], features FP64 [1, 20]
         grpc_data.write_text(json.dumps({"data": [{tensor["name"]: {"content": content, "shape": tensor["shape"]}}]}))
         out[f"{name} v2 gRPC"] = (name, grpc_data, {"grpc": True})
         v2_binary = work / f"{name}.v2.bin"
         v2_binary.write_bytes(header + b"".join(data))
-        out[f"{name} v2 binary"] = (f"/v2/models/{name}/infer", v2_binary,
-                                    {"HEADER_LENGTH": str(len(header)), "CONTENT_TYPE": "application/octet-stream"})
+        out[f"{name} v2 binary"] = (
+            f"/v2/models/{name}/infer",
+            v2_binary,
+            {"HEADER_LENGTH": str(len(header)), "CONTENT_TYPE": "application/octet-stream"},
+        )
     return out
 
 
@@ -91,22 +101,47 @@ def perf_analyzer_env() -> tuple[str, dict] | str:
     return binary, env
 
 
-def perf_analyzer(pa: tuple[str, dict], protocol: str, port: int, model: str, data: Path, levels: str,
-                  window_ms: int, work: Path) -> list[dict]:
+def perf_analyzer(
+    pa: tuple[str, dict], protocol: str, port: int, model: str, data: Path, levels: str, window_ms: int, work: Path
+) -> list[dict]:
     """One perf_analyzer run (closed loop, ``levels`` as its concurrency range); a row per level. Three
     windows of window_ms each (any spread is taken as stable: the rounds, not perf_analyzer, average)."""
     out = work / "pa.csv"
-    command = [pa[0], "-m", model, "-u", f"127.0.0.1:{port}", "-i", protocol, "--concurrency-range", levels,
-               "-p", str(window_ms), "--stability-percentage", "999", "--input-data", str(data), "-f", str(out)]
+    command = [
+        pa[0],
+        "-m",
+        model,
+        "-u",
+        f"127.0.0.1:{port}",
+        "-i",
+        protocol,
+        "--concurrency-range",
+        levels,
+        "-p",
+        str(window_ms),
+        "--stability-percentage",
+        "999",
+        "--input-data",
+        str(data),
+        "-f",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=pa[1], timeout=600, check=False)
     if done.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"perf_analyzer failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-2000:]}"
-                           f"{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"perf_analyzer failed ({done.returncode}): {' '.join(command)}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     rows = []
     for row in csv.DictReader(out.open()):
-        rows.append({"concurrency": int(row["Concurrency"]), "req_per_s": float(row["Inferences/Second"]),
-                     "p50_ms": int(row["p50 latency"]) / 1000, "p99_ms": int(row["p99 latency"]) / 1000,
-                     "errors": 0})  # perf_analyzer stops with an error on any failed request
+        rows.append(
+            {
+                "concurrency": int(row["Concurrency"]),
+                "req_per_s": float(row["Inferences/Second"]),
+                "p50_ms": int(row["p50 latency"]) / 1000,
+                "p99_ms": int(row["p99 latency"]) / 1000,
+                "errors": 0,
+            }
+        )  # perf_analyzer stops with an error on any failed request
     out.unlink()
     return rows
 
@@ -126,53 +161,98 @@ def main() -> None:
     port, grpc_port, noop_port = free_port(), free_port(), free_port()
     noop = None
     if not isinstance(pa, str):  # grpcio's ceiling: a servicer that does no work, as many processes as workers
-        noop = subprocess.Popen([sys.executable, "-m", "benchmarks.grpc_noop", "--port", str(noop_port), "--workers",
-                                 str(len(os.sched_getaffinity(0)))], cwd=ROOT, start_new_session=True)
-        cells["phone-price gRPC, no-op servicer (grpcio's ceiling)"] = ("phone-price", cells["phone-price v2 gRPC"][1],
-                                                                       {"grpc": True, "port": noop_port})
+        noop = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.grpc_noop",
+                "--port",
+                str(noop_port),
+                "--workers",
+                str(len(os.sched_getaffinity(0))),
+            ],
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        cells["phone-price gRPC, no-op servicer (grpcio's ceiling)"] = (
+            "phone-price",
+            cells["phone-price v2 gRPC"][1],
+            {"grpc": True, "port": noop_port},
+        )
     samples: dict[str, list[dict]] = {}
     sweep: dict[str, list[dict]] = {}
     try:
         with running("this tree", port, ROOT, None, {"SERVE_GRPC_PORT": str(grpc_port)}) as process:
             keys = list(cells)
             for round_ in range(args.rounds):
-                for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+                for key in keys[round_ % len(keys) :] + keys[: round_ % len(keys)]:
                     path, body, env = cells[key]
                     for level in (1, 64):
                         if env.get("grpc"):
-                            (result,) = perf_analyzer(pa, "grpc", env.get("port", grpc_port), path, body, str(level),
-                                                      args.duration * 1000 // 3, work)
+                            (result,) = perf_analyzer(
+                                pa,
+                                "grpc",
+                                env.get("port", grpc_port),
+                                path,
+                                body,
+                                str(level),
+                                args.duration * 1000 // 3,
+                                work,
+                            )
                         else:
-                            result = wrk(f"http://127.0.0.1:{port}{path}", body, work / "wrk.lua", level,
-                                         args.duration, env)
+                            result = wrk(
+                                f"http://127.0.0.1:{port}{path}", body, work / "wrk.lua", level, args.duration, env
+                            )
                         samples.setdefault(f"{key} @{level}", []).append(result)
                         print(key, level, result, flush=True)
             if not isinstance(pa, str):
                 for protocol, at in (("http", port), ("grpc", grpc_port)):
-                    sweep[protocol] = [perf_analyzer(pa, protocol, at, "fashion", cells["fashion v2 gRPC"][1], str(c),
-                                                     1000, work)[0] for c in (1, 4, 16, 64)]
+                    sweep[protocol] = [
+                        perf_analyzer(pa, protocol, at, "fashion", cells["fashion v2 gRPC"][1], str(c), 1000, work)[0]
+                        for c in (1, 4, 16, 64)
+                    ]
                     print("perf_analyzer sweep", protocol, sweep[protocol], flush=True)
             memory = pss_mb(process.pid)
     finally:
         if noop is not None:
             os.killpg(noop.pid, signal.SIGTERM)
-    summary = {key: {"rps": statistics.median(r["req_per_s"] if "concurrency" in r else r["requests"] / r["seconds"]
-                                               for r in runs),
-                     "p50_ms": statistics.median(r["p50_ms"] for r in runs), "errors": sum(r["errors"] for r in runs)}
-               for key, runs in samples.items()}
+    summary = {
+        key: {
+            "rps": statistics.median(
+                r["req_per_s"] if "concurrency" in r else r["requests"] / r["seconds"] for r in runs
+            ),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+        }
+        for key, runs in samples.items()
+    }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "v2.json").write_text(json.dumps({"rounds": args.rounds, "duration_s": args.duration, "pss_mb": memory,
-                                                 "summary": summary, "samples": samples,
-                                                 "perf_analyzer_sweep": sweep or pa}, indent=2))
+    (RESULTS / "v2.json").write_text(
+        json.dumps(
+            {
+                "rounds": args.rounds,
+                "duration_s": args.duration,
+                "pss_mb": memory,
+                "summary": summary,
+                "samples": samples,
+                "perf_analyzer_sweep": sweep or pa,
+            },
+            indent=2,
+        )
+    )
     print("| request | 1 client req/s (p50 ms) | 64 clients req/s (p50 ms) | errors |")
     print("|---|---|---|---|")
     for key in cells:
         one, many = summary[f"{key} @1"], summary[f"{key} @64"]
-        print(f"| {key} | {one['rps']:.0f} ({one['p50_ms']:.2f}) | {many['rps']:.0f} ({many['p50_ms']:.2f}) | "
-              f"{one['errors'] + many['errors']} |")
+        print(
+            f"| {key} | {one['rps']:.0f} ({one['p50_ms']:.2f}) | {many['rps']:.0f} ({many['p50_ms']:.2f}) | "
+            f"{one['errors'] + many['errors']} |"
+        )
     for protocol, rows in sweep.items():
-        print(f"perf_analyzer /fashion over {protocol}: " + ", ".join(
-            f"{r['concurrency']}: {r['req_per_s']:.0f} req/s (p50 {r['p50_ms']:.2f} ms)" for r in rows))
+        print(
+            f"perf_analyzer /fashion over {protocol}: "
+            + ", ".join(f"{r['concurrency']}: {r['req_per_s']:.0f} req/s (p50 {r['p50_ms']:.2f} ms)" for r in rows)
+        )
 
 
 if __name__ == "__main__":

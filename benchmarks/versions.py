@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import httpx
+from tests.test_versions import add_version
 
 from benchmarks.load import LUA, RESULTS, wait_ready, wrk
 from service.catalog import get
 from tests.conftest import ARTIFACTS, free_port, version_dir
-from tests.test_versions import add_version
 
 MODEL = get("fashion")
 ADMIN = {"X-API-Key": "bench-admin"}
@@ -42,8 +42,9 @@ def reload_loop(url: str, model_dir: Path, first: str, every: float, stop: threa
         add_version(model_dir, name, corrupt=corrupt, source=first)
         started = time.perf_counter()
         status = httpx.post(url + "/admin/models/fashion/load", headers=ADMIN, timeout=120).status_code
-        log.append({"version": name, "corrupt": corrupt, "status": status,
-                    "seconds": round(time.perf_counter() - started, 3)})
+        log.append(
+            {"version": name, "corrupt": corrupt, "status": status, "seconds": round(time.perf_counter() - started, 3)}
+        )
 
 
 def main() -> None:
@@ -64,18 +65,27 @@ def main() -> None:
     body.write_text(json.dumps(MODEL.predictor_class().example))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SERVE_PORT": str(port), "SERVE_MODELS": '["fashion"]', "SERVE_LOG_LEVEL": "WARNING",
-           "SERVE_ARTIFACTS_DIR": str(work / "artifacts"), "SERVE_ADMIN_KEYS": json.dumps([ADMIN["X-API-Key"]])}
+    env = {
+        **os.environ,
+        "SERVE_PORT": str(port),
+        "SERVE_MODELS": '["fashion"]',
+        "SERVE_LOG_LEVEL": "WARNING",
+        "SERVE_ARTIFACTS_DIR": str(work / "artifacts"),
+        "SERVE_ADMIN_KEYS": json.dumps([ADMIN["X-API-Key"]]),
+    }
     server = wait_ready(subprocess.Popen([sys.executable, "-m", "service"], env=env), url + "/readyz")
     samples: dict[str, list[dict]] = {"steady": [], "reloading": []}
     reloads: list[dict] = []
     try:
         wrk(url + "/fashion", body, script, 64, 3)  # warm-up
         for round_ in range(args.rounds):
-            for side in (("steady", "reloading") if round_ % 2 == 0 else ("reloading", "steady")):
+            for side in ("steady", "reloading") if round_ % 2 == 0 else ("reloading", "steady"):
                 stop = threading.Event()
-                thread = threading.Thread(target=reload_loop, args=(url, model_dir, source.name, args.every, stop,
-                                                                    reloads)) if side == "reloading" else None
+                thread = (
+                    threading.Thread(target=reload_loop, args=(url, model_dir, source.name, args.every, stop, reloads))
+                    if side == "reloading"
+                    else None
+                )
                 if thread:
                     thread.start()
                 samples[side].append(wrk(url + "/fashion", body, script, 64, args.duration))
@@ -88,18 +98,29 @@ def main() -> None:
         server.wait(60)
         shutil.rmtree(work, ignore_errors=True)
 
-    summary = {side: {key: round(statistics.median(s[key] for s in runs), 3)
-                      for key in ("req_per_s", "p50_ms", "p99_ms", "errors")} for side, runs in samples.items()}
+    summary = {
+        side: {
+            key: round(statistics.median(s[key] for s in runs), 3)
+            for key in ("req_per_s", "p50_ms", "p99_ms", "errors")
+        }
+        for side, runs in samples.items()
+    }
     summary["p99_ratio"] = round(summary["reloading"]["p99_ms"] / summary["steady"]["p99_ms"], 2)
     good = [r for r in reloads if not r["corrupt"]]
     result = {
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs), {platform.processor() or platform.machine()}",
         "command": "python -m benchmarks.versions " + " ".join(sys.argv[1:]),
-        "rounds": args.rounds, "duration_s": args.duration, "reload_every_s": args.every,
-        "summary": summary, "samples": samples,
-        "reloads": {"count": len(reloads), "good_200": sum(r["status"] == 200 for r in good),
-                    "corrupted_422": sum(r["status"] == 422 for r in reloads if r["corrupt"]),
-                    "good_load_seconds_median": statistics.median(r["seconds"] for r in good) if good else None},
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "reload_every_s": args.every,
+        "summary": summary,
+        "samples": samples,
+        "reloads": {
+            "count": len(reloads),
+            "good_200": sum(r["status"] == 200 for r in good),
+            "corrupted_422": sum(r["status"] == 422 for r in reloads if r["corrupt"]),
+            "good_load_seconds_median": statistics.median(r["seconds"] for r in good) if good else None,
+        },
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "versions.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 from benchmarks.load import LUA, example, wait_ready, wrk
 from service.catalog import get
 from tests.conftest import free_port
@@ -52,7 +51,9 @@ def fashion(item: FashionImage) -> FashionPrediction:  # sync: FastAPI runs it o
 
 
 @contextmanager
-def running(side: str, port: int, folder: Path, workers: int | None, settings: dict | None = None) -> Iterator[subprocess.Popen]:
+def running(
+    side: str, port: int, folder: Path, workers: int | None, settings: dict | None = None
+) -> Iterator[subprocess.Popen]:
     """A fresh server for the block (``side`` "bare": the bare FastAPI route), with ``settings`` added to
     its environment; stopped when the block ends, however it ends."""
     process = start(side, port, folder, workers, settings)
@@ -64,8 +65,13 @@ def running(side: str, port: int, folder: Path, workers: int | None, settings: d
 
 
 def start(side: str, port: int, folder: Path, workers: int | None, settings: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "SERVE_LOG_LEVEL": "WARNING", "SERVE_PORT": str(port), "PYTHONPATH": str(folder),
-           **(settings or {})}
+    env = {
+        **os.environ,
+        "SERVE_LOG_LEVEL": "WARNING",
+        "SERVE_PORT": str(port),
+        "PYTHONPATH": str(folder),
+        **(settings or {}),
+    }
     env.pop("SERVE_WORKERS", None)
     if workers:
         env["SERVE_WORKERS"] = str(workers)
@@ -93,8 +99,9 @@ def prepare(prefix: str, commit: str, names: list[str]) -> tuple[Path, Path, dic
     done), the wrk script, and each named model's example as a body file."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     previous = work / "previous"
-    subprocess.run(["git", "worktree", "add", "--detach", str(previous), commit], cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(previous), commit], cwd=ROOT, check=True, capture_output=True
+    )
     (work / "wrk.lua").write_text(LUA)
     bodies = {}
     for name in names:
@@ -105,20 +112,29 @@ def prepare(prefix: str, commit: str, names: list[str]) -> tuple[Path, Path, dic
 
 def medians(samples: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict]]:
     """Per side and cell: the median req/s and p50 over the rounds, and the errors of all of them."""
-    return {side: {key: {"rps": statistics.median(r["requests"] / r["seconds"] for r in runs),
-                         "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                         "errors": sum(r["errors"] for r in runs)}
-                   for key, runs in cells.items()} for side, cells in samples.items()}
+    return {
+        side: {
+            key: {
+                "rps": statistics.median(r["requests"] / r["seconds"] for r in runs),
+                "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                "errors": sum(r["errors"] for r in runs),
+            }
+            for key, runs in cells.items()
+        }
+        for side, cells in samples.items()
+    }
 
 
-def load_routes(cells: dict[str, list[dict]], side: str, port: int, routes, bodies: dict[str, Path], work: Path,
-                duration: int) -> None:
+def load_routes(
+    cells: dict[str, list[dict]], side: str, port: int, routes, bodies: dict[str, Path], work: Path, duration: int
+) -> None:
     """``wrk`` on each route (``model`` or ``model/noop``, with that model's body) at each level; each result
     goes to ``cells["route@level"]``."""
     for route in routes:
         for level in LEVELS:
-            result = wrk(f"http://127.0.0.1:{port}/{route}", bodies[route.split("/")[0]], work / "wrk.lua", level,
-                         duration)
+            result = wrk(
+                f"http://127.0.0.1:{port}/{route}", bodies[route.split("/")[0]], work / "wrk.lua", level, duration
+            )
             cells.setdefault(f"{route}@{level}", []).append(result)
             print(side, route, level, result, flush=True)
 
@@ -132,19 +148,30 @@ def main() -> None:
 
     work, previous, bodies = prepare("bench-workers-", args.previous, list(ROUTES))
     (work / "bare_fashion.py").write_text(BARE_APP)
-    sides = {"previous": (previous, None), "new, 1 worker": (ROOT, 1), "new, default": (ROOT, None),
-             "bare FastAPI": (work, None)}
+    sides = {
+        "previous": (previous, None),
+        "new, 1 worker": (ROOT, 1),
+        "new, default": (ROOT, None),
+        "bare FastAPI": (work, None),
+    }
     samples: dict[str, dict[str, list[dict]]] = {side: {} for side in sides}
     memory: dict[str, list[float]] = {side: [] for side in sides}
     order = list(sides)
     try:
         for round_ in range(args.rounds):
-            for side in order[round_ % len(order):] + order[:round_ % len(order)]:
+            for side in order[round_ % len(order) :] + order[: round_ % len(order)]:
                 folder, workers = sides[side]
                 port = free_port()
                 with running("bare" if side == "bare FastAPI" else side, port, folder, workers) as process:
-                    load_routes(samples[side], side, port, ("fashion",) if side == "bare FastAPI" else ROUTES,
-                                bodies, work, args.duration)
+                    load_routes(
+                        samples[side],
+                        side,
+                        port,
+                        ("fashion",) if side == "bare FastAPI" else ROUTES,
+                        bodies,
+                        work,
+                        args.duration,
+                    )
                     memory[side].append(pss_mb(process.pid))
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(previous)], cwd=ROOT, capture_output=True)
@@ -153,8 +180,15 @@ def main() -> None:
     for side in summary:
         summary[side]["pss_mb"] = statistics.median(memory[side])
     RESULTS.mkdir(exist_ok=True)
-    out = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "previous": args.previous, "rounds": args.rounds,
-           "duration_s": args.duration, "summary": summary, "samples": samples, "pss_mb": memory}
+    out = {
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
+        "previous": args.previous,
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "summary": summary,
+        "samples": samples,
+        "pss_mb": memory,
+    }
     (RESULTS / "workers.json").write_text(json.dumps(out, indent=2))
     keys = [f"{name}@{level}" for name in ROUTES for level in LEVELS]
     print("| side | " + " | ".join(f"{k} req/s (p50 ms)" for k in keys) + " | PSS MB | errors |")

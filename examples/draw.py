@@ -17,22 +17,38 @@ def canvas() -> tuple[Image.Image, ImageDraw.ImageDraw]:
 
 def trousers() -> Image.Image:
     image, draw = canvas()
-    draw.rectangle([64, 16, 160, 64], fill=40)                        # waistband and hips
-    draw.polygon([(64, 64), (108, 64), (100, 208), (64, 208)], fill=40)   # left leg
+    draw.rectangle([64, 16, 160, 64], fill=40)  # waistband and hips
+    draw.polygon([(64, 64), (108, 64), (100, 208), (64, 208)], fill=40)  # left leg
     draw.polygon([(116, 64), (160, 64), (160, 208), (124, 208)], fill=40)  # right leg
     return image
 
 
 def tshirt() -> Image.Image:
     image, draw = canvas()
-    draw.polygon([(72, 24), (96, 24), (112, 40), (128, 24), (152, 24), (208, 64), (184, 96), (160, 80),
-                  (160, 208), (64, 208), (64, 80), (40, 96), (16, 64)], fill=60)
+    draw.polygon(
+        [
+            (72, 24),
+            (96, 24),
+            (112, 40),
+            (128, 24),
+            (152, 24),
+            (208, 64),
+            (184, 96),
+            (160, 80),
+            (160, 208),
+            (64, 208),
+            (64, 80),
+            (40, 96),
+            (16, 64),
+        ],
+        fill=60,
+    )
     return image
 
 
 def bag() -> Image.Image:
     image, draw = canvas()
-    draw.arc([72, 24, 152, 104], 180, 360, fill=30, width=12)         # handle
+    draw.arc([72, 24, 152, 104], 180, 360, fill=30, width=12)  # handle
     draw.rectangle([32, 64, 192, 192], fill=50)
     return image
 

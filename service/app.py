@@ -11,18 +11,22 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
-from service import server
-from service.admin import Control, admin_router
+from service.api import server
+from service.api.admin import admin_router
+from service.api.docs import PREFIX as DOCS_ASSETS
+from service.api.docs import add_docs, describe_uploads_as_binary
+from service.api.errors import add_error_handlers
+from service.api.middleware import Gate, RequestContextMiddleware, configure_logging
+from service.api.ops import ops_router
+from service.api.routes import BODY_LIMIT, model_router
 from service.catalog import MODELS, Model
-from service.docs import PREFIX as DOCS_ASSETS, add_docs, describe_uploads_as_binary
-from service.errors import add_error_handlers
-from service.memory import trimming
-from service.metrics import Metrics
-from service.middleware import Gate, RequestContextMiddleware, configure_logging
-from service.registry import Registry
-from service.routes import model_router, ops_router
-from service.v2 import v2_router
+from service.runtime.control import Control
+from service.runtime.memory import trimming
+from service.runtime.metrics import Metrics
+from service.runtime.registry import Registry
 from service.settings import Settings
+from service.v2.dataplane import DataPlane
+from service.v2.rest import v2_router
 
 log = logging.getLogger("service.app")
 
@@ -47,7 +51,6 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     settings = settings or Settings()
     configure_logging(settings.log_json, settings.log_level)
     metrics = Metrics()
-    server.connections_changed = metrics.open_connections.set  # the protocol counts, the metrics show it
     registry = Registry(selected_models(settings) if models is None else models, settings, metrics)
 
     @asynccontextmanager
@@ -63,44 +66,64 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         await control.start()  # a worker replacing a dead one catches up with the versions the others serve
         grpc_server = None
         if settings.grpc_port:
-            from service.v2_grpc.server import start_grpc  # noqa: PLC0415 - grpc only when it is on
+            from service.v2.grpc import start_grpc  # grpc only when it is on
 
-            grpc_server = await start_grpc(registry, checks, settings.host, settings.grpc_port,
-                                           min(settings.grpc_max_message_bytes, settings.max_body_bytes),
-                                           app.title, app.version)
+            grpc_server = await start_grpc(
+                plane,
+                checks,
+                metrics,
+                settings.host,
+                settings.grpc_port,
+                min(settings.grpc_max_message_bytes, settings.max_body_bytes),
+            )
         ready = [name for name, entry in registry.entries.items() if entry.state == "ready"]
         url = f"http://{settings.host}:{settings.port}"  # as `python -m service` was told to bind
         log.info("ready: serving %s at %s (API docs: %s/docs)", ", ".join(ready) or "no model", url, url)
-        async with trimming():
-            yield
+        async with trimming():  # the state reaches every connection's protocol (service/api/server.py)
+            yield {server.LIMITS_KEY: server.ConnectionLimits(settings, metrics.open_connections.set)}
         if grpc_server is not None:
             await grpc_server.stop(grace=30)  # in-flight calls finish, like HTTP's drain
         await control.stop()
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
 
-    app = FastAPI(title="Course models server", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)  # docs pages and schema added below
+    app = FastAPI(
+        title="Course models server",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )  # docs pages and schema added below
     control = Control(registry)
     app.state.settings, app.state.registry, app.state.metrics, app.state.control = settings, registry, metrics, control
     add_error_handlers(app)
 
     # The prediction routes go first, on the app itself (an included router costs a second pass): routes are
     # tried in order, a few µs each. v2 inference is one route for every model, so it leads.
-    v2 = v2_router(registry, app.title, app.version, hot=app.router)
-    models = [model_router(entry, registry, hot=app.router) for entry in registry.entries.values()]
+    plane = DataPlane(registry, app.title, app.version)  # the v2 protocol's one path, REST and gRPC alike
+    v2 = v2_router(plane, hot=app.router)
+    model_routers = [model_router(entry, registry, hot=app.router) for entry in registry.entries.values()]
     app.include_router(ops_router(registry))
     add_docs(app)
     describe_uploads_as_binary(app)
     app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs
-    for router in [*models, v2]:
+    for router in [*model_routers, v2]:
         app.include_router(router)
     if settings.admin_keys:  # no admin key, no admin routes
         app.include_router(admin_router(registry, control))
-    checks = gate(settings, registry)  # the HTTP middleware's, and the gRPC server's key check
+    # the HTTP middleware's and the gRPC server's key check, with each route's declared body limit (the routers'
+    # own routes: FastAPI keeps included routers as they are, not as a flat list of routes)
+    checks = gate(settings, [*app.router.routes, *(r for router in [*model_routers, v2] for r in router.routes)])
 
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID"],
+        )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, gate=checks)
     return app
 
@@ -108,27 +131,19 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
 OPS_PATHS = ("/readyz", "/models", "/metrics", "/docs", "/redoc", "/openapi.json", DOCS_ASSETS, "/v2/health/ready")
 
 
-def gate(settings: Settings, registry: Registry) -> Gate:
+def gate(settings: Settings, routes: list) -> Gate:
     """The key check and body limits, applied before the body is read. With keys set, every path needs one
     but /healthz (liveness probes send none), "/" (a redirect) and, with SERVE_PUBLIC_OPS, the operations
-    routes and docs. Each model route takes the largest valid body its model declares, within
-    SERVE_MAX_BODY_BYTES."""
-    limits: dict[str, int] = {}
-    for name, entry in registry.entries.items():
-        one = entry.predictor.max_instance_bytes
-        limits.update({f"/{name}": one, f"/{name}/stream": one, f"/{name}/noop": one,
-                       f"/{name}/batch": one * settings.max_batch_instances + 1024})
-        limits[f"/{name}/versions/*"], limits[f"/{name}/versions/*/batch"] = one, limits[f"/{name}/batch"]
-        if entry.predictor.upload:  # a picture's bytes: only the overall cap applies
-            limits[f"/{name}/{entry.predictor.upload.path}"] = settings.max_body_bytes
-        limits[f"/v2/models/{name}/infer"] = limits[f"/{name}/batch"]  # the same instances as tensors
-        limits[f"/v2/models/{name}/versions/*/infer"] = limits[f"/{name}/batch"]
-    return Gate(api_keys=settings.api_keys, admin_keys=settings.admin_keys, open_paths=("/healthz", "/v2/health/live",
-                                                        *(OPS_PATHS if settings.public_ops else ())),
-                body_limits={path: min(limit, settings.max_body_bytes) for path, limit in limits.items()},
-                default_body_limit=min(64 * 1024, settings.max_body_bytes),
-                inflight_body_budget=settings.max_inflight_body_bytes, max_streams=settings.max_streams,
-                streams={f"/{name}/stream": e for name, e in registry.entries.items() if e.predictor.stream_event})
+    routes and docs. Each route takes the largest body it declares (a model's largest valid body), within
+    SERVE_MAX_BODY_BYTES; any other path 64 KB."""
+    checks = Gate(
+        api_keys=settings.api_keys,
+        admin_keys=settings.admin_keys,
+        open_paths=("/healthz", "/v2/health/live", *(OPS_PATHS if settings.public_ops else ())),
+        inflight_body_budget=settings.max_inflight_body_bytes,
+    )
+    checks.limit_bodies(routes, BODY_LIMIT, settings.max_body_bytes)
+    return checks
 
 
 def __getattr__(name: str):

@@ -1,14 +1,14 @@
 """Versioned model artifacts: the manifest contract between training/ and service/.
 
-A model's folder is a repository of versions, ``artifacts/<model>/<version>/``, each a complete artifact;
-a version's name is its manifest's ``version`` (training names them by UTC time, ``2026.11.25.141500``,
-so they sort in the order they were made). Training writes a version into a hidden ``.partial-*`` folder
-and renames it into place once its manifest (and signature) is written, so a server that polls the folder
-sees a version whole or not at all. An artifact folder holds ``manifest.json`` plus the files it lists with their sha256 (and, when training
-was given a signing key, ``manifest.sig``: an ed25519 signature of the manifest's bytes). Readers go
-through :class:`Artifact`, which refuses any file whose bytes do not match the manifest, so nothing is
-deserialised before its hash is checked; with a public key it also refuses a manifest that is not signed
-by the matching private key, so a re-hashed manifest is refused too.
+A model's folder is a repository of versions, ``artifacts/<model>/<version>/``, each a complete artifact; a
+version's name is its manifest's ``version`` (training names them by UTC time, ``2026.11.25.141500``, so they
+sort in the order they were made). Training writes a version into a hidden ``.partial-*`` folder and renames
+it into place once its manifest (and signature) is written, so a server that polls the folder sees a version
+whole or not at all. An artifact folder holds ``manifest.json`` plus the files it lists with their sha256
+(and, when training was given a signing key, ``manifest.sig``: an ed25519 signature of the manifest's bytes).
+Readers go through :class:`Artifact`, which refuses any file whose bytes do not match the manifest, so nothing
+is deserialised before its hash is checked; with a public key it also refuses a manifest that is not signed by
+the matching private key, so a re-hashed manifest is refused too.
 
 Nothing is unpickled: weights load with ``torch.load(weights_only=True)``, preprocessors are JSON or
 ``skops`` files whose every type must be in :data:`TRUSTED_TYPES` (checked before anything is built).
@@ -27,7 +27,7 @@ import re
 import subprocess
 import uuid
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,12 @@ def refuse_link(path: Path, label: str) -> None:
 def manifest_problems(exc: ValidationError) -> str:
     """A manifest's validation errors without its content: the top-level field and pydantic's message only.
     (``str(exc)`` quotes the input, and deeper locations hold the manifest's own keys.)"""
-    return "; ".join(dict.fromkeys(f"{e['loc'][0]}: {e['msg']}" if e["loc"] else e["msg"]
-                                   for e in exc.errors(include_input=False, include_url=False)))
+    return "; ".join(
+        dict.fromkeys(
+            f"{e['loc'][0]}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+    )
 
 
 class MissingArtifactError(ArtifactError):
@@ -106,8 +110,11 @@ def version_folders(model_dir: Path) -> dict[str, Path]:
     with the reason, rather than the version silently missing."""
     if not model_dir.is_dir():
         return {}
-    found = [p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-             and VERSION_NAME.fullmatch(p.name) and (p / MANIFEST).is_file()]
+    found = [
+        p
+        for p in model_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and VERSION_NAME.fullmatch(p.name) and (p / MANIFEST).is_file()
+    ]
     return {p.name: p for p in sorted(found, key=lambda p: version_key(p.name))}
 
 
@@ -168,11 +175,13 @@ def library_versions() -> dict[str, str]:
 
 def source_revision() -> tuple[str | None, str]:
     """(commit, tree state) of the code doing the training: (HEAD, "clean" or "dirty"), or (None, why not)."""
+
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent)
         if out.returncode:
             raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"git {args[0]} failed")
         return out.stdout.strip()
+
     try:
         commit = git("rev-parse", "--verify", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)service", ":(top)training")
@@ -194,14 +203,18 @@ def check_compatible(libraries: dict[str, str]) -> None:
     have = library_versions()
     wanted = libraries.get("scikit-learn")
     if wanted and _major_minor(wanted) != _major_minor(have["scikit-learn"]):
-        raise ArtifactError(f"written with scikit-learn {wanted}, but {have['scikit-learn']} is installed; "
-                            "install the same minor version or retrain")
+        raise ArtifactError(
+            f"written with scikit-learn {wanted}, but {have['scikit-learn']} is installed; "
+            "install the same minor version or retrain"
+        )
     wanted = libraries.get("torch")
     if wanted:
         need, got = _major_minor(wanted), _major_minor(have["torch"])
         if need[:1] != got[:1] or got < need:
-            raise ArtifactError(f"written with torch {wanted}, but {have['torch']} is installed; "
-                                "install a torch of the same major version, at least as new, or retrain")
+            raise ArtifactError(
+                f"written with torch {wanted}, but {have['torch']} is installed; "
+                "install a torch of the same major version, at least as new, or retrain"
+            )
 
 
 def skops_types(data: bytes) -> set[str]:
@@ -230,8 +243,10 @@ def public_key(value: str | Ed25519PublicKey) -> Ed25519PublicKey:
         key = serialization.load_pem_public_key(pem)
     except (OSError, ValueError, TypeError) as exc:
         # The message may reach clients (/readyz): it names the setting, never the path.
-        raise ArtifactError("SERVE_MANIFEST_PUBLIC_KEY is neither a PEM public key nor the path of a readable "
-                            f"file holding one ({type(exc).__name__})") from None
+        raise ArtifactError(
+            "SERVE_MANIFEST_PUBLIC_KEY is neither a PEM public key nor the path of a readable "
+            f"file holding one ({type(exc).__name__})"
+        ) from None
     if not isinstance(key, Ed25519PublicKey):
         raise ArtifactError(f"SERVE_MANIFEST_PUBLIC_KEY must be an ed25519 key, not {type(key).__name__}")
     return key
@@ -285,27 +300,39 @@ class Artifact:
         path = self.folder / SIGNATURE
         refuse_link(path, f"{self.label}/{SIGNATURE}")
         if not path.is_file():
-            raise ArtifactError(f"{self.label}/{MANIFEST} is not signed (no {SIGNATURE}), and a manifest "
-                                "public key is configured: sign it when training (--sign-key) or unset "
-                                "SERVE_MANIFEST_PUBLIC_KEY")
+            raise ArtifactError(
+                f"{self.label}/{MANIFEST} is not signed (no {SIGNATURE}), and a manifest "
+                "public key is configured: sign it when training (--sign-key) or unset "
+                "SERVE_MANIFEST_PUBLIC_KEY"
+            )
         try:
             verifier.verify(base64.b64decode(path.read_bytes().strip(), validate=True), manifest)
         except (InvalidSignature, binascii.Error, ValueError):
-            raise ArtifactError(f"{self.label}/{SIGNATURE} is not a valid signature of {MANIFEST} by the "
-                                "configured public key: the manifest was changed after signing, or signed with "
-                                "another key; refusing to load it") from None
+            raise ArtifactError(
+                f"{self.label}/{SIGNATURE} is not a valid signature of {MANIFEST} by the "
+                "configured public key: the manifest was changed after signing, or signed with "
+                "another key; refusing to load it"
+            ) from None
 
     def read(self, name: str) -> bytes:
         expected = self.manifest.files.get(name)
         if expected is None:
             pickles = sorted(n for n in self.manifest.files if n.endswith(PICKLES))
-            hint = (f"; it lists {', '.join(pickles)}: pickles can run code, so the service never opens them. "
-                    f"Retrain with `python -m training {self.manifest.name}`") if pickles else ""
+            hint = (
+                (
+                    f"; it lists {', '.join(pickles)}: pickles can run code, so the service never opens them. "
+                    f"Retrain with `python -m training {self.manifest.name}`"
+                )
+                if pickles
+                else ""
+            )
             raise ArtifactError(f"{name} is not listed in {self.label}/{MANIFEST}{hint}")
         # A manifest names plain files in its own folder: no paths, no "..", no links leading out of it.
         if Path(name).name != name or name in ("", ".", ".."):
-            raise ArtifactError(f"{self.label}/{MANIFEST} lists {name!r}, which is not a plain file name "
-                                "in the artifact's folder; refusing to read it")
+            raise ArtifactError(
+                f"{self.label}/{MANIFEST} lists {name!r}, which is not a plain file name "
+                "in the artifact's folder; refusing to read it"
+            )
         path = self.folder / name
         refuse_link(path, f"{self.label}/{name}")
         if not path.is_file():
@@ -327,8 +354,9 @@ class Artifact:
         except (zipfile.BadZipFile, KeyError, ValueError) as exc:
             raise ArtifactError(f"{self.label}/{name} is not a skops file: {exc}") from None
         if untrusted:
-            raise ArtifactError(f"{self.label}/{name} holds types outside the trusted list: "
-                                f"{', '.join(untrusted)}; refusing to load it")
+            raise ArtifactError(
+                f"{self.label}/{name} holds types outside the trusted list: {', '.join(untrusted)}; refusing to load it"
+            )
         import skops.io  # here, not at the top: the training command never loads a preprocessor
 
         try:  # skops audits the tree again against its own defaults plus ours before building it
@@ -342,16 +370,26 @@ class Artifact:
 
 def new_version() -> str:
     """A version name from the UTC time, to the second (names sort in time order)."""
-    return datetime.now(timezone.utc).strftime("%Y.%m.%d.%H%M%S")
+    return datetime.now(UTC).strftime("%Y.%m.%d.%H%M%S")
 
 
-def write_artifact(folder: Path, *, name: str, hyperparameters: dict, metrics: dict, metrics_method: str,
-                   data_files: list[Path], extra: dict | None = None, quick: bool = False,
-                   version: str | None = None) -> Manifest:
+def write_artifact(
+    folder: Path,
+    *,
+    name: str,
+    hyperparameters: dict,
+    metrics: dict,
+    metrics_method: str,
+    data_files: list[Path],
+    extra: dict | None = None,
+    quick: bool = False,
+    version: str | None = None,
+) -> Manifest:
     """Hash every file already written to ``folder`` and write its manifest last (sign it afterwards)."""
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-             if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
-    now = datetime.now(timezone.utc)
+    files = {
+        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (MANIFEST, SIGNATURE)
+    }
+    now = datetime.now(UTC)
     commit, tree = source_revision()
     manifest = Manifest(
         name=name,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Model:
-    name: str       # URL path, CLI argument and metric label, e.g. "phone-price"
+    name: str  # URL path, CLI argument and metric label, e.g. "phone-price"
     predictor: str  # "module:Class" of its Predictor subclass
 
     @property

@@ -1,97 +1,96 @@
-"""How errors reach clients: every 4xx says what was wrong and what to send instead; a 500 names a request id."""
+"""The errors a caller can act on: one type, carrying its HTTP status (and Retry-After where it has one).
+
+Raised anywhere (the registry, the batcher, a model, the v2 codec) and mapped once per protocol: the JSON
+routes and v2 REST answer the status with ``{"detail": ...}`` (v2 adds the same text as ``"error"``, which
+its clients read; ``service/api/errors.py``), gRPC aborts with the code :data:`GRPC_CODES` names
+(``service/v2/grpc.py``). MLServer's ``errors.py`` is the model.
+"""
 
 from __future__ import annotations
 
-import logging
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
+class ServiceError(Exception):
+    """An error whose message says what to send instead; ``status`` is its HTTP status."""
 
-from service.batching import PredictionTimeoutError, QueueFullError
-from service.models.base import InputError, InputRejected
-from service.registry import ModelUnavailableError, VersionNotFoundError
+    status = 500
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
-log = logging.getLogger("service.errors")
-
-SEND_JSON = "send one JSON object with the header 'Content-Type: application/json' (curl: -H 'content-type: application/json')"
-SEND_FILE = "send the file as multipart/form-data in a part named 'file' (curl: -F file=@picture.png)"
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
 
 
-def _explain(error: dict[str, Any], content_type: str) -> str:
-    """Pydantic's message, or a plainer one for the mistakes people make most: the wrong content type, a
-    body that is not JSON, a text field or a raw body where a file is expected."""
-    loc, kind, msg = tuple(error.get("loc", ())), error.get("type", ""), error.get("msg", "")
-    if loc == ("body",) and kind in ("model_attributes_type", "dict_type") and "json" not in content_type:
-        return f"the body was not read as JSON (Content-Type: {content_type or 'none'}); {SEND_JSON}"
-    if kind == "json_invalid":
-        reason = (error.get("ctx") or {}).get("error", "")
-        return f"the body is not valid JSON ({reason}, at character {loc[-1] if len(loc) > 1 else '?'}); {SEND_JSON}"
-    if loc == ("body", "file") and kind == "missing" and not content_type.startswith("multipart/form-data"):
-        return f"no file part in a {content_type or 'body without Content-Type'}; {SEND_FILE}"
-    if loc == ("body", "file") and "Expected UploadFile" in msg:
-        return f"'file' was sent as a text field, not as a file; {SEND_FILE}"
-    if kind == "finite_number":
-        return "must be a finite number: NaN and Infinity are not JSON numbers; send a number or leave it out if optional"
-    return msg
+class NotFoundError(ServiceError, LookupError):
+    """No model, or no loaded version, of that name (the message lists those there are)."""
+
+    status = 404
 
 
-MAX_ERRORS = 20  # a body with thousands of bad fields gets the first few and a count, not a huge answer
+class ModelUnavailableError(ServiceError):
+    """The model (or the version asked for) is not serving; the message says why."""
+
+    status = 503
 
 
-def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming each bad field and rule (the first MAX_ERRORS, then a count); the offending input is
-    not echoed (it may be huge or NaN)."""
-    content_type = request.headers.get("content-type", "")
-    found = exc.errors()
-    errors = [{"loc": list(e.get("loc", ())), "msg": _explain(e, content_type), "type": e.get("type", "")}
-              for e in found[:MAX_ERRORS]]
-    if len(found) > MAX_ERRORS:
-        errors.append({"loc": ["body"], "msg": f"and {len(found) - MAX_ERRORS} more errors of the same request; "
-                                               "fix these first", "type": "too_many_errors"})
-    return JSONResponse({"detail": errors}, status_code=422)
+class VersionNotFoundError(NotFoundError):
+    """A version that is not loaded was asked for by name."""
 
 
-def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    detail = exc.detail
-    if exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's words for non-UTF-8
-        detail = f"the body could not be decoded: JSON must be UTF-8 text; {SEND_JSON}"
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+class QueueFullError(ServiceError):
+    """The model's queue (or stream, upload, call places) is full: retry after Retry-After."""
+
+    status = 503
+    retry_after = 1
 
 
-def input_error(request: Request, exc: InputError) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": exc.loc, "msg": str(exc), "type": "value_error"}]}, status_code=422)
+class PredictionTimeoutError(ServiceError):
+    """The request waited longer than its timeout."""
+
+    status = 504
 
 
-def rejected(request: Request, exc: InputRejected) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+class ProtocolError(ServiceError):
+    """A v2 request that does not follow the protocol or the model's tensors (400 unless said otherwise)."""
+
+    status = 400
 
 
-def _with_status(status: int, headers: dict[str, str] | None = None):
-    def handler(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
-    return handler
+class InputRejected(ServiceError):
+    """An input refused outright with its own status: e.g. 415 (not an image) or 413 (too many pixels)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message, status)
 
 
-async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-    """A 500 naming the request id (in the body and the X-Request-ID header: Starlette answers it outside the
-    middleware that adds the header), with the traceback in the log (passed explicitly: a sync handler would
-    run on a thread where the exception is no longer current, and log ``NoneType: None``)."""
-    request_id = request.scope.get("state", {}).get("request_id", "?")
-    log.error("unhandled error", exc_info=exc, extra={"request_id": request_id, "path": request.url.path})
-    return JSONResponse({"detail": f"internal error; quote request id {request_id} when reporting it"},
-                        status_code=500, headers={"X-Request-ID": request_id})
+class InputError(ServiceError, ValueError):
+    """An input that passed schema validation but cannot be predicted on: a 422 shaped like a validation
+    error, ``loc`` naming the offending field."""
+
+    status = 422
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.loc = ["body", field] if field else ["body"]
 
 
-def add_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(InputError, input_error)
-    app.add_exception_handler(InputRejected, rejected)
-    app.add_exception_handler(ModelUnavailableError, _with_status(503))
-    app.add_exception_handler(VersionNotFoundError, _with_status(404))
-    app.add_exception_handler(QueueFullError, _with_status(503, {"Retry-After": "1"}))
-    app.add_exception_handler(PredictionTimeoutError, _with_status(504))
-    app.add_exception_handler(Exception, unexpected)
+# HTTP status -> gRPC status code name (grpc.StatusCode[name]), the mapping of the v2 protocol's gRPC form
+GRPC_CODES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    415: "INVALID_ARGUMENT",
+    422: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def grpc_code_name(status: int) -> str:
+    return GRPC_CODES.get(status, "INVALID_ARGUMENT" if 400 <= status < 500 else "INTERNAL")

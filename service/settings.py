@@ -16,11 +16,19 @@ SplitWeight = Annotated[int, Field(strict=True, ge=1, le=1_000_000)]
 class BatchPolicy(BaseModel):
     """How one model gathers concurrent requests into a forward pass (Triton-style dynamic batching)."""
 
-    max_batch_size: int = Field(64, ge=1, le=4096, description="Largest batch for one forward pass; 1 turns batching off.")
+    max_batch_size: int = Field(
+        64, ge=1, le=4096, description="Largest batch for one forward pass; 1 turns batching off."
+    )
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="Extra wait for a fuller batch; 0 adds no latency.")
-    threads: int | None = Field(None, ge=1, le=256, description=(
-        "torch intra-op threads on this model's worker thread; unset: the model's own default, else "
-        "SERVE_TORCH_THREADS, else torch's default."))
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "torch intra-op threads on this model's worker thread; unset: the model's own default, else "
+            "SERVE_TORCH_THREADS, else torch's default."
+        ),
+    )
 
 
 class Settings(BaseSettings):
@@ -29,11 +37,19 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     artifacts_dir: Path = PROJECT_ROOT / "artifacts"
-    models: list[str] | None = Field(None, description=(
-        "Names of the models to serve (JSON list), e.g. [\"phone-price\", \"fashion\"]; unset: every model."))
-    workers: int | None = Field(None, ge=1, le=256, description=(
-        "Worker processes of `python -m service`, sharing the port and one copy of the weights; unset: the CPUs "
-        "this process may use (affinity and cgroup quota)."))
+    models: list[str] | None = Field(
+        None,
+        description=('Names of the models to serve (JSON list), e.g. ["phone-price", "fashion"]; unset: every model.'),
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "Worker processes of `python -m service`, sharing the port and one copy of the weights; unset: the CPUs "
+            "this process may use (affinity and cgroup quota)."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
 
@@ -41,79 +57,172 @@ class Settings(BaseSettings):
     # SERVE_BATCHING='{"fashion": {"max_batch_size": 128, "max_wait_ms": 2}}'.
     default_batching: BatchPolicy = BatchPolicy()
     batching: dict[str, BatchPolicy] = {}
-    max_queue: int = Field(4096, ge=1, description=(
-        "Items waiting per model before new requests get 503: 16 batches of the largest size, so a few clients "
-        "sending maximum-size batches at once are queued, not refused."))
+    max_queue: int = Field(
+        4096,
+        ge=1,
+        description=(
+            "Items waiting per model before new requests get 503: 16 batches of the largest size, so a few clients "
+            "sending maximum-size batches at once are queued, not refused."
+        ),
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Longest a request may wait for its prediction.")
 
-    # Connections and streams (see service/server.py): limits that hold without a proxy in front.
-    request_read_timeout_s: float = Field(15.0, gt=0, description=(
-        "Longest a request may take to arrive whole (headers and body) once the server waits for it; a slower "
-        "one gets 408 and its connection is closed. 15 s carries an 8 MB upload at 4.5 Mbit/s."))
-    max_connections: int = Field(512, ge=1, description=(
-        "Most open connections per worker process. One beyond it closes the connection that has waited longest "
-        "for its request; if every one is busy, it gets 503 and is closed. Keep it under ulimit -n."))
+    # Connections and streams (see service/api/server.py): limits that hold without a proxy in front.
+    request_read_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description=(
+            "Longest a request may take to arrive whole (headers and body) once the server waits for it; a slower "
+            "one gets 408 and its connection is closed. 15 s carries an 8 MB upload at 4.5 Mbit/s."
+        ),
+    )
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description=(
+            "Most open connections per worker process. One beyond it closes the connection that has waited longest "
+            "for its request; if every one is busy, it gets 503 and is closed. Keep it under ulimit -n."
+        ),
+    )
     keep_alive_s: float = Field(5.0, gt=0, description="How long an idle keep-alive connection stays open.")
-    max_header_bytes: int = Field(32 * 1024, ge=1024, description=(
-        "Most bytes of one request's line and headers; a longer head gets 431 and the connection is closed."))
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description=(
+            "Most bytes of one request's line and headers; a longer head gets 431 and the connection is closed."
+        ),
+    )
     max_headers: int = Field(100, ge=8, description="Most header lines in one request; more get 431 (and a close).")
-    max_pipelined: int = Field(8, ge=1, description=(
-        "Requests a client may send ahead on one connection before reading its answers (HTTP/1.1 pipelining); the "
-        "server stops reading that connection beyond them and closes it once the queued ones are answered. A client "
-        "that reads no answer for SERVE_REQUEST_READ_TIMEOUT_S is disconnected."))
-    max_streams: int = Field(4, ge=1, description=(
-        "Concurrent Server-Sent-Event streams per model; more get 503 with Retry-After. Each stream's pieces "
-        "share the model's worker with its ordinary requests, so this also bounds how long those wait."))
+    max_pipelined: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Requests a client may send ahead on one connection before reading its answers (HTTP/1.1 pipelining); "
+            "the server stops reading that connection beyond them and closes it once the queued ones are answered. "
+            "A client that reads no answer for SERVE_REQUEST_READ_TIMEOUT_S is disconnected."
+        ),
+    )
+    max_streams: int = Field(
+        4,
+        ge=1,
+        description=(
+            "Concurrent Server-Sent-Event streams per model; more get 503 with Retry-After. Each stream's pieces "
+            "share the model's worker with its ordinary requests, so this also bounds how long those wait."
+        ),
+    )
     stream_timeout_s: float = Field(60.0, gt=0, description="Longest one stream may run before it is ended.")
-    max_uploads: int = Field(16, ge=1, description=(
-        "Uploaded files per model held in memory at once (each up to SERVE_MAX_BODY_BYTES); more get 503 with "
-        "Retry-After. The README's memory budget shows how this, the body and the pixel caps add up."))
+    max_uploads: int = Field(
+        16,
+        ge=1,
+        description=(
+            "Uploaded files per model held in memory at once (each up to SERVE_MAX_BODY_BYTES); more get 503 with "
+            "Retry-After. The README's memory budget shows how this, the body and the pixel caps add up."
+        ),
+    )
 
     # Limits and security.
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     max_batch_instances: int = Field(256, ge=1, description="Most instances in one /batch request.")
-    max_inflight_body_bytes: int = Field(128 * 2**20, ge=1024, description=(
-        "Request bodies being received or handled at once, in bytes (each counts its Content-Length until it is "
-        "answered); a request that would go over gets 503 with Retry-After. Requests without a body never do."))
-    max_image_pixels: int = Field(40_000_000, ge=784, description=(
-        "Pictures that would decode to more pixels are refused before decoding (a JPEG counts at the 1/2-1/8 "
-        "scale a large photo is decoded at). One decode peaks at 6 bytes a pixel: 240 MB at the default."))
+    max_inflight_body_bytes: int = Field(
+        128 * 2**20,
+        ge=1024,
+        description=(
+            "Request bodies being received or handled at once, in bytes (each counts its Content-Length until it is "
+            "answered); a request that would go over gets 503 with Retry-After. Requests without a body never do."
+        ),
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        ge=784,
+        description=(
+            "Pictures that would decode to more pixels are refused before decoding (a JPEG counts at the 1/2-1/8 "
+            "scale a large photo is decoded at). One decode peaks at 6 bytes a pixel: 240 MB at the default."
+        ),
+    )
     api_keys: list[str] = Field(default_factory=list, description="If set, model routes need one of these keys.")
-    public_ops: bool = Field(True, description=(
-        "Keep readiness, models, metrics, the docs pages and /openapi.json open when api_keys is set."))
-    public_model_details: bool = Field(False, description=(
-        "Show library versions, the training commit and hyperparameters on /models to callers without a key "
-        "(callers with a valid key always see them)."))
+    public_ops: bool = Field(
+        True,
+        description=("Keep readiness, models, metrics, the docs pages and /openapi.json open when api_keys is set."),
+    )
+    public_model_details: bool = Field(
+        False,
+        description=(
+            "Show library versions, the training commit and hyperparameters on /models to callers without a key "
+            "(callers with a valid key always see them)."
+        ),
+    )
     cors_origins: list[str] = []
-    grpc_port: int | None = Field(None, ge=1, le=65535, description=(
-        "Serve the Open Inference Protocol v2 over gRPC on this port too (the container sets 8001); unset: off."))
-    grpc_max_calls: int = Field(64, ge=1, description=(
-        "gRPC calls in progress per worker process; more are refused at once with RESOURCE_EXHAUSTED. With "
-        "SERVE_GRPC_MAX_MESSAGE_BYTES it bounds what gRPC messages can hold: 64 x 2 MB."))
-    grpc_max_message_bytes: int = Field(2 * 2**20, ge=64 * 1024, description=(
-        "Largest gRPC message (refused from its length prefix, before it is received). Binary tensors are "
-        "compact: 256 Fashion-MNIST pictures as FP64, the largest valid request, take 1.6 MB."))
-    grpc_max_calls_per_connection: int = Field(32, ge=1, description=(
-        "gRPC calls in progress on one connection (HTTP/2 concurrent streams); a client waits for more."))
-    manifest_public_key: str | None = Field(None, description=(
-        "An ed25519 public key (PEM text, or the path of a PEM file): when set, a model loads only if its "
-        "manifest.json carries a valid manifest.sig made with the matching private key (see the README)."))
+    grpc_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description=(
+            "Serve the Open Inference Protocol v2 over gRPC on this port too (the container sets 8001); unset: off."
+        ),
+    )
+    grpc_max_calls: int = Field(
+        64,
+        ge=1,
+        description=(
+            "gRPC calls in progress per worker process; more are refused at once with RESOURCE_EXHAUSTED. With "
+            "SERVE_GRPC_MAX_MESSAGE_BYTES it bounds what gRPC messages can hold: 64 x 2 MB."
+        ),
+    )
+    grpc_max_message_bytes: int = Field(
+        2 * 2**20,
+        ge=64 * 1024,
+        description=(
+            "Largest gRPC message (refused from its length prefix, before it is received). Binary tensors are "
+            "compact: 256 Fashion-MNIST pictures as FP64, the largest valid request, take 1.6 MB."
+        ),
+    )
+    grpc_max_calls_per_connection: int = Field(
+        32,
+        ge=1,
+        description=("gRPC calls in progress on one connection (HTTP/2 concurrent streams); a client waits for more."),
+    )
+    manifest_public_key: str | None = Field(
+        None,
+        description=(
+            "An ed25519 public key (PEM text, or the path of a PEM file): when set, a model loads only if its "
+            "manifest.json carries a valid manifest.sig made with the matching private key (see the README)."
+        ),
+    )
 
     # Model versions (artifacts/<model>/<version>/): which serve, and how new ones arrive.
-    model_versions: dict[str, str] = Field(default_factory=dict, description=(
-        "A pinned version per model, e.g. {\"fashion\": \"2026.11.25.123948\"}; a model not named serves its "
-        "newest version that loads."))
-    traffic: dict[str, dict[str, SplitWeight]] = Field(default_factory=dict, description=(
-        "A weighted split between versions per model (a canary), e.g. {\"fashion\": {\"A\": 90, \"B\": 10}}; "
-        "weights are whole numbers from 1 to 1,000,000."))
-    model_poll_s: float | None = Field(None, gt=0, description=(
-        "Look for new versions on disk every this many seconds and switch to them (models not pinned); unset: "
-        "only when an admin asks (POST /admin/models/{m}/load)."))
-    admin_keys: list[str] = Field(default_factory=list, description=(
-        "Keys for the /admin routes (never the client keys); unset: the admin routes are off."))
-    control_dir: Path | None = Field(None, description=(
-        "Where worker processes share the desired model versions and report theirs; `python -m service` sets it "
-        "for SERVE_WORKERS > 1. Unset: one process, nothing shared."))
+    model_versions: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            'A pinned version per model, e.g. {"fashion": "2026.11.25.123948"}; a model not named serves its '
+            "newest version that loads."
+        ),
+    )
+    traffic: dict[str, dict[str, SplitWeight]] = Field(
+        default_factory=dict,
+        description=(
+            'A weighted split between versions per model (a canary), e.g. {"fashion": {"A": 90, "B": 10}}; '
+            "weights are whole numbers from 1 to 1,000,000."
+        ),
+    )
+    model_poll_s: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Look for new versions on disk every this many seconds and switch to them (models not pinned); unset: "
+            "only when an admin asks (POST /admin/models/{m}/load)."
+        ),
+    )
+    admin_keys: list[str] = Field(
+        default_factory=list,
+        description=("Keys for the /admin routes (never the client keys); unset: the admin routes are off."),
+    )
+    control_dir: Path | None = Field(
+        None,
+        description=(
+            "Where worker processes share the desired model versions and report theirs; `python -m service` sets it "
+            "for SERVE_WORKERS > 1. Unset: one process, nothing shared."
+        ),
+    )
 
     benchmark_routes: bool = Field(False, description="Add POST /{model}/noop (validation only) for benchmarks.")
 
@@ -122,9 +231,3 @@ class Settings(BaseSettings):
 
     def policy(self, model: str) -> BatchPolicy:
         return self.batching.get(model, self.default_batching)
-
-    def desired(self, model: str):
-        """The versions the settings ask for: the starting point of the admin API's changes."""
-        from service.registry import Desired  # noqa: PLC0415 - the registry imports these settings
-
-        return Desired(pin=self.model_versions.get(model), split=dict(self.traffic.get(model, {})))

@@ -1,8 +1,10 @@
-"""Shared fixtures: the data folder (skip with a reason when absent), real uvicorn servers, and the
-in-process app on the stub model.
+"""Shared fixtures and helpers: the data folder (skip with a reason when absent), real uvicorn servers, and the
+in-process app on the stub model (tests/e2e/conftest.py adds the shared server on the real models).
 
-Tests that use a real server on the real models are marked ``e2e`` here, automatically; with ``slow``
-(training runs) they are what ``make test-fast`` leaves out.
+A test's kind is its folder, and its marker comes from there: tests/unit (in process, stub model or small
+artifacts), tests/integration (one real server process on the stub model or a small artifact, or a quick
+subprocess) and tests/e2e (the real models, real clients, training runs, abuse suite, fuzzing, browser).
+``make test-fast`` runs the first two; training runs are marked ``slow`` as well, in their files.
 """
 
 from __future__ import annotations
@@ -24,20 +26,27 @@ import pytest
 from service import catalog
 from service.app import create_app
 from service.artifacts import version_folders
-from service.registry import ModelEntry, open_model
+from service.runtime.registry import ModelEntry, open_model
 from service.settings import Settings
 from tests.stubs import DOUBLER, write_stub_artifacts
 from training.common import DATA_DIR_ENV, default_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
-E2E_FIXTURES = {"server", "client"}
+TESTS = Path(__file__).resolve().parent
+KINDS = ("unit", "integration", "e2e")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with its kind, the folder it is in; a test outside the three folders is an error."""
     for item in items:
-        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.e2e)
+        try:
+            kind = item.path.resolve().relative_to(TESTS).parts[0]
+        except ValueError:  # collected from outside tests/ (a path given on the command line): no kind
+            continue
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: a test belongs in tests/unit, tests/integration or tests/e2e")
+        item.add_marker(getattr(pytest.mark, kind))
 
 
 def example(name: str) -> dict:
@@ -70,6 +79,7 @@ def quick_artifacts(tmp_path_factory, data_dir):
     """``quick_artifacts(name)``: an artifacts folder where ``python -m training <name> --quick`` has run
     (once per session, whichever tests ask)."""
     from training.__main__ import main
+
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
@@ -78,6 +88,7 @@ def quick_artifacts(tmp_path_factory, data_dir):
             main([name, "--quick", "--out", str(out), "--data-dir", str(data_dir), "--device", "cpu"])
             done[name] = out
         return done[name]
+
     return get
 
 
@@ -104,10 +115,15 @@ def start_workers(workers: int = 2, **settings: str) -> tuple[subprocess.Popen, 
     URL, once /readyz answers 200 and every worker is up (stop it with SIGTERM)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SERVE_WORKERS": str(workers), "SERVE_PORT": str(port),
-           **{f"SERVE_{k.upper()}": v for k, v in settings.items()}}
-    server = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "SERVE_WORKERS": str(workers),
+        "SERVE_PORT": str(port),
+        **{f"SERVE_{k.upper()}": v for k, v in settings.items()},
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -129,12 +145,28 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"server-{self.port}.log"
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - the server's output for its lifetime; closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", app, *(["--factory"] if factory else []), "--host", "127.0.0.1",
-             "--port", str(self.port), "--timeout-graceful-shutdown", "30",
-             "--http", "service.server:GuardedHttpProtocol"],
-            cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                *(["--factory"] if factory else []),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--timeout-graceful-shutdown",
+                "30",
+                "--http",
+                "service.api.server:GuardedHttpProtocol",
+            ],
+            cwd=cwd,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -184,8 +216,10 @@ def stub_artifacts(tmp_path_factory) -> Path:
 @pytest.fixture
 def stub_app(stub_artifacts):
     """``stub_app(**settings)``: the real app factory serving only the stub model, in this process."""
+
     def make(**settings):
         return create_app(Settings(artifacts_dir=stub_artifacts, **settings), models=[DOUBLER])
+
     return make
 
 
@@ -196,19 +230,6 @@ async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=30) as client:
             yield client
-
-
-@pytest.fixture(scope="session")
-def server():
-    """One server on the committed artifacts, shared by the tests that do not change settings."""
-    with running_server() as srv:
-        yield srv
-
-
-@pytest.fixture(scope="session")
-def client(server):
-    with server.client() as c:
-        yield c
 
 
 @pytest.fixture

@@ -43,14 +43,21 @@ class Doubler(Predictor):
     Output = Doubled
     example = {"x": 21}
     summary = "Double x: a stub model for the runtime's tests"
-    upload = UploadRoute(path="text", summary="Double the number in a text file", description="x as plain text.",
-                         file_description="A text file holding one number.", media_types=("text/plain",),
-                         Options=Scale, errors={415: "The file is not a number."})
+    upload = UploadRoute(
+        path="text",
+        summary="Double the number in a text file",
+        description="x as plain text.",
+        file_description="A text file holding one number.",
+        media_types=("text/plain",),
+        Options=Scale,
+        errors={415: "The file is not a number."},
+    )
     stream_event = "digit"
 
     def setup(self, artifact, device) -> None:
         self.batch_sizes: list[int] = []
         self.decoded_on: set[str] = set()
+        self.streamed_on: set[str] = set()  # the threads streams were planned on
 
     def decode(self, data: bytes, options: Scale) -> Number:
         self.decoded_on.add(threading.current_thread().name)
@@ -60,6 +67,7 @@ class Doubler(Predictor):
             raise InputRejected(415, "the file must hold one number") from None
 
     def stream(self, item: Number) -> Iterator[str | Doubled]:
+        self.streamed_on.add(threading.current_thread().name)
         if item.x < 0:
             raise InputError("x must not be negative", "x")
         answer = Doubled(y=2 * item.x)
@@ -68,6 +76,7 @@ class Doubler(Predictor):
             for piece in [*str(answer.y), answer]:
                 time.sleep(item.sleep_ms / 1000)
                 yield piece
+
         return pieces()
 
     def predict(self, batch: list[Number]) -> list[Doubled | Exception]:
@@ -82,8 +91,16 @@ DOUBLER = Model("doubler", "tests.stubs:Doubler")
 def write_stub_artifacts(artifacts_dir: Path, quick: bool = False, version: str | None = None) -> Path:
     """An artifacts folder holding the stub's (empty, but verified like any other) artifact."""
     folder = staging_folder(artifacts_dir / DOUBLER.folder)
-    write_artifact(folder, name=DOUBLER.name, hyperparameters={}, metrics={}, metrics_method="none: a stub",
-                   data_files=[], quick=quick, version=version)
+    write_artifact(
+        folder,
+        name=DOUBLER.name,
+        hyperparameters={},
+        metrics={},
+        metrics_method="none: a stub",
+        data_files=[],
+        quick=quick,
+        version=version,
+    )
     publish_version(folder)
     return artifacts_dir
 

@@ -44,9 +44,11 @@ class Options:
     def data_file(self, dataset: str, name: str) -> Path:
         path = self.data_dir / dataset / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass --data-dir (or set ${DATA_DIR_ENV}) to the folder "
-                                    f"that holds {dataset}/{name}; the README's 'Data' section says where the "
-                                    "datasets come from")
+            raise FileNotFoundError(
+                f"{path} not found: pass --data-dir (or set ${DATA_DIR_ENV}) to the folder "
+                f"that holds {dataset}/{name}; the README's 'Data' section says where the "
+                "datasets come from"
+            )
         return path
 
     def artifact_dir(self, folder: str) -> Path:
@@ -90,11 +92,22 @@ class History:
     seconds: float = 0.0
 
 
-def train_loop(net: nn.Module, batches: Iterator, loss_of: Callable[[nn.Module, Any], torch.Tensor],
-               evaluate: Callable[[nn.Module], dict[str, float]], optimizer: torch.optim.Optimizer, *,
-               steps: int, eval_every: int, patience: int, monitor: str, maximize: bool = False,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, clip: float | None = None,
-               desc: str = "train") -> History:
+def train_loop(
+    net: nn.Module,
+    batches: Iterator,
+    loss_of: Callable[[nn.Module, Any], torch.Tensor],
+    evaluate: Callable[[nn.Module], dict[str, float]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    eval_every: int,
+    patience: int,
+    monitor: str,
+    maximize: bool = False,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    clip: float | None = None,
+    desc: str = "train",
+) -> History:
     """``steps`` optimizer steps on ``next(batches)``, an evaluation every ``eval_every`` steps, early
     stopping after ``patience`` evaluations without a better ``monitor``; returns with the best weights loaded.
 
@@ -119,21 +132,24 @@ def train_loop(net: nn.Module, batches: Iterator, loss_of: Callable[[nn.Module, 
             continue
 
         net.eval()  # evaluation
+        epoch = len(history.epochs) + 1
         with torch.no_grad():
-            metrics = {"epoch": len(history.epochs) + 1, "step": step, "train_loss": total / count, **evaluate(net)}
+            metrics = {"epoch": epoch, "step": step, "train_loss": total / count, **evaluate(net)}
         net.train()
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         history.epochs.append(metrics)
         total, count = 0.0, 0
-        bar.set_postfix({k: round(v, 4) for k, v in metrics.items() if k not in ("epoch", "step", "seconds")},
-                        refresh=False)
+        bar.set_postfix(
+            {k: round(v, 4) for k, v in metrics.items() if k not in ("epoch", "step", "seconds")}, refresh=False
+        )
 
         score = metrics[monitor]  # checkpoint: the best weights so far, kept in memory
         if best is None or (score > best if maximize else score < best):
-            best, best_state, waited, history.best_epoch = score, copy.deepcopy(net.state_dict()), 0, metrics["epoch"]
+            best, best_state, waited, history.best_epoch = score, copy.deepcopy(net.state_dict()), 0, epoch
         elif (waited := waited + 1) >= patience:
             break
     history.seconds = round(time.perf_counter() - start, 2)
+    assert best_state is not None  # the last step always evaluates
     net.load_state_dict(best_state)
     net.eval()
     return history
@@ -152,8 +168,10 @@ def steps_per_epoch(data_size: int, batch_size: int) -> int:
 def pyplot():
     """matplotlib, headless (reports are files), imported only when a report is drawn."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -179,8 +197,15 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path, title: str
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 0.8 + 0.55 * len(labels)))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
-                color="white" if value > matrix.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if value > matrix.max() / 2 else "black",
+        )
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
@@ -199,20 +224,48 @@ def save_preprocessor(preprocessor: Any, path: Path) -> None:
     data = skops.io.dumps(preprocessor)
     new = sorted(skops_types(data) - set(TRUSTED_TYPES))
     if new:
-        raise ValueError(f"{path.name} would hold types the service does not trust, so it would refuse to load it: "
-                         f"{', '.join(new)}; add them to TRUSTED_TYPES in service/artifacts.py if they are safe")
+        raise ValueError(
+            f"{path.name} would hold types the service does not trust, so it would refuse to load it: "
+            f"{', '.join(new)}; add them to TRUSTED_TYPES in service/artifacts.py if they are safe"
+        )
     path.write_bytes(data)
 
 
-def save_artifact(folder: Path, net: nn.Module, *, name: str, hyperparameters: dict, metrics: dict,
-                  metrics_method: str, data_files: list[Path], history: History, quick: bool,
-                  extra: dict | None = None) -> Manifest:
+def save_artifact(
+    folder: Path,
+    net: nn.Module,
+    *,
+    name: str,
+    hyperparameters: dict,
+    metrics: dict,
+    metrics_method: str,
+    data_files: list[Path],
+    history: History,
+    quick: bool,
+    extra: dict | None = None,
+) -> Manifest:
     """Write ``model.pt`` (a CPU state_dict), ``report.json`` and the manifest that hashes every file."""
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "model.pt")
-    report = {"metrics": metrics, "metrics_method": metrics_method, "best_epoch": history.best_epoch,
-              "train_seconds": history.seconds, "history": history.epochs}
+    report = {
+        "metrics": metrics,
+        "metrics_method": metrics_method,
+        "best_epoch": history.best_epoch,
+        "train_seconds": history.seconds,
+        "history": history.epochs,
+    }
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    manifest = write_artifact(folder, name=name, hyperparameters=hyperparameters, metrics=metrics,
-                              metrics_method=metrics_method, data_files=data_files, extra=extra, quick=quick)
-    print(f"wrote {name} version {manifest.version}: " + ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict)))
+    manifest = write_artifact(
+        folder,
+        name=name,
+        hyperparameters=hyperparameters,
+        metrics=metrics,
+        metrics_method=metrics_method,
+        data_files=data_files,
+        extra=extra,
+        quick=quick,
+    )
+    print(
+        f"wrote {name} version {manifest.version}: "
+        + ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict))
+    )
     return manifest

@@ -20,8 +20,10 @@ import json
 import math
 import re
 from collections.abc import Callable
+from functools import partial
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,8 +39,17 @@ from service import catalog
 from service.artifacts import Manifest
 from service.models.house_price import FEATURE_TABLE, ORDINALS, engineer, to_frame
 from service.nets import house_net
-from training.common import (History, Options, epochs_of, plot_history, save_artifact, save_preprocessor,
-                             seed_everything, single_threaded, steps_per_epoch)
+from training.common import (
+    History,
+    Options,
+    epochs_of,
+    plot_history,
+    save_artifact,
+    save_preprocessor,
+    seed_everything,
+    single_threaded,
+    steps_per_epoch,
+)
 from training.selection import FitPredict, Protocol, cross_validate
 
 MODEL = catalog.get("house-price")
@@ -47,29 +58,58 @@ CV_PREDICTIONS = "cv_predictions.json"  # in the artifact: the served recipe's o
 # The net: a lasso path (alpha; fitted after dropping the training sales its first fit misses by more than
 # outlier_z standard deviations) blended with an ensemble of MLPs trained on log price for a fixed number
 # of epochs (no early stopping: every training row is used, and CV chose the length).
-HYPERPARAMETERS = {"max_living_area": 4000, "skew_threshold": 0.75, "lasso_alpha": 5e-4, "outlier_z": 3.0,
-                   "hidden": 128, "members": 8, "dropout": 0.3, "lr": 1e-3, "weight_decay": 1e-2, "batch_size": 64,
-                   "epochs": 100, "linear_weight": 0.6, "interval_level": 0.9}  # linear_weight: the best candidate's
+HYPERPARAMETERS: dict[str, Any] = {
+    "max_living_area": 4000,
+    "skew_threshold": 0.75,
+    "lasso_alpha": 5e-4,
+    "outlier_z": 3.0,
+    "hidden": 128,
+    "members": 8,
+    "dropout": 0.3,
+    "lr": 1e-3,
+    "weight_decay": 1e-2,
+    "batch_size": 64,
+    "epochs": 100,
+    "linear_weight": 0.6,
+    "interval_level": 0.9,
+}  # linear_weight: the best candidate's
 # Overrides of HYPERPARAMETERS. One fit per fold serves every blend weight; 1 member and 64 hidden units
 # are the ablations of the ensemble and of the width (5x3 CV: 0.1050 and 0.1041 against 0.1039). Chosen
 # before on the same folds, by the blend's mean: 128 hidden units (256: equal at twice the time), 100 epochs
 # at batch 64 (200: +0.0001; 50 at batch 32: equal), dropout 0.3 with weight decay 0.01 (none with 0.1: equal).
-NET_CANDIDATES = {**{f"net, linear weight {w}": {"linear_weight": w} for w in (0.5, 0.6, 0.7, 0.8)},
-                  "net, 1 member, linear weight 0.6": {"members": 1, "linear_weight": 0.6},
-                  "net, hidden 64, linear weight 0.6": {"hidden": 64, "linear_weight": 0.6}}
+NET_CANDIDATES = {
+    **{f"net, linear weight {w}": {"linear_weight": w} for w in (0.5, 0.6, 0.7, 0.8)},
+    "net, 1 member, linear weight 0.6": {"members": 1, "linear_weight": 0.6},
+    "net, hidden 64, linear weight 0.6": {"hidden": 64, "linear_weight": 0.6},
+}
 LINEAR_PATH_ALONE = "lasso alpha=0.0005, atypical sales dropped (the net's linear path alone, weight 1)"
 ABLATIONS = {"net members alone (linear weight 0)": {"linear_weight": 0.0}, LINEAR_PATH_ALONE: {"linear_weight": 1.0}}
 # Tuned on the same folds and the same features (the derived columns took the old preprocessing's ridge
 # from 0.1084 to 0.1078, the lasso with atypical sales dropped from 0.1063 to 0.1056).
-BASELINES = {**{f"ridge alpha={a}": lambda a=a: Ridge(alpha=a) for a in (3.0, 10.0, 30.0, 100.0)},
-             **{f"lasso alpha={a}": lambda a=a: Lasso(alpha=a, max_iter=20_000) for a in (5e-4, 1e-3, 2e-3)},
-             "lasso alpha=0.001, atypical sales dropped": lambda: TypicalSalesOnly(Lasso(alpha=1e-3, max_iter=20_000)),
-             **{f"gradient boosting, learning rate {lr}, {leaves} leaves": lambda lr=lr, leaves=leaves:
-                HistGradientBoostingRegressor(learning_rate=lr, max_iter=500, max_leaf_nodes=leaves,
-                                              min_samples_leaf=10, random_state=0)
-                for lr in (0.03, 0.1) for leaves in (4, 8)}}
-QUICK = {"rows": 300, "protocol": Protocol(folds=2, repeats=2, stratified=False, seed=0), "epochs": 15,
-         "baselines": ["ridge alpha=10.0"], "nets": ["net, linear weight 0.7"]}
+BASELINES: dict[str, Callable[[], Any]] = {
+    **{f"ridge alpha={a}": partial(Ridge, alpha=a) for a in (3.0, 10.0, 30.0, 100.0)},
+    **{f"lasso alpha={a}": partial(Lasso, alpha=a, max_iter=20_000) for a in (5e-4, 1e-3, 2e-3)},
+    "lasso alpha=0.001, atypical sales dropped": lambda: TypicalSalesOnly(Lasso(alpha=1e-3, max_iter=20_000)),
+    **{
+        f"gradient boosting, learning rate {lr}, {leaves} leaves": partial(
+            HistGradientBoostingRegressor,
+            learning_rate=lr,
+            max_iter=500,
+            max_leaf_nodes=leaves,
+            min_samples_leaf=10,
+            random_state=0,
+        )
+        for lr in (0.03, 0.1)
+        for leaves in (4, 8)
+    },
+}
+QUICK: dict[str, Any] = {
+    "rows": 300,
+    "protocol": Protocol(folds=2, repeats=2, stratified=False, seed=0),
+    "epochs": 15,
+    "baselines": ["ridge alpha=10.0"],
+    "nets": ["net, linear weight 0.7"],
+}
 DESCRIPTION_NAMES = {"Bedroom": "BedroomAbvGr", "Kitchen": "KitchenAbvGr"}  # Kaggle renamed these two
 
 
@@ -82,7 +122,7 @@ def described_codes(description_path: Path) -> dict[str, dict]:
     described: dict[str, dict] = {}
     current = None
     for line in description_path.read_text().splitlines():
-        if (match := re.match(r"^(\w+):\s*(.*)$", line)):
+        if match := re.match(r"^(\w+):\s*(.*)$", line):
             current = DESCRIPTION_NAMES.get(match.group(1), match.group(1))
             described[current] = {"description": match.group(2).strip(), "codes": []}
         elif current and (match := re.match(r"^\s+(\S[^\t]*?)\s*\t", line)):
@@ -107,13 +147,15 @@ def same_code(documented: object, trained: object) -> float:
     return difflib.SequenceMatcher(None, a, b).ratio() if a[:1] == b[:1] else 0.0
 
 
-def spelling_pairs(documented: list[str], trained: list[str], threshold: float = 0.7) -> dict[str, str]:
+def spelling_pairs(
+    documented: list[str | int], trained: list[str | int], threshold: float = 0.7
+) -> dict[str | int, str | int]:
     """Documented spellings the data writes otherwise, ``{documented: trained}``: only codes found in one of
     the two lists are paired, best match first, each at most once; the rest stay unpaired."""
     lonely_documented = [d for d in documented if d not in trained]
     lonely_trained = [t for t in trained if t not in documented]
     scored = sorted(((same_code(d, t), d, t) for d in lonely_documented for t in lonely_trained), reverse=True)
-    pairs: dict[str, str] = {}
+    pairs: dict[str | int, str | int] = {}
     for score, d, t in scored:
         if score >= threshold and d not in pairs and t not in pairs.values():
             pairs[d] = t
@@ -129,9 +171,12 @@ def feature_table(description_path: Path, train: pd.DataFrame) -> list[dict]:
     documented codes no training row has: the service refuses them rather than price an unknown category.
     """
     described = described_codes(description_path)
-    categorical = [c for c in train.columns.drop(["Id", "SalePrice"])
-                   if c == "MSSubClass" or not pd.api.types.is_numeric_dtype(train[c])]
-    cast = {c: int if c == "MSSubClass" else str for c in categorical}
+    categorical = [
+        c
+        for c in train.columns.drop(["Id", "SalePrice"])
+        if c == "MSSubClass" or not pd.api.types.is_numeric_dtype(train[c])
+    ]
+    cast: dict[str, Callable[[Any], str | int]] = {c: int if c == "MSSubClass" else str for c in categorical}
     documented = {c: [cast[c](code) for code in described[c]["codes"] if code != "NA"] for c in categorical}
     trained = {c: sorted({cast[c](v) for v in train[c].dropna()}) for c in categorical}
     shared: dict[tuple, dict] = {}  # code list -> every pair found by any feature using it
@@ -139,17 +184,27 @@ def feature_table(description_path: Path, train: pd.DataFrame) -> list[dict]:
         shared.setdefault(tuple(documented[c]), {}).update(spelling_pairs(documented[c], trained[c]))
     table = []
     for name in train.columns.drop(["Id", "SalePrice"]):
-        entry = {"name": name, "kind": "categorical" if name in trained else "numeric",
-                 "description": described[name]["description"]}
+        entry = {
+            "name": name,
+            "kind": "categorical" if name in trained else "numeric",
+            "description": described[name]["description"],
+        }
         if name in trained:
             codes = trained[name]
-            aliases = {d: t for pair in sorted(shared[tuple(documented[name])].items())
-                       for d, t in [pair, pair[::-1]] if t in codes and d not in codes}
+            aliases = {
+                d: t
+                for pair in sorted(shared[tuple(documented[name])].items())
+                for d, t in [pair, pair[::-1]]
+                if t in codes and d not in codes
+            }
             spellings = {(spelling_key(spelling), code) for spelling, code in [*zip(codes, codes), *aliases.items()]}
             if len(dict(spellings)) < len(spellings):
                 raise ValueError(f"{name}: one spelling would name two codes: {codes}, {aliases}")
-            entry |= {"categories": codes, "aliases": aliases,
-                      "unseen": [d for d in documented[name] if d not in codes and d not in aliases]}
+            entry |= {
+                "categories": codes,
+                "aliases": aliases,
+                "unseen": [d for d in documented[name] if d not in codes and d not in aliases],
+            }
         table.append(entry)
     return table
 
@@ -182,14 +237,23 @@ def make_preprocessor(train: pd.DataFrame, features: list[dict], skew_threshold:
         return SimpleImputer(strategy="constant", fill_value=fill_value, keep_empty_features=True)
 
     log1p = FunctionTransformer(np.log1p, feature_names_out="one-to-one")
-    return make_pipeline(FunctionTransformer(engineer), ColumnTransformer([
-        ("skewed", scaled(SimpleImputer(strategy="median"), log1p), skewed),
-        ("numeric", scaled(SimpleImputer(strategy="median")), plain),
-        ("absent_rank", scaled(absent(0.0)), [f"{c}Rank" for c in ORDINALS if c in absent_is_a_category]),
-        ("known_rank", scaled(SimpleImputer(strategy="median")), [f"{c}Rank" for c in ORDINALS if c in always_known]),
-        ("absent_is_a_category", one_hot(absent("absent")), absent_is_a_category),
-        ("always_known", one_hot(SimpleImputer(strategy="most_frequent")), always_known),
-    ]))
+    return make_pipeline(
+        FunctionTransformer(engineer),
+        ColumnTransformer(
+            [
+                ("skewed", scaled(SimpleImputer(strategy="median"), log1p), skewed),
+                ("numeric", scaled(SimpleImputer(strategy="median")), plain),
+                ("absent_rank", scaled(absent(0.0)), [f"{c}Rank" for c in ORDINALS if c in absent_is_a_category]),
+                (
+                    "known_rank",
+                    scaled(SimpleImputer(strategy="median")),
+                    [f"{c}Rank" for c in ORDINALS if c in always_known],
+                ),
+                ("absent_is_a_category", one_hot(absent("absent")), absent_is_a_category),
+                ("always_known", one_hot(SimpleImputer(strategy="most_frequent")), always_known),
+            ]
+        ),
+    )
 
 
 def typical_sales(x: np.ndarray, y: np.ndarray, hp: dict) -> np.ndarray:
@@ -282,9 +346,11 @@ def interval_under_cv(y: np.ndarray, out_of_fold: np.ndarray, protocol: Protocol
         predicted = out_of_fold[repeat, val_rows]
         coverage.append(np.mean(np.abs(y[val_rows] - predicted) <= q))
         width.append(np.mean(np.exp(predicted + q) - np.exp(predicted - q)))
-    return {"interval_90_coverage_mean": round(float(np.mean(coverage)), 4),
-            "interval_90_coverage_sd": round(float(np.std(coverage)), 4),
-            "interval_90_width_mean": round(float(np.mean(width)), 0)}
+    return {
+        "interval_90_coverage_mean": round(float(np.mean(coverage)), 4),
+        "interval_90_coverage_sd": round(float(np.std(coverage)), 4),
+        "interval_90_width_mean": round(float(np.mean(width)), 0),
+    }
 
 
 class Folds:
@@ -310,6 +376,7 @@ class Folds:
         def fit_predict(train_rows: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
             x_train, x_val = self.x(train_rows, val_rows)
             return make().fit(x_train, self.y[train_rows]).predict(x_val)
+
         return fit_predict
 
     def net(self, name: str, overrides: dict) -> FitPredict:
@@ -325,11 +392,13 @@ class Folds:
                 net, _ = fit_net(x_train, self.y[train_rows], self.hp | dict(fitted))
                 with torch.no_grad():
                     paths = net.paths(torch.as_tensor(x_val, dtype=torch.float32))
-                self._paths[key] = tuple(path[:, 0].double().numpy() for path in paths)
+                linear, members = (path[:, 0].double().numpy() for path in paths)
+                self._paths[key] = linear, members
             linear, members = self._paths[key]
             predicted = linear_weight * linear + (1 - linear_weight) * members
             out_of_fold[next(calls) // self.protocol.folds, val_rows] = predicted
             return predicted
+
         return fit_predict
 
 
@@ -340,7 +409,7 @@ def select(folds: Folds, baselines: list[str], nets: list[str]) -> tuple[dict, s
     candidates |= {name: folds.baseline(BASELINES[name]) for name in baselines}
     table = cross_validate(folds.y, candidates, {"rmse_log_price": rmse}, folds.protocol, desc="house-price")
     mean = {name: row["rmse_log_price_mean"] for name, row in table.items()}
-    return table, min(nets, key=mean.get), min([*baselines, LINEAR_PATH_ALONE], key=mean.get)
+    return table, min(nets, key=mean.__getitem__), min([*baselines, LINEAR_PATH_ALONE], key=mean.__getitem__)
 
 
 def load(opts: Options, hp: dict) -> tuple[list[dict], pd.DataFrame, np.ndarray, int]:
@@ -353,8 +422,6 @@ def load(opts: Options, hp: dict) -> tuple[list[dict], pd.DataFrame, np.ndarray,
     if opts.quick:
         raw = raw.sample(n=QUICK["rows"], random_state=opts.seed)
     return features, to_frame(raw, features), np.log(raw["SalePrice"].to_numpy(np.float64)), outliers
-
-
 
 
 def train(opts: Options) -> Manifest:
@@ -383,31 +450,60 @@ def fit_and_save(opts: Options) -> Manifest:
 
     row = table[served]
     metrics = {
-        "cv_rmse_log_price_mean": row["rmse_log_price_mean"], "cv_rmse_log_price_sd": row["rmse_log_price_sd"],
+        "cv_rmse_log_price_mean": row["rmse_log_price_mean"],
+        "cv_rmse_log_price_sd": row["rmse_log_price_sd"],
         **interval_under_cv(y, out_of_fold, protocol, hp["interval_level"]),
         "train_rmse_log_price": round(rmse(predict(net, x), y), 4),
         "outliers_removed": outliers,
-        "cv": {"protocol": protocol.describe(len(y)), "metric": "rmse_log_price", "candidates": table,
-               "served": served, "best_baseline": best_baseline,
-               "selection": "the net candidate with the lowest mean; baselines tuned on the same folds, the best "
-                            "by mean. Not nested: chosen means are slightly optimistic, alike for nets and baselines"},
+        "cv": {
+            "protocol": protocol.describe(len(y)),
+            "metric": "rmse_log_price",
+            "candidates": table,
+            "served": served,
+            "best_baseline": best_baseline,
+            "selection": "the net candidate with the lowest mean; baselines tuned on the same folds, the best "
+            "by mean. Not nested: chosen means are slightly optimistic, alike for nets and baselines",
+        },
     }
-    method = (f"RMSE of log(SalePrice) by {protocol.describe(len(y))} of train.csv after removing houses over "
-              f"{hp['max_living_area']} sq ft, the same folds for every candidate; the served net ({served}) is "
-              f"then refitted on all rows. Interval: the served net times exp(-/+q), q the split-conformal "
-              f"{hp['interval_level']:.0%} quantile of its out-of-fold |log error| over all repeats "
-              f"({CV_PREDICTIONS}); coverage and width (dollars) per validation fold, calibrated on the other "
-              f"repeats' out-of-fold errors of that fold's training rows. train_rmse: the served weights on all rows.")
+    method = (
+        f"RMSE of log(SalePrice) by {protocol.describe(len(y))} of train.csv after removing houses over "
+        f"{hp['max_living_area']} sq ft, the same folds for every candidate; the served net ({served}) is "
+        f"then refitted on all rows. Interval: the served net times exp(-/+q), q the split-conformal "
+        f"{hp['interval_level']:.0%} quantile of its out-of-fold |log error| over all repeats "
+        f"({CV_PREDICTIONS}); coverage and width (dollars) per validation fold, calibrated on the other "
+        f"repeats' out-of-fold errors of that fold's training rows. train_rmse: the served weights on all rows."
+    )
 
     folder = opts.artifact_dir(MODEL.folder)
     (folder / FEATURE_TABLE).write_text(json.dumps(features, indent=1) + "\n")
-    (folder / CV_PREDICTIONS).write_text(json.dumps({
-        "candidate": served, "folds": protocol.folds, "repeats": protocol.repeats, "seed": protocol.seed,
-        "log_price": out_of_fold.tolist()}) + "\n")
+    (folder / CV_PREDICTIONS).write_text(
+        json.dumps(
+            {
+                "candidate": served,
+                "folds": protocol.folds,
+                "repeats": protocol.repeats,
+                "seed": protocol.seed,
+                "log_price": out_of_fold.tolist(),
+            }
+        )
+        + "\n"
+    )
     save_preprocessor(pre, folder / "preprocessor.skops")
-    plot_history(history, folder / "learning_curves.png", ["train_loss", "train_rmse"],
-                 f"house-price net refitted on the typical sales of all {len(y)} rows: members' loss, blend's RMSE "
-                 f"({hp['epochs']} epochs, no validation split)")
-    return save_artifact(folder, net, name=MODEL.name, hyperparameters=hp, metrics=metrics, metrics_method=method,
-                         data_files=[opts.data_file("house_prices", f) for f in ("train.csv", "data_description.txt")],
-                         history=history, quick=opts.quick)
+    plot_history(
+        history,
+        folder / "learning_curves.png",
+        ["train_loss", "train_rmse"],
+        f"house-price net refitted on the typical sales of all {len(y)} rows: members' loss, blend's RMSE "
+        f"({hp['epochs']} epochs, no validation split)",
+    )
+    return save_artifact(
+        folder,
+        net,
+        name=MODEL.name,
+        hyperparameters=hp,
+        metrics=metrics,
+        metrics_method=method,
+        data_files=[opts.data_file("house_prices", f) for f in ("train.csv", "data_description.txt")],
+        history=history,
+        quick=opts.quick,
+    )

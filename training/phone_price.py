@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,9 +44,14 @@ HIDDEN = 16  # the one ablation: a ReLU residual beside the linear score, at the
 # net converges in about 30, a ReLU residual runs to the cap). ranking_C: the L2 strength of the
 # all-feature net whose |weights| rank the features (the top five, ram, battery_power, px_height,
 # px_width and mobile_wt, were the same in all 25 folds).
-HYPERPARAMETERS = {"classes": 4, "hidden": 0, "iterations": 500, "ranking_C": 100.0, "seed": 0}
-QUICK = {"rows": 400, "protocol": Protocol(folds=2, repeats=1, stratified=True, seed=0), "iterations": 15,
-         "feature_counts": (5,), "cs": (100.0,)}
+HYPERPARAMETERS: dict[str, Any] = {"classes": 4, "hidden": 0, "iterations": 500, "ranking_C": 100.0, "seed": 0}
+QUICK: dict[str, Any] = {
+    "rows": 400,
+    "protocol": Protocol(folds=2, repeats=1, stratified=True, seed=0),
+    "iterations": 15,
+    "feature_counts": (5,),
+    "cs": (100.0,),
+}
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,7 @@ class Choice:
 
     def hyperparameters(self, hp: dict, ranking: np.ndarray) -> dict:
         """The net's hyperparameters: ``hp`` plus this choice, reading the first ``features`` of ``ranking``."""
-        return dict(hp, features=self.features, C=self.C, hidden=self.hidden, inputs=ranking[:self.features].tolist())
-
-
+        return dict(hp, features=self.features, C=self.C, hidden=self.hidden, inputs=ranking[: self.features].tolist())
 
 
 def load(opts: Options) -> tuple[Path, np.ndarray, np.ndarray]:
@@ -93,8 +97,15 @@ def fit_net(x: np.ndarray, y: np.ndarray, hp: dict) -> tuple[phone_net.OrdinalNe
     strength = 1.0 / (2.0 * hp["C"] * len(yt))
     # One iteration per step (so one history entry each); max_eval bounds the line search's evaluations,
     # and its default (5/4 of max_iter, so 1) would leave no room for one: the loss stalled at 0.063, not 0.050.
-    optimizer = torch.optim.LBFGS(net.parameters(), max_iter=1, max_eval=25, history_size=20, tolerance_grad=1e-9,
-                                  tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        net.parameters(),
+        max_iter=1,
+        max_eval=25,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
 
     def loss_of(out: torch.Tensor) -> torch.Tensor:
         return F.nll_loss(out, yt) + strength * sum(p.square().sum() for p in weights)
@@ -111,8 +122,14 @@ def fit_net(x: np.ndarray, y: np.ndarray, hp: dict) -> tuple[phone_net.OrdinalNe
         with torch.no_grad():
             out = net(xt)
             loss, right = float(loss_of(out)), float((out.argmax(1) == yt).double().mean())
-        history.epochs.append({"epoch": iteration, "train_loss": loss, "train_accuracy": right,
-                               "seconds": round(time.perf_counter() - start, 3)})
+        history.epochs.append(
+            {
+                "epoch": iteration,
+                "train_loss": loss,
+                "train_accuracy": right,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
         if previous is not None and previous - loss < 1e-10:
             break
         previous = loss
@@ -153,19 +170,24 @@ def recipe(choice: Choice, folds: Folds, hp: dict) -> FitPredict:
     """fit_predict for one choice: the net gives probabilities, the baselines labels."""
     y = folds.y
     if choice.family == NET:
-        def fit_predict(train_rows: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
+
+        def net_fit_predict(train_rows: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
             x, ranking = folds(train_rows)
             net, _ = fit_net(x[train_rows], y[train_rows], choice.hyperparameters(hp, ranking))
             return probabilities(net, x[val_rows])
-        return fit_predict
 
-    make = {"logistic regression": lambda: LogisticRegression(C=choice.C, max_iter=10_000),
-            "linear SVM": lambda: SVC(kernel="linear", C=choice.C)}[choice.family]  # one-vs-one
+        return net_fit_predict
+
+    make = {
+        "logistic regression": lambda: LogisticRegression(C=choice.C, max_iter=10_000),
+        "linear SVM": lambda: SVC(kernel="linear", C=choice.C),
+    }[choice.family]  # one-vs-one
 
     def fit_predict(train_rows: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
         x, ranking = folds(train_rows)
-        columns = ranking[:choice.features]
+        columns = ranking[: choice.features]
         return make().fit(x[train_rows][:, columns], y[train_rows]).predict(x[val_rows][:, columns])
+
     return fit_predict
 
 
@@ -184,16 +206,22 @@ def ece(y: np.ndarray, proba: np.ndarray, bins: int = 10) -> float:
     confidence = proba.max(1)
     correct = proba.argmax(1) == y
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-                     for b in np.unique(which)))
+    return float(
+        sum(
+            abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
+            for b in np.unique(which)
+        )
+    )
 
 
 def recording(fit_predict: FitPredict, into: list) -> FitPredict:
     """The same fit_predict, keeping each fold's (validation rows, predictions) in ``into``."""
+
     def recorded(train_rows: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
         predicted = fit_predict(train_rows, val_rows)
         into.append((val_rows, predicted))
         return predicted
+
     return recorded
 
 
@@ -218,8 +246,9 @@ def best_calibrated(table: dict[str, dict[str, float]], nets: list[Choice], prot
     return min((c for c in nets if table[c.name]["accuracy_mean"] >= floor), key=lambda c: table[c.name]["ece_mean"])
 
 
-def select(folds: Folds, hp: dict, protocol: Protocol, feature_counts: tuple[int, ...], cs: tuple[float, ...]
-           ) -> tuple[dict[str, dict[str, float]], Choice, dict[str, str], list]:
+def select(
+    folds: Folds, hp: dict, protocol: Protocol, feature_counts: tuple[int, ...], cs: tuple[float, ...]
+) -> tuple[dict[str, dict[str, float]], Choice, dict[str, str], list]:
     """Every candidate on the same folds: (the CV table, the served net, each baseline family's best, the
     served net's out-of-fold (rows, probabilities) per fold)."""
     predictions: dict[str, list] = {}
@@ -263,27 +292,48 @@ def fit_and_save(opts: Options) -> Manifest:
 
     row = table[served.name]
     metrics = {
-        "cv_accuracy_mean": row["accuracy_mean"], "cv_accuracy_sd": row["accuracy_sd"],
-        "ece_mean": row["ece_mean"], "ece_sd": row["ece_sd"],
+        "cv_accuracy_mean": row["accuracy_mean"],
+        "cv_accuracy_sd": row["accuracy_sd"],
+        "ece_mean": row["ece_mean"],
+        "ece_sd": row["ece_sd"],
         "train_accuracy": round(accuracy(y, probabilities(net, scaler.transform(x))), 4),
-        "cv": {"protocol": protocol.describe(len(y)), "metric": "accuracy", "candidates": table,
-               "served": served.name, "best_baselines": baselines,
-               "selection": "nets: the lowest mean ECE within one standard error (sd/sqrt(folds)) of the best "
-                            "mean accuracy; baselines: the highest mean accuracy of each family on the same grid. "
-                            "Not nested: the chosen means are slightly optimistic, alike for all families"},
+        "cv": {
+            "protocol": protocol.describe(len(y)),
+            "metric": "accuracy",
+            "candidates": table,
+            "served": served.name,
+            "best_baselines": baselines,
+            "selection": "nets: the lowest mean ECE within one standard error (sd/sqrt(folds)) of the best "
+            "mean accuracy; baselines: the highest mean accuracy of each family on the same grid. "
+            "Not nested: the chosen means are slightly optimistic, alike for all families",
+        },
     }
-    method = (f"{data_file.name}: {protocol.describe(len(y))}; the same folds for every candidate. The "
-              f"served net ({served.name}) is then refitted on all rows. ECE: 10 equal-width bins of the max "
-              f"probability, per fold. train_accuracy: the served weights on all rows. confusion_matrix.png: the "
-              f"served recipe's out-of-fold predictions, every row once per repeat.")
+    method = (
+        f"{data_file.name}: {protocol.describe(len(y))}; the same folds for every candidate. The "
+        f"served net ({served.name}) is then refitted on all rows. ECE: 10 equal-width bins of the max "
+        f"probability, per fold. train_accuracy: the served weights on all rows. confusion_matrix.png: the "
+        f"served recipe's out-of-fold predictions, every row once per repeat."
+    )
 
     folder = opts.artifact_dir(MODEL.folder)
     (folder / "preprocessor.json").write_text(json.dumps(Standardiser.from_scaler(scaler, FEATURES).to_json()) + "\n")
-    plot_history(history, folder / "learning_curves.png", ["train_loss", "train_accuracy"],
-                 "phone-price ordinal net, L-BFGS on all rows")
+    plot_history(
+        history,
+        folder / "learning_curves.png",
+        ["train_loss", "train_accuracy"],
+        "phone-price ordinal net, L-BFGS on all rows",
+    )
     matrix = sum(confusion_matrix(y[rows], labels_of(p), labels=range(len(LABELS))) for rows, p in out_of_fold)
-    plot_confusion(matrix, LABELS, folder / "confusion_matrix.png",
-                   f"out-of-fold accuracy {row['accuracy_mean']:.4f}")
-    return save_artifact(folder, net.float(), name=MODEL.name, hyperparameters=hp, metrics=metrics,
-                         metrics_method=method, data_files=[data_file], history=history,
-                         extra={"inputs": [FEATURES[i] for i in hp["inputs"]]}, quick=opts.quick)
+    plot_confusion(matrix, LABELS, folder / "confusion_matrix.png", f"out-of-fold accuracy {row['accuracy_mean']:.4f}")
+    return save_artifact(
+        folder,
+        net.float(),
+        name=MODEL.name,
+        hyperparameters=hp,
+        metrics=metrics,
+        metrics_method=method,
+        data_files=[data_file],
+        history=history,
+        extra={"inputs": [FEATURES[i] for i in hp["inputs"]]},
+        quick=opts.quick,
+    )

@@ -18,6 +18,7 @@ import random
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,18 +27,32 @@ from service import catalog
 from service.artifacts import Manifest
 from service.nets import char_rnn
 from service.nets.char_rnn import BOS, UNK, CharRNN, for_serving, serving_precision
-from training.common import History, Options, pyplot, plot_history, save_artifact, seed_everything, train_loop
+from training.common import History, Options, plot_history, pyplot, save_artifact, seed_everything, train_loop
 
 MODEL = catalog.get("poem")
 
 # Size and precision chosen by held-out perplexity after the same 3 minutes of training on the 2-core target
 # machine: 2-layer GRU-384 with bf16 matrix products 350, GRU-512 bf16 380, GRU-512 fp32 440. In the committed
 # run 1000 steps took 626 s for the GRU and 366 s for the baseline (993 s for both, validation included).
-HYPERPARAMETERS = {"cell": "gru", "embedding": 256, "hidden": 384, "layers": 2, "dropout": 0.0, "min_count": 2,
-                   "val_fraction": 0.05, "batch_size": 128, "lr": 3e-3, "final_lr_fraction": 0.05, "clip": 1.0,
-                   "bf16": True, "steps": 1000, "eval_every": 125, "patience": 3}
-BASELINE = {"cell": "rnn"}  # everything else as above: the comparison is the recurrent cell alone
-QUICK = {"steps": 200, "eval_every": 50, "embedding": 64, "hidden": 128, "batch_size": 32}
+HYPERPARAMETERS: dict[str, Any] = {
+    "cell": "gru",
+    "embedding": 256,
+    "hidden": 384,
+    "layers": 2,
+    "dropout": 0.0,
+    "min_count": 2,
+    "val_fraction": 0.05,
+    "batch_size": 128,
+    "lr": 3e-3,
+    "final_lr_fraction": 0.05,
+    "clip": 1.0,
+    "bf16": True,
+    "steps": 1000,
+    "eval_every": 125,
+    "patience": 3,
+}
+BASELINE: dict[str, Any] = {"cell": "rnn"}  # everything else as above: the comparison is the recurrent cell alone
+QUICK: dict[str, Any] = {"steps": 200, "eval_every": 50, "embedding": 64, "hidden": 128, "batch_size": 32}
 THREADS = 2  # the target machine has 2 cores; more threads than cores only thrash
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
 
@@ -83,8 +98,11 @@ def encode(poems: list[str], tokens: list[str]) -> dict[int, torch.Tensor]:
 def batches_forever(buckets: dict[int, torch.Tensor], batch_size: int, generator: torch.Generator):
     """Shuffled same-length batches, epoch after epoch."""
     while True:
-        chunks = [rows[order] for rows in buckets.values()
-                  for order in torch.randperm(len(rows), generator=generator).split(batch_size)]
+        chunks = [
+            rows[order]
+            for rows in buckets.values()
+            for order in torch.randperm(len(rows), generator=generator).split(batch_size)
+        ]
         for k in torch.randperm(len(chunks), generator=generator).tolist():
             yield chunks[k]
 
@@ -105,15 +123,24 @@ def perplexity(net: nn.Module, buckets: dict[int, torch.Tensor], batch_size: int
     return total / count, math.exp(total / count)
 
 
-def train_net(hp: dict, vocab_size: int, train: dict[int, torch.Tensor], val: dict[int, torch.Tensor],
-              seed: int, device: torch.device, desc: str) -> tuple[CharRNN, History]:
+def train_net(
+    hp: dict,
+    vocab_size: int,
+    train: dict[int, torch.Tensor],
+    val: dict[int, torch.Tensor],
+    seed: int,
+    device: torch.device,
+    desc: str,
+) -> tuple[CharRNN, History]:
     """``hp['steps']`` Adam steps with gradient clipping and a cosine learning rate; validation every
     ``eval_every`` steps, keeping the weights with the lowest validation loss."""
     seed_everything(seed)
     net = char_rnn.build(hp, vocab_size).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=hp["lr"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, hp["steps"], hp["lr"] * hp["final_lr_fraction"])
-    batches = (batch.to(device) for batch in batches_forever(train, hp["batch_size"], torch.Generator().manual_seed(seed)))
+    batches = (
+        batch.to(device) for batch in batches_forever(train, hp["batch_size"], torch.Generator().manual_seed(seed))
+    )
 
     def train_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         # bf16 matrix products with fp32 weights, state and loss: about 1.5x the steps per second on a CPU
@@ -125,8 +152,20 @@ def train_net(hp: dict, vocab_size: int, train: dict[int, torch.Tensor], val: di
         val_loss, val_perplexity = perplexity(model, val)
         return {"val_loss": val_loss, "val_perplexity": val_perplexity}
 
-    history = train_loop(net, batches, train_loss, evaluate, optimizer, steps=hp["steps"], eval_every=hp["eval_every"],
-                         patience=hp["patience"], monitor="val_loss", scheduler=scheduler, clip=hp["clip"], desc=desc)
+    history = train_loop(
+        net,
+        batches,
+        train_loss,
+        evaluate,
+        optimizer,
+        steps=hp["steps"],
+        eval_every=hp["eval_every"],
+        patience=hp["patience"],
+        monitor="val_loss",
+        scheduler=scheduler,
+        clip=hp["clip"],
+        desc=desc,
+    )
     return net, history
 
 
@@ -135,8 +174,12 @@ def plot_comparison(ours: History, baseline: History, eval_every: int, path: Pat
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for history, label in ((ours, "GRU (served)"), (baseline, "plain nn.RNN (course baseline)")):
-        ax.plot([m["epoch"] * eval_every for m in history.epochs], [m["val_perplexity"] for m in history.epochs],
-                marker=".", label=label)
+        ax.plot(
+            [m["epoch"] * eval_every for m in history.epochs],
+            [m["val_perplexity"] for m in history.epochs],
+            marker=".",
+            label=label,
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("validation perplexity per character")
     ax.set_yscale("log")
@@ -160,14 +203,17 @@ def train(opts: Options) -> Manifest:
 
     start = time.perf_counter()
     net, history = train_net(hp, len(tokens), train_set, val_set, opts.seed, device, "poem GRU")
-    base_net, base_history = train_net(baseline_hp, len(tokens), train_set, val_set, opts.seed, device,
-                                       "poem plain RNN")
+    base_net, base_history = train_net(
+        baseline_hp, len(tokens), train_set, val_set, opts.seed, device, "poem plain RNN"
+    )
     seconds = round(time.perf_counter() - start, 1)
     with torch.no_grad():
         val_loss, val_ppl = perplexity(net, val_set)
         base_loss, base_ppl = perplexity(base_net, val_set)
         cpu = torch.device("cpu")  # the precision the service uses on a CPU
-        _, served_ppl = perplexity(for_serving(copy.deepcopy(net).to(cpu), cpu), {n: r.cpu() for n, r in val_set.items()})
+        _, served_ppl = perplexity(
+            for_serving(copy.deepcopy(net).to(cpu), cpu), {n: r.cpu() for n, r in val_set.items()}
+        )
     metrics = {
         "val_perplexity": round(val_ppl, 2),
         "baseline_plain_rnn_val_perplexity": round(base_ppl, 2),
@@ -184,18 +230,34 @@ def train(opts: Options) -> Manifest:
         "vocabulary": len(tokens),
         "val_unknown_rate": round(sum(int((r[:, 1:] == 0).sum()) for r in val_set.values()) / val_chars, 5),
     }
-    method = (f"perplexity per character (punctuation included) of the {len(val_poems)} held-out poems "
-              f"({val_chars} characters, {hp['val_fraction']:.0%} of {data_file.name} after a shuffle with seed "
-              f"{opts.seed}), each predicted from <bos> and the characters before it; the baseline is the same "
-              f"model with a plain tanh nn.RNN, trained for the same {hp['steps']} steps; weights of the "
-              "validation round with the lowest loss")
+    method = (
+        f"perplexity per character (punctuation included) of the {len(val_poems)} held-out poems "
+        f"({val_chars} characters, {hp['val_fraction']:.0%} of {data_file.name} after a shuffle with seed "
+        f"{opts.seed}), each predicted from <bos> and the characters before it; the baseline is the same "
+        f"model with a plain tanh nn.RNN, trained for the same {hp['steps']} steps; weights of the "
+        "validation round with the lowest loss"
+    )
 
     folder = opts.artifact_dir(MODEL.folder)
-    (folder / "vocab.json").write_text(json.dumps({"tokens": tokens, "min_count": hp["min_count"]},
-                                                  ensure_ascii=False) + "\n", encoding="utf-8")
-    plot_history(history, folder / "learning_curves.png", ["train_loss", "val_loss", "val_perplexity"],
-                 f"poem GRU (one epoch = {hp['eval_every']} steps)")
+    (folder / "vocab.json").write_text(
+        json.dumps({"tokens": tokens, "min_count": hp["min_count"]}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    plot_history(
+        history,
+        folder / "learning_curves.png",
+        ["train_loss", "val_loss", "val_perplexity"],
+        f"poem GRU (one epoch = {hp['eval_every']} steps)",
+    )
     plot_comparison(history, base_history, hp["eval_every"], folder / "baseline_comparison.png")
-    return save_artifact(folder, net, name=MODEL.name, hyperparameters=hp, metrics=metrics, metrics_method=method,
-                         data_files=[data_file], history=history, quick=opts.quick,
-                         extra={"baseline": {"hyperparameters": baseline_hp, "history": base_history.epochs}})
+    return save_artifact(
+        folder,
+        net,
+        name=MODEL.name,
+        hyperparameters=hp,
+        metrics=metrics,
+        metrics_method=method,
+        data_files=[data_file],
+        history=history,
+        quick=opts.quick,
+        extra={"baseline": {"hyperparameters": baseline_hp, "history": base_history.epochs}},
+    )

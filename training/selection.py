@@ -35,13 +35,16 @@ class Protocol:
         return list(splitter.split(np.zeros((len(y), 1)), y))
 
     def describe(self, rows: int) -> str:
-        return (f"{self.repeats}x repeated {'stratified ' if self.stratified else ''}{self.folds}-fold "
-                f"cross-validation of the whole recipe (preprocessing fitted inside each fold) on {rows} rows, "
-                f"seed {self.seed}; mean and standard deviation over all {self.folds * self.repeats} folds")
+        return (
+            f"{self.repeats}x repeated {'stratified ' if self.stratified else ''}{self.folds}-fold "
+            f"cross-validation of the whole recipe (preprocessing fitted inside each fold) on {rows} rows, "
+            f"seed {self.seed}; mean and standard deviation over all {self.folds * self.repeats} folds"
+        )
 
 
-def cross_validate(y: np.ndarray, candidates: dict[str, FitPredict], scores: dict[str, Score],
-                   protocol: Protocol, desc: str = "cv") -> dict[str, dict[str, float]]:
+def cross_validate(
+    y: np.ndarray, candidates: dict[str, FitPredict], scores: dict[str, Score], protocol: Protocol, desc: str = "cv"
+) -> dict[str, dict[str, float]]:
     """Each candidate on the same folds: ``{candidate: {score_mean, score_sd, ...}}``, rounded for a manifest."""
     splits = protocol.splits(y)
     table: dict[str, dict[str, float]] = {}
@@ -51,11 +54,16 @@ def cross_validate(y: np.ndarray, candidates: dict[str, FitPredict], scores: dic
             predicted = fit_predict(train_rows, val_rows)
             for score, function in scores.items():
                 per_fold[score].append(function(y[val_rows], predicted))
-        table[name] = {key: round(float(value), 4) for score, values in per_fold.items()
-                       for key, value in ((f"{score}_mean", np.mean(values)), (f"{score}_sd", np.std(values)))}
+        table[name] = {
+            key: round(float(value), 4)
+            for score, values in per_fold.items()
+            for key, value in ((f"{score}_mean", np.mean(values)), (f"{score}_sd", np.std(values)))
+        }
     return table
 
 
 def markdown(table: dict[str, dict[str, float]], score: str) -> str:
     """The table as README rows: | candidate | mean ± sd |."""
-    return "\n".join(f"| {name} | {row[f'{score}_mean']:.4f} ± {row[f'{score}_sd']:.4f} |" for name, row in table.items())
+    return "\n".join(
+        f"| {name} | {row[f'{score}_mean']:.4f} ± {row[f'{score}_sd']:.4f} |" for name, row in table.items()
+    )

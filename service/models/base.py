@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
@@ -19,7 +19,8 @@ import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from service.artifacts import Artifact
-from service.memory import return_freed_memory
+from service.errors import InputError, InputRejected
+from service.runtime.memory import return_freed_memory
 from service.settings import Settings
 
 
@@ -34,33 +35,15 @@ JsonInt = Annotated[int, BeforeValidator(json_number)]
 JsonFloat = Annotated[float, BeforeValidator(json_number)]
 
 
-class InputError(ValueError):
-    """An input that passed schema validation but cannot be predicted on; becomes a 422 for its caller.
-
-    ``field`` names the offending field, so the answer has the same shape as any other validation error.
-    """
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.loc = ["body", field] if field else ["body"]
-
-
-class InputRejected(Exception):
-    """An input refused outright with its own status: e.g. 415 (not an image) or 413 (too many pixels)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 def undecodable(exc: Exception) -> InputError | InputRejected:
     """A decoder's failure as the upload's own 4xx: its InputError or InputRejected as raised, anything else
     (Pillow raises SyntaxError, struct.error, ... for damaged files) a 422, so it never fails the items
     batched with it. Without traceback and context: they reach the frames holding the upload's bytes, which
     would then live until a full garbage collection."""
     if not isinstance(exc, (InputError, InputRejected)):
-        exc = InputError(f"the file could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); send an "
-                         "undamaged image", "file")
+        exc = InputError(
+            f"the file could not be decoded ({type(exc).__name__}: {str(exc)[:200]}); send an undamaged image", "file"
+        )
     exc.__context__ = exc.__cause__ = None
     return exc.with_traceback(None)
 
@@ -85,8 +68,10 @@ class StrictInput(BaseModel):
             unknown = data.keys() - known
             if len(unknown) > MANY_UNKNOWN_KEYS:
                 listed = ", ".join(sorted(map(str, unknown))[:5])
-                raise ValueError(f"{len(unknown)} unknown fields ({listed}, ...); send only the fields of the "
-                                 "input schema (GET /models/{name})")
+                raise ValueError(
+                    f"{len(unknown)} unknown fields ({listed}, ...); send only the fields of the "
+                    "input schema (GET /models/{name})"
+                )
         return data
 
 
@@ -98,8 +83,8 @@ class UploadRoute:
     summary: str
     description: str
     file_description: str
-    media_types: tuple[str, ...]   # what the part may be, for the docs page and generated clients
-    Options: type[BaseModel]       # query parameters, validated like a body
+    media_types: tuple[str, ...]  # what the part may be, for the docs page and generated clients
+    Options: type[BaseModel]  # query parameters, validated like a body
     errors: dict[int, str] = field(default_factory=dict)  # extra statuses (from InputRejected) and what they mean
 
 
@@ -114,19 +99,21 @@ class Upload:
 class Predictor(ABC):
     """A served model. Subclasses set the class attributes and write ``setup`` and ``predict``."""
 
-    Input: ClassVar[type[BaseModel]]       # one instance, validated at the edge
-    Output: ClassVar[type[BaseModel]]      # one prediction
-    example: ClassVar[dict[str, Any]]      # a valid Input: the docs page, tests, benchmarks and smoke script use it
-    summary: ClassVar[str]                 # one line for the docs page
+    Input: ClassVar[type[BaseModel]]  # one instance, validated at the edge
+    Output: ClassVar[type[BaseModel]]  # one prediction
+    example: ClassVar[dict[str, Any]]  # a valid Input: the docs page, tests, benchmarks and smoke script use it
+    summary: ClassVar[str]  # one line for the docs page
     description: ClassVar[str] = ""
-    threads: ClassVar[int | None] = None   # intra-op threads of this model's worker unless settings say otherwise
+    threads: ClassVar[int | None] = None  # intra-op threads of this model's worker unless settings say otherwise
     max_batch_size: ClassVar[int | None] = None  # cap on the batching policy, for a model that gains nothing above it
     upload: ClassVar[UploadRoute | None] = None  # an extra route taking a file; write ``decode`` too
-    stream_event: ClassVar[str | None] = None    # set to stream: POST /{name}/stream (and "stream": true); write ``stream``
+    stream_event: ClassVar[str | None] = (
+        None  # set to stream: POST /{name}/stream (and "stream": true); write ``stream``
+    )
     # The largest valid JSON body of one instance, with room for pretty-printing: a bigger body is refused (413)
     # before it is parsed; the batch route allows max_batch_instances of these.
     max_instance_bytes: ClassVar[int] = 16 * 1024
-    # Open Inference Protocol v2 (service/v2.py): the datatype and shape of a list-valued input field, and
+    # Open Inference Protocol v2 (service/v2/codec.py): the datatype and shape of a list-valued input field, and
     # fields left out of the model's v2 metadata.
     v2_tensors: ClassVar[dict[str, tuple[str, list[int]]]] = {}
     v2_hidden: ClassVar[tuple[str, ...]] = ()
@@ -141,15 +128,20 @@ class Predictor(ABC):
             return
         missing = [name for name in ("Input", "Output", "example", "summary") if not hasattr(cls, name)]
         if missing:
-            raise TypeError(f"{cls.__name__} must set {', '.join(missing)}, e.g.\n"
-                            "    Input = MyInput                  # pydantic model of one instance\n"
-                            "    Output = MyOutput                # pydantic model of one prediction\n"
-                            "    example = {...}                  # one valid Input, as JSON\n"
-                            "    summary = \"what it predicts\"     # one line for the docs page")
+            raise TypeError(
+                f"{cls.__name__} must set {', '.join(missing)}, e.g.\n"
+                "    Input = MyInput                  # pydantic model of one instance\n"
+                "    Output = MyOutput                # pydantic model of one prediction\n"
+                "    example = {...}                  # one valid Input, as JSON\n"
+                '    summary = "what it predicts"     # one line for the docs page'
+            )
         if len(json.dumps(cls.example, indent=2)) > cls.max_instance_bytes:
-            raise TypeError(f"{cls.__name__}.example is larger than max_instance_bytes ({cls.max_instance_bytes}); "
-                            "raise max_instance_bytes to the largest valid body")
-        if cls.input_schema.__func__ is Predictor.input_schema.__func__:  # a static schema: check the example now
+            raise TypeError(
+                f"{cls.__name__}.example is larger than max_instance_bytes ({cls.max_instance_bytes}); "
+                "raise max_instance_bytes to the largest valid body"
+            )
+        if inspect.getattr_static(cls, "input_schema") is inspect.getattr_static(Predictor, "input_schema"):
+            # a static schema: check the example now
             cls.check_example(cls.Input)
 
     @classmethod
@@ -162,7 +154,7 @@ class Predictor(ABC):
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.artifact: Artifact | None = None
-        self.settings = Settings()
+        self.settings = Settings.model_construct()  # the defaults until load() gives the server's settings
 
     @classmethod
     def input_schema(cls, artifact: Artifact) -> type[BaseModel]:
@@ -180,11 +172,12 @@ class Predictor(ABC):
         """Load weights and preprocessors from ``artifact`` onto ``device``."""
 
     @abstractmethod
-    def predict(self, batch: list[Any]) -> list[BaseModel | Exception]:
+    def predict(self, batch: list[Any]) -> Sequence[BaseModel | Exception]:
         """Preprocess a batch, run one forward pass, return one output (or InputError) per item, in order."""
 
-    def decode(self, data: bytes, options: BaseModel) -> Any:
-        """For models with ``upload``: turn the file into an item ``predict`` takes.
+    def decode(self, data: bytes, options: Any) -> Any:
+        """For models with ``upload``: turn the file into an item ``predict`` takes (``options``: an instance of
+        ``upload.Options``).
 
         Runs on the model's worker thread; raise InputError (422) or InputRejected (its status)."""
         raise NotImplementedError(f"{type(self).__name__} declares no upload route")
@@ -207,11 +200,11 @@ class Predictor(ABC):
             if isinstance(item, Upload):
                 uploads = True
                 try:
-                    item = self.decode(item.data, item.options)
-                except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on odd bytes is this item's 4xx
+                    ready.append((i, self.decode(item.data, item.options)))
+                except Exception as exc:  # whatever a decoder raises on odd bytes is this item's 4xx
                     outputs[i] = undecodable(exc)
-                    continue
-            ready.append((i, item))
+            else:
+                ready.append((i, item))
         if uploads:
             return_freed_memory()
         if ready:

@@ -26,7 +26,7 @@ class UnknownStepError(ValueError):
 @dataclass(frozen=True)
 class NumericBlock:
     columns: list[str]
-    fill: np.ndarray      # the imputer's statistics, one per column
+    fill: np.ndarray  # the imputer's statistics, one per column
     log1p: bool
     mean: np.ndarray
     scale: np.ndarray
@@ -42,17 +42,16 @@ class NumericBlock:
 @dataclass(frozen=True)
 class OneHotBlock:
     columns: list[str]
-    fill: list[Any]                       # the imputer's value for a missing category, per column
-    categories: list[dict[Any, int]]      # per column: category -> its position in the output
+    fill: list[Any]  # the imputer's value for a missing category, per column
+    categories: list[dict[Any, int]]  # per column: category -> its position in the output
 
     def apply(self, data: Columns) -> np.ndarray:
         n = len(next(iter(data.values())))
         parts = []
         for column, fill, positions in zip(self.columns, self.fill, self.categories):
             out = np.zeros((n, len(positions)))
-            for row, value in enumerate(data[column]):
-                if value is None or value != value:  # None or NaN: missing
-                    value = fill
+            for row, given in enumerate(data[column]):
+                value = fill if given is None or given != given else given  # None or NaN: missing
                 if (at := positions.get(value)) is not None:  # an unknown category stays all zeros
                     out[row, at] = 1.0
             parts.append(out)
@@ -116,8 +115,13 @@ def _block(name: str, columns: list[str], steps: list[Any]) -> NumericBlock | On
     mean = scaler.mean_ if scaler.with_mean else np.zeros(len(columns))
     scale = scaler.scale_ if scaler.with_std else np.ones(len(columns))
     # scikit-learn imputes 0 in a column that was empty at fit time (keep_empty_features): its statistic is NaN
-    return NumericBlock(columns, np.nan_to_num(np.asarray(fill, np.float64)), log1p, np.asarray(mean, np.float64),
-                        np.asarray(scale, np.float64))
+    return NumericBlock(
+        columns,
+        np.nan_to_num(np.asarray(fill, np.float64)),
+        log1p,
+        np.asarray(mean, np.float64),
+        np.asarray(scale, np.float64),
+    )
 
 
 def _steps(estimator: Any) -> list[tuple[str, Any]]:

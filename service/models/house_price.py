@@ -7,7 +7,9 @@ the model was trained on, accepted alternative spellings, documented codes it ne
 the schema and the weights come from the same, hash-checked folder.
 """
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Annotated, Any, ClassVar, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -32,10 +34,26 @@ FEATURE_TABLE = "features.json"  # in the artifact: [{"name", "kind", "descripti
 # Sensible bounds for numeric fields: physical limits, not the training range, so unusual but real
 # houses are still accepted.
 _YEARS = (1800, 2100)
-_BOUNDS = {"OverallQual": (1, 10), "OverallCond": (1, 10), "MoSold": (1, 12), "YrSold": _YEARS,
-           "YearBuilt": _YEARS, "YearRemodAdd": _YEARS, "GarageYrBlt": _YEARS}
-_COUNTS = {"BsmtFullBath", "BsmtHalfBath", "FullBath", "HalfBath", "BedroomAbvGr", "KitchenAbvGr",
-           "TotRmsAbvGrd", "Fireplaces", "GarageCars"}
+_BOUNDS = {
+    "OverallQual": (1, 10),
+    "OverallCond": (1, 10),
+    "MoSold": (1, 12),
+    "YrSold": _YEARS,
+    "YearBuilt": _YEARS,
+    "YearRemodAdd": _YEARS,
+    "GarageYrBlt": _YEARS,
+}
+_COUNTS = {
+    "BsmtFullBath",
+    "BsmtHalfBath",
+    "FullBath",
+    "HalfBath",
+    "BedroomAbvGr",
+    "KitchenAbvGr",
+    "TotRmsAbvGrd",
+    "Fireplaces",
+    "GarageCars",
+}
 
 
 def _canonical(feature: dict[str, Any]):
@@ -50,25 +68,31 @@ def _canonical(feature: dict[str, Any]):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             return value
         if value in unseen:
-            raise ValueError(f"{value!r} is a documented code, but no house the model was trained on had it, so it "
-                             f"cannot be priced; send null to have it imputed, or one of {accepted}")
+            raise ValueError(
+                f"{value!r} is a documented code, but no house the model was trained on had it, so it "
+                f"cannot be priced; send null to have it imputed, or one of {accepted}"
+            )
         return aliases.get(value, value)
+
     return canonical
 
 
 def _accepted_spellings(feature: dict[str, Any]) -> str:
     aliases = ", ".join(f"{alias!r} for {code!r}" for alias, code in feature["aliases"].items())
     unseen = ", ".join(repr(code) for code in feature["unseen"])
-    return ((f" Also accepted, as data_description.txt spells them: {aliases}." if aliases else "")
-            + (f" Refused, as no training house had them: {unseen}." if unseen else ""))
+    return (f" Also accepted, as data_description.txt spells them: {aliases}." if aliases else "") + (
+        f" Refused, as no training house had them: {unseen}." if unseen else ""
+    )
 
 
 def _field_for(feature: dict[str, Any]) -> tuple[Any, Any]:
     name, description = feature["name"], feature["description"]
     if feature["kind"] == "categorical":
-        values = Literal[tuple(feature["categories"])]  # type: ignore[valid-type]
-        return (Annotated[values | None, BeforeValidator(_canonical(feature))],
-                Field(None, alias=name, description=description + _accepted_spellings(feature)))
+        values = Literal[tuple(feature["categories"])]  # type: ignore[valid-type]  # the artifact's categories
+        return (
+            Annotated[values | None, BeforeValidator(_canonical(feature))],
+            Field(None, alias=name, description=description + _accepted_spellings(feature)),
+        )
     low, high = _BOUNDS.get(name, (0, 100 if name in _COUNTS else 10_000_000))
     # bounds before the number check, inside the Optional, so the schema shows minimum/maximum
     bounded = Annotated[float, Field(ge=low, le=high), BeforeValidator(json_number)]
@@ -89,14 +113,17 @@ class _HouseBase(StrictInput):
 
 def house_schema(features: list[dict[str, Any]]) -> type[BaseModel]:
     """The input model for a feature table: every feature optional, categories as enums, unknown keys refused."""
+    fields: dict[str, Any] = {
+        "Id": (JsonInt | None, Field(None, description="Optional row id, as in the Kaggle files; ignored.")),
+        **{f"f_{f['name']}": _field_for(f) for f in features},
+    }
     return create_model(
         "House",
         __base__=_HouseBase,
         __doc__="One house, keyed by the Kaggle column names. Every feature is optional: a missing or null "
-                "(or \"NA\") value is imputed exactly as in training. Categorical values must be one of the "
-                "codes the model was trained on; the spellings of data_description.txt are accepted too.",
-        Id=(JsonInt | None, Field(None, description="Optional row id, as in the Kaggle files; ignored.")),
-        **{f"f_{f['name']}": _field_for(f) for f in features},
+        '(or "NA") value is imputed exactly as in training. Categorical values must be one of the '
+        "codes the model was trained on; the spellings of data_description.txt are accepted too.",
+        **fields,
     )
 
 
@@ -111,15 +138,20 @@ Price = Annotated[float, Field(ge=PRICE_RANGE[0], le=PRICE_RANGE[1])]
 
 
 class HousePrediction(BaseModel):
-    sale_price: Price = Field(examples=[208500.0],
-                              description="Predicted sale price, US dollars (capped to 1,000-100,000,000 for inputs "
-                                          "far outside the training data).")
+    sale_price: Price = Field(
+        examples=[208500.0],
+        description="Predicted sale price, US dollars (capped to 1,000-100,000,000 for inputs "
+        "far outside the training data).",
+    )
     interval_90: list[Price] = Field(
-        min_length=2, max_length=2, examples=[[178600.0, 243400.0]],
+        min_length=2,
+        max_length=2,
+        examples=[[178600.0, 243400.0]],
         description="90 % prediction interval [low, high] for the sale price, US dollars: the prediction times "
-                    "exp(-q) and exp(+q), where q is the split-conformal 90 % quantile of the absolute log-price "
-                    "errors on houses the net was not trained on (out-of-fold). Under repeated cross-validation "
-                    "about 90 % of sales fell inside; the artifact's metrics give the measured coverage and width.")
+        "exp(-q) and exp(+q), where q is the split-conformal 90 % quantile of the absolute log-price "
+        "errors on houses the net was not trained on (out-of-fold). Under repeated cross-validation "
+        "about 90 % of sales fell inside; the artifact's metrics give the measured coverage and width.",
+    )
 
 
 def _number(value: Any) -> float:
@@ -142,26 +174,46 @@ def to_frame(rows: list[dict[str, Any]] | pd.DataFrame, features: list[dict[str,
     operations cost ~20 ms even for a single row), with object dtype so one row's null never turns
     another row's integer code into a float.
     """
-    if isinstance(rows, pd.DataFrame):
-        rows = rows.to_dict("records")
+    dicts: Sequence[Mapping[Any, Any]] = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
     columns = [f["name"] for f in features]
     categorical = {f["name"] for f in features if f["kind"] == "categorical"}
     numeric = [c for c in columns if c not in categorical]
-    records = [[_category(row.get(c)) if c in categorical else _number(row.get(c)) for c in columns] for row in rows]
+    records = [[_category(row.get(c)) if c in categorical else _number(row.get(c)) for c in columns] for row in dicts]
     return pd.DataFrame(records, columns=columns, dtype=object).astype(dict.fromkeys(numeric, np.float64))
 
 
 _QUALITY = {"Po": 1, "Fa": 2, "TA": 3, "Gd": 4, "Ex": 5}
 _FINISH = {"Unf": 1, "LwQ": 2, "Rec": 3, "BLQ": 4, "ALQ": 5, "GLQ": 6}
 # Ordered categories also given as numbers, so a linear path sees "better is pricier" in one coefficient.
-ORDINALS = {**dict.fromkeys(["ExterQual", "ExterCond", "BsmtQual", "BsmtCond", "HeatingQC", "KitchenQual",
-                             "FireplaceQu", "GarageQual", "GarageCond", "PoolQC"], _QUALITY),
-            "BsmtExposure": {"No": 1, "Mn": 2, "Av": 3, "Gd": 4}, "BsmtFinType1": _FINISH, "BsmtFinType2": _FINISH,
-            "GarageFinish": {"Unf": 1, "RFn": 2, "Fin": 3},
-            "Functional": {"Sal": 0, "Sev": 1, "Maj2": 2, "Maj1": 3, "Mod": 4, "Min2": 5, "Min1": 6, "Typ": 7}}
+ORDINALS = {
+    **dict.fromkeys(
+        [
+            "ExterQual",
+            "ExterCond",
+            "BsmtQual",
+            "BsmtCond",
+            "HeatingQC",
+            "KitchenQual",
+            "FireplaceQu",
+            "GarageQual",
+            "GarageCond",
+            "PoolQC",
+        ],
+        _QUALITY,
+    ),
+    "BsmtExposure": {"No": 1, "Mn": 2, "Av": 3, "Gd": 4},
+    "BsmtFinType1": _FINISH,
+    "BsmtFinType2": _FINISH,
+    "GarageFinish": {"Unf": 1, "RFn": 2, "Fin": 3},
+    "Functional": {"Sal": 0, "Sev": 1, "Maj2": 2, "Maj1": 3, "Mod": 4, "Min2": 5, "Min1": 6, "Typ": 7},
+}
 _PORCHES = ["OpenPorchSF", "EnclosedPorch", "3SsnPorch", "ScreenPorch", "WoodDeckSF"]
 
 
+@overload
+def engineer(frame: pd.DataFrame) -> pd.DataFrame: ...
+@overload
+def engineer(frame: Columns) -> Columns: ...
 def engineer(frame: pd.DataFrame | Columns) -> pd.DataFrame | Columns:
     """The 79 columns plus derived ones: total floor area, bathrooms and porch area, age and years since
     remodelling at sale, and the ordered categories as numbers. A sum over a missing part is missing (then
@@ -173,7 +225,7 @@ def engineer(frame: pd.DataFrame | Columns) -> pd.DataFrame | Columns:
     porches = frame[_PORCHES[0]]
     for name in _PORCHES[1:]:
         porches = porches + frame[name]  # NaN in any part stays NaN
-    derived = {
+    derived: dict[str, Any] = {  # Series from a DataFrame, arrays from Columns
         "TotalSF": frame["TotalBsmtSF"] + frame["1stFlrSF"] + frame["2ndFlrSF"],
         "TotalBath": frame["FullBath"] + frame["BsmtFullBath"] + 0.5 * (frame["HalfBath"] + frame["BsmtHalfBath"]),
         "PorchSF": porches,
@@ -194,27 +246,55 @@ def _rank(values: pd.Series | np.ndarray, ranks: dict[str, int]) -> pd.Series | 
 
 def to_columns(rows: list[dict[str, Any]], features: list[dict[str, Any]]) -> Columns:
     """The feature columns as numpy arrays, normalised as ``to_frame`` does, for the compiled preprocessor."""
-    return {f["name"]: (np.array([_category(row.get(f["name"])) for row in rows], dtype=object)
-                        if f["kind"] == "categorical" else
-                        np.array([_number(row.get(f["name"])) for row in rows], dtype=np.float64))
-            for f in features}
+    return {
+        f["name"]: (
+            np.array([_category(row.get(f["name"])) for row in rows], dtype=object)
+            if f["kind"] == "categorical"
+            else np.array([_number(row.get(f["name"])) for row in rows], dtype=np.float64)
+        )
+        for f in features
+    }
 
 
 class HousePrice(TabularPredictor):
-    net_module = house_net
+    net_module: ClassVar[ModuleType] = house_net
     Input = HouseWithoutTable  # replaced by the artifact's own schema (input_schema)
     Output = HousePrediction
-    example = {"MSSubClass": 60, "MSZoning": "RL", "LotFrontage": 65, "LotArea": 8450, "Street": "Pave",
-               "LotShape": "Reg", "Neighborhood": "CollgCr", "BldgType": "1Fam", "HouseStyle": "2Story",
-               "OverallQual": 7, "OverallCond": 5, "YearBuilt": 2003, "YearRemodAdd": 2003, "ExterQual": "Gd",
-               "TotalBsmtSF": 856, "1stFlrSF": 856, "2ndFlrSF": 854, "GrLivArea": 1710, "FullBath": 2,
-               "HalfBath": 1, "BedroomAbvGr": 3, "KitchenQual": "Gd", "GarageCars": 2, "GarageArea": 548,
-               "YrSold": 2008, "SaleCondition": "Normal"}
+    example = {
+        "MSSubClass": 60,
+        "MSZoning": "RL",
+        "LotFrontage": 65,
+        "LotArea": 8450,
+        "Street": "Pave",
+        "LotShape": "Reg",
+        "Neighborhood": "CollgCr",
+        "BldgType": "1Fam",
+        "HouseStyle": "2Story",
+        "OverallQual": 7,
+        "OverallCond": 5,
+        "YearBuilt": 2003,
+        "YearRemodAdd": 2003,
+        "ExterQual": "Gd",
+        "TotalBsmtSF": 856,
+        "1stFlrSF": 856,
+        "2ndFlrSF": 854,
+        "GrLivArea": 1710,
+        "FullBath": 2,
+        "HalfBath": 1,
+        "BedroomAbvGr": 3,
+        "KitchenQual": "Gd",
+        "GarageCars": 2,
+        "GarageArea": 548,
+        "YrSold": 2008,
+        "SaleCondition": "Normal",
+    }
     summary = "Predict an Ames house's sale price, with a 90 % interval, from the Kaggle features"
     v2_hidden = ("Id",)
-    description = ("Lasso path blended with an MLP ensemble on log price, over imputed, scaled and one-hot "
-                   "encoded Ames features plus derived ones (total area, age, bathrooms); the interval is "
-                   "split-conformal on out-of-fold errors.")
+    description = (
+        "Lasso path blended with an MLP ensemble on log price, over imputed, scaled and one-hot "
+        "encoded Ames features plus derived ones (total area, age, bathrooms); the interval is "
+        "split-conformal on out-of-fold errors."
+    )
 
     @classmethod
     def input_schema(cls, artifact: Artifact) -> type[BaseModel]:
@@ -226,8 +306,10 @@ class HousePrice(TabularPredictor):
         try:  # scikit-learn's transform took ~14 ms for one row; the same numbers as arrays take well under 1
             self.compiled = compile_preprocessor(self.preprocessor)
         except UnknownStepError as exc:
-            raise ArtifactError(f"{self.preprocessor_file} cannot be served: it holds {exc}; the service compiles "
-                                "only the steps training writes (see service/models/compiled.py)") from None
+            raise ArtifactError(
+                f"{self.preprocessor_file} cannot be served: it holds {exc}; the service compiles "
+                "only the steps training writes (see service/models/compiled.py)"
+            ) from None
         self.interval_log_halfwidth = float(artifact.manifest.hyperparameters["interval_90_log_halfwidth"])
 
     def to_table(self, batch: list[BaseModel]) -> Columns:

@@ -1,6 +1,8 @@
 """Phone price band (0-3) from 20 hardware features: standard scaling + an ordinal net on the informative few."""
 
 from operator import attrgetter
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -14,7 +16,7 @@ from service.nets import phone_net
 LABELS = ["low cost", "medium cost", "high cost", "very high cost"]
 
 
-def _flag(what: str) -> object:
+def _flag(what: str) -> Any:
     return Field(ge=0, le=1, description=f"1 if the phone has {what}, else 0.", examples=[1])
 
 
@@ -53,7 +55,9 @@ _features = attrgetter(*FEATURES)
 class PhonePrediction(BaseModel):
     price_range: int = Field(ge=0, le=3, description="Predicted price band, 0 (cheapest) to 3.")
     label: str = Field(description="The band in words.", examples=["high cost"])
-    probabilities: list[float] = Field(min_length=4, max_length=4, description="Probability of each band, index = band.")
+    probabilities: list[float] = Field(
+        min_length=4, max_length=4, description="Probability of each band, index = band."
+    )
 
 
 class PhonePrice(TabularPredictor):
@@ -61,14 +65,34 @@ class PhonePrice(TabularPredictor):
     v2_packed = ("features", tuple(FEATURES))  # FP32/FP64 [-1, 20] in this order
     v2_hidden = ("id",)
     Output = PhonePrediction
-    example = {"battery_power": 842, "blue": 0, "clock_speed": 2.2, "dual_sim": 0, "fc": 1, "four_g": 0,
-               "int_memory": 7, "m_dep": 0.6, "mobile_wt": 188, "n_cores": 2, "pc": 2, "px_height": 20,
-               "px_width": 756, "ram": 2549, "sc_h": 9, "sc_w": 7, "talk_time": 19, "three_g": 0,
-               "touch_screen": 0, "wifi": 1}
+    example = {
+        "battery_power": 842,
+        "blue": 0,
+        "clock_speed": 2.2,
+        "dual_sim": 0,
+        "fc": 1,
+        "four_g": 0,
+        "int_memory": 7,
+        "m_dep": 0.6,
+        "mobile_wt": 188,
+        "n_cores": 2,
+        "pc": 2,
+        "px_height": 20,
+        "px_width": 756,
+        "ram": 2549,
+        "sc_h": 9,
+        "sc_w": 7,
+        "talk_time": 19,
+        "three_g": 0,
+        "touch_screen": 0,
+        "wifi": 1,
+    }
     summary = "Predict a phone's price band (0-3) from its specs"
-    net_module = phone_net  # selects its input columns itself
-    description = ("Ordinal (cumulative-logit) net over the standardised features of the Kaggle Mobile Price "
-                   "dataset that CV selected (all 20 are accepted); chosen by 5x5 repeated cross-validation.")
+    net_module: ClassVar[ModuleType] = phone_net  # selects its input columns itself
+    description = (
+        "Ordinal (cumulative-logit) net over the standardised features of the Kaggle Mobile Price "
+        "dataset that CV selected (all 20 are accepted); chosen by 5x5 repeated cross-validation."
+    )
 
     def to_table(self, batch: list[Phone]) -> np.ndarray:
         return np.array([_features(phone) for phone in batch], dtype=np.float64)
@@ -79,8 +103,10 @@ class PhonePrice(TabularPredictor):
         where = f"{artifact.label}/{self.preprocessor_file}"
         scaler = Standardiser.from_json(artifact.load_json(self.preprocessor_file), where)
         if list(scaler.features) != FEATURES:
-            raise ArtifactError(f"{where} must be a StandardScaler over the {len(FEATURES)} phone features in the "
-                                f"order of the API, not over {list(scaler.features)}")
+            raise ArtifactError(
+                f"{where} must be a StandardScaler over the {len(FEATURES)} phone features in the "
+                f"order of the API, not over {list(scaler.features)}"
+            )
         return scaler
 
     def transform(self, table: np.ndarray) -> np.ndarray:
@@ -92,5 +118,7 @@ class PhonePrice(TabularPredictor):
         # The net's outputs are log-probabilities: softmax gives the probabilities back, normalised.
         probabilities = torch.softmax(torch.from_numpy(outputs), dim=1).numpy()
         bands = probabilities.argmax(axis=1).tolist()
-        return [PhonePrediction(price_range=band, label=LABELS[band], probabilities=p)
-                for band, p in zip(bands, probabilities.astype(np.float64).round(6).tolist())]
+        return [
+            PhonePrediction(price_range=band, label=LABELS[band], probabilities=p)
+            for band, p in zip(bands, probabilities.astype(np.float64).round(6).tolist())
+        ]

@@ -4,6 +4,7 @@ Preprocessors load without unpickling anything: a ``skops`` file restricted to t
 (service/artifacts.py), or, for a plain standard scaler, its numbers in JSON (:class:`Standardiser`)."""
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
@@ -36,8 +37,12 @@ class Standardiser:
 
     def to_json(self) -> dict:
         # Python floats in JSON round-trip exactly, so the served formula gives the fitted scaler's numbers.
-        return {"kind": self.KIND, "features": list(self.features), "mean": self.mean.tolist(),
-                "scale": self.scale.tolist()}
+        return {
+            "kind": self.KIND,
+            "features": list(self.features),
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+        }
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "Standardiser":
@@ -53,8 +58,10 @@ class Standardiser:
         except (TypeError, ValueError) as exc:
             check(False, f"mean and scale must be lists of numbers: {exc}")
         check(mean.shape == scale.shape == (len(features),), "mean, scale and features differ in length")
-        check(bool(np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()),
-              "a mean or scale is not finite, or a scale is not positive")
+        check(
+            bool(np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()),
+            "a mean or scale is not finite, or a scale is not positive",
+        )
         return cls(tuple(features), mean, scale)
 
     def transform(self, table: np.ndarray) -> np.ndarray:
@@ -78,7 +85,7 @@ class TabularPredictor(Predictor):
         self.net.to(device).eval()
 
     @abstractmethod
-    def to_table(self, batch: list[BaseModel]) -> Any:
+    def to_table(self, batch: list[Any]) -> Any:
         """Turn validated inputs into what the preprocessor was fitted on (array or DataFrame)."""
 
     def transform(self, table: Any) -> Any:
@@ -86,10 +93,10 @@ class TabularPredictor(Predictor):
         return self.preprocessor.transform(table)
 
     @abstractmethod
-    def from_outputs(self, outputs: np.ndarray) -> list[BaseModel]:
+    def from_outputs(self, outputs: np.ndarray) -> Sequence[BaseModel]:
         """Turn the net's raw outputs (one row per input) into response objects."""
 
-    def predict(self, batch: list[BaseModel]) -> list[BaseModel]:
+    def predict(self, batch: list[Any]) -> Sequence[BaseModel]:
         features = self.transform(self.to_table(batch))
         x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
         return self.from_outputs(self.net(x).float().cpu().numpy())

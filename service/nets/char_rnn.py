@@ -19,8 +19,9 @@ class CharRNN(nn.Module):
 
     CELLS = {"gru": nn.GRU, "rnn": nn.RNN}
 
-    def __init__(self, vocab_size: int, embedding: int, hidden: int, layers: int, cell: str = "gru",
-                 dropout: float = 0.0):
+    def __init__(
+        self, vocab_size: int, embedding: int, hidden: int, layers: int, cell: str = "gru", dropout: float = 0.0
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embedding)
         self.rnn = self.CELLS[cell](embedding, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
@@ -40,8 +41,14 @@ class CharRNN(nn.Module):
 
 def build(hyperparameters: dict[str, Any], vocab_size: int) -> CharRNN:
     """The net described by a manifest's hyperparameters (training writes the same keys)."""
-    return CharRNN(vocab_size, hyperparameters["embedding"], hyperparameters["hidden"], hyperparameters["layers"],
-                   hyperparameters["cell"], hyperparameters["dropout"])
+    return CharRNN(
+        vocab_size,
+        hyperparameters["embedding"],
+        hyperparameters["hidden"],
+        hyperparameters["layers"],
+        hyperparameters["cell"],
+        hyperparameters["dropout"],
+    )
 
 
 def for_serving(net: CharRNN, device: torch.device) -> CharRNN:

@@ -25,8 +25,12 @@ class FashionCNN(nn.Module):
     sees one view, as before.
     """
 
-    def __init__(self, stages: list[list[int]], hidden: int, dropout: float, head_dropout: float,
-                 mirror_average: bool = False):
+    mean: torch.Tensor  # buffers (register_buffer), typed for the checker
+    std: torch.Tensor
+
+    def __init__(
+        self, stages: list[list[int]], hidden: int, dropout: float, head_dropout: float, mirror_average: bool = False
+    ):
         super().__init__()
         self.mirror_average = mirror_average
         self.register_buffer("mean", torch.tensor(MEAN))
@@ -40,8 +44,13 @@ class FashionCNN(nn.Module):
             layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
         self.features = nn.Sequential(*layers)
         side = SIDE // 2 ** len(stages)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width * side * side, hidden), nn.ReLU(inplace=True),
-                                  nn.Dropout(head_dropout), nn.Linear(hidden, len(NAMES)))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(width * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(head_dropout),
+            nn.Linear(hidden, len(NAMES)),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, 28, 28) pixels in 0-1 -> (N, 10) logits (log-probabilities when mirror-averaged)."""
@@ -56,14 +65,18 @@ class FashionCNN(nn.Module):
 def mirror_averaged(logits: Any, x: torch.Tensor) -> torch.Tensor:
     """The mean of the log-probabilities ``logits`` gives each image and its mirror image, in one pass."""
     both = logits(torch.cat([x, x.flip(-1)])).float().log_softmax(1)
-    return (both[:len(x)] + both[len(x):]) / 2
+    return (both[: len(x)] + both[len(x) :]) / 2
 
 
 def build(hyperparameters: dict[str, Any]) -> FashionCNN:
     """The net described by a manifest's hyperparameters (training writes the same keys)."""
-    return FashionCNN([list(s) for s in hyperparameters["stages"]], hyperparameters["hidden"],
-                      hyperparameters["dropout"], hyperparameters["head_dropout"],
-                      hyperparameters.get("mirror_average", False))
+    return FashionCNN(
+        [list(s) for s in hyperparameters["stages"]],
+        hyperparameters["hidden"],
+        hyperparameters["dropout"],
+        hyperparameters["head_dropout"],
+        hyperparameters.get("mirror_average", False),
+    )
 
 
 class InferenceCNN(nn.Module):
@@ -82,6 +95,9 @@ class InferenceCNN(nn.Module):
     (folded batch norms under autocast), 6.1 ms with this one (README, Fashion under Models).
     """
 
+    mean: torch.Tensor  # buffers (register_buffer), typed for the checker
+    std: torch.Tensor
+
     def __init__(self, net: FashionCNN, dtype: torch.dtype):
         super().__init__()
         self.mirror_average, self.dtype = net.mirror_average, dtype
@@ -90,11 +106,18 @@ class InferenceCNN(nn.Module):
         self.pooled: list[bool] = []  # whether a max pool follows each conv
         for i, layer in enumerate(layers):
             if isinstance(layer, nn.Conv2d):
-                self.convs.append(fuse_conv_bn_eval(layer, layers[i + 1]))
-                self.pooled.append(any(isinstance(later, nn.MaxPool2d) for later in
-                                       itertools.takewhile(lambda m: not isinstance(m, nn.Conv2d), layers[i + 1:])))
+                norm = layers[i + 1]
+                assert isinstance(norm, nn.BatchNorm2d)  # FashionCNN puts one after each conv
+                self.convs.append(fuse_conv_bn_eval(layer, norm))
+                self.pooled.append(
+                    any(
+                        isinstance(later, nn.MaxPool2d)
+                        for later in itertools.takewhile(lambda m: not isinstance(m, nn.Conv2d), layers[i + 1 :])
+                    )
+                )
         self.hidden, self.out = (m for m in net.head if isinstance(m, nn.Linear))
-        self.to(dtype=dtype, memory_format=torch.channels_last)
+        # memory_format is a documented argument of Module.to that its typed overloads leave out
+        self.to(dtype=dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.register_buffer("mean", net.mean.detach().float())  # normalising stays in float32, before the cast
         self.register_buffer("std", net.std.detach().float())
 
@@ -123,9 +146,10 @@ class InferenceCNN(nn.Module):
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool2d(x, 2)`` without the indices: the largest of the four strided views (odd sides drop
     their last row or column, as the pool's floor mode does)."""
-    x = x[..., :x.shape[-2] // 2 * 2, :x.shape[-1] // 2 * 2]
-    return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
-                         torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+    x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+    return torch.maximum(
+        torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]), torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+    )
 
 
 def for_inference(net: FashionCNN, device: torch.device) -> InferenceCNN:
@@ -137,4 +161,6 @@ def bf16_is_fast(device: torch.device) -> bool:
     """Whether bfloat16 matrix maths runs natively here (AVX512-BF16 or AMX on a CPU, or a recent GPU)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )

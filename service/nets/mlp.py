@@ -13,8 +13,9 @@ class MLP(nn.Module):
     is mostly linear, as for phones, the hidden layers only learn the residual and overfit less.
     """
 
-    def __init__(self, in_features: int, hidden: list[int], out_features: int, dropout: float = 0.0,
-                 skip: bool = False):
+    def __init__(
+        self, in_features: int, hidden: list[int], out_features: int, dropout: float = 0.0, skip: bool = False
+    ):
         super().__init__()
         self.skip = nn.Linear(in_features, out_features) if skip else None
         layers: list[nn.Module] = []
@@ -32,5 +33,10 @@ class MLP(nn.Module):
 
 def build(hyperparameters: dict[str, Any]) -> MLP:
     """The net described by a manifest's hyperparameters (training writes the same keys)."""
-    return MLP(hyperparameters["in_features"], list(hyperparameters["hidden"]), hyperparameters["out_features"],
-               hyperparameters["dropout"], hyperparameters.get("skip", False))
+    return MLP(
+        hyperparameters["in_features"],
+        list(hyperparameters["hidden"]),
+        hyperparameters["out_features"],
+        hyperparameters["dropout"],
+        hyperparameters.get("skip", False),
+    )

@@ -22,12 +22,15 @@ class OrdinalNet(nn.Module):
     as for a net with a softmax head. ``hidden > 0`` adds a one-layer ReLU residual to the linear score.
     """
 
+    inputs: torch.Tensor  # a buffer (register_buffer), typed for the checker
+
     def __init__(self, inputs: list[int], classes: int, hidden: int = 0):
         super().__init__()
         self.register_buffer("inputs", torch.tensor(inputs, dtype=torch.long), persistent=False)
         self.linear = nn.Linear(len(inputs), 1, bias=False)  # the thresholds play the bias's part
-        self.residual = nn.Sequential(nn.Linear(len(inputs), hidden), nn.ReLU(), nn.Linear(hidden, 1)) \
-            if hidden else None
+        self.residual = (
+            nn.Sequential(nn.Linear(len(inputs), hidden), nn.ReLU(), nn.Linear(hidden, 1)) if hidden else None
+        )
         self.first = nn.Parameter(torch.zeros(1))
         self.gaps = nn.Parameter(torch.zeros(classes - 2))  # softplus: thresholds stay strictly increasing
 
@@ -43,8 +46,11 @@ class OrdinalNet(nn.Module):
         # P(band k) = sigmoid(s - t[k-1]) - sigmoid(s - t[k]), in logs without cancellation:
         # sigmoid(a) - sigmoid(b) = sigmoid(a) * sigmoid(-b) * (1 - exp(b - a)), where b - a = -gap.
         lowest = F.logsigmoid(thresholds[:1] - score)
-        middle = F.logsigmoid(score - thresholds[:-1]) + F.logsigmoid(thresholds[1:] - score) \
+        middle = (
+            F.logsigmoid(score - thresholds[:-1])
+            + F.logsigmoid(thresholds[1:] - score)
             + torch.log(-torch.expm1(-gaps))
+        )
         highest = F.logsigmoid(score - thresholds[-1:])
         return torch.cat([lowest, middle, highest], dim=1)
 

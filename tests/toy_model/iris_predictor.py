@@ -1,4 +1,4 @@
-"""Iris species from four flower measurements: the toy fifth model that tests/test_adding_a_model.py adds
+"""Iris species from four flower measurements: the toy fifth model that tests/e2e/test_adding_a_model.py adds
 to a copy of the project, by exactly the README's steps. It is copied to service/models/iris.py there."""
 
 import numpy as np

@@ -1,0 +1,1 @@
+"""HTTP: the protocol class, the middleware, the model, operations, admin and docs routes, errors."""

@@ -1,0 +1,1 @@
+"""The runtime: batching, the model registry and its versions, worker processes, metrics, memory."""

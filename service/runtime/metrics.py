@@ -1,0 +1,114 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never clash).
+
+With several worker processes (``PROMETHEUS_MULTIPROC_DIR`` set, see service/runtime/workers.py) each worker writes
+its values to files there and :meth:`Metrics.exposition` adds up every worker's, so ``/metrics`` describes
+the whole server whichever worker answers; the queue depth and open connections are kept per live worker (a
+``pid`` label): a dead worker's series leave with it (service/runtime/workers.py), so their sum is the server's now.
+"""
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "http_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds", "Request latency by route.", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "model_batch_size", "Items per forward pass.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "model_inference_seconds",
+            "Time of one batched forward pass.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "model_queue_depth",
+            "Items waiting for a forward pass (per worker process).",
+            ["model"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.open_connections = Gauge(
+            "http_open_connections",
+            "Open HTTP connections (per worker process).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.model_up = Gauge(
+            "model_up",
+            "1 if the model is loaded and serving, else 0.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )  # 0 if any live worker lacks the model
+
+        # Versions: compare a canary with the version it may replace (same buckets as the routes' latency).
+        self.version_requests = Counter(
+            "model_version_requests",
+            "Model requests by version and outcome (ok, invalid: the input was refused, error: anything else).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.version_latency = Histogram(
+            "model_version_request_duration_seconds",
+            "Model request latency by version (queue and forward pass).",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.version_loads = Counter(
+            "model_version_loads",
+            "Versions loaded at run time, by outcome (ready, failed).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.version_share = Gauge(
+            "model_version_traffic_share",
+            "Share of a model's requests each version gets "
+            "(1 for the default, the split's weights during a canary, 0 once replaced).",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._versions: dict[str, set[str]] = {}
+
+    def known_versions(self, model: str) -> set[str]:
+        """Versions this process has given a traffic share (so a replaced one can be set back to 0)."""
+        return self._versions.setdefault(model, set())
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text of /metrics and its content type: this app's registry, or every worker's values."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return generate_latest(merged), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def batch_observer(self, model: str):
+        """A callback for the batcher: record one forward pass."""
+        size, seconds, depth = (
+            self.batch_size.labels(model),
+            self.inference.labels(model),
+            self.queue_depth.labels(model),
+        )
+
+        def observe(batch: int, elapsed: float, waiting: int) -> None:
+            size.observe(batch)
+            seconds.observe(elapsed)
+            depth.set(waiting)
+
+        return observe
