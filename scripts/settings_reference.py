@@ -8,8 +8,7 @@ Two uses:
   ``python scripts/settings_reference.py --missing`` lists the fields whose ``Field`` has no description.
 
 Each row gives the environment variable (``SERVE_<NAME>``), the type, the default, the bounds and the field's
-own description. A field without a description in the code takes the text in ``FALLBACK`` below, marked as
-such, until the code gets one (the code's description always wins).
+own description; a field without one is a warning, which fails the strict build.
 """
 
 from __future__ import annotations
@@ -25,21 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- settings-reference -->"
 log = logging.getLogger("mkdocs.hooks.settings_reference")
-
-# Descriptions for fields whose Field(...) has none yet: shown in italics with a note, until the code says it.
-FALLBACK = {
-    "host": "Address `python -m service` binds to; `0.0.0.0` to accept connections from other machines.",
-    "port": "HTTP port of `python -m service` (REST routes, the v2 REST protocol, the docs pages, /metrics).",
-    "artifacts_dir": "Folder holding one folder per model, each a repository of versions (`<model>/<version>/`).",
-    "device": "Where the models run: `auto` (CUDA if a GPU is visible, else the CPU), `cpu` or `cuda`.",
-    "default_batching": "Batching policy of every model without its own entry in SERVE_BATCHING "
-    "(the keys are in the BatchPolicy table below).",
-    "batching": "Per-model batching policy that replaces the default for that model, e.g. "
-    '`{"fashion": {"max_batch_size": 128, "threads": 1}}`.',
-    "cors_origins": "Browser origins allowed to call the service (JSON list); empty: no CORS headers.",
-    "log_json": "Write one JSON object per log line instead of the plain `key=value` format.",
-    "log_level": "Log level of the service's loggers (DEBUG, INFO, WARNING, ERROR).",
-}
 
 
 def _settings_classes():
@@ -121,8 +105,7 @@ def _cell(text: str) -> str:
 def _description(name: str, field) -> str:
     if field.description:
         return _cell(field.description)
-    if name in FALLBACK:
-        return _cell(FALLBACK[name]) + " *(described here; the code has no description yet)*"
+    log.warning("the setting %s has no description in service/settings.py: give its Field one", name)
     return "*(no description yet)*"
 
 

@@ -34,9 +34,12 @@ class BatchPolicy(BaseModel):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SERVE_", env_nested_delimiter="__", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    artifacts_dir: Path = PROJECT_ROOT / "artifacts"
+    host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 for every interface (the container).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    artifacts_dir: Path = Field(
+        PROJECT_ROOT / "artifacts",
+        description=("The folder of model folders, each holding versions (artifacts/<model>/<version>/)."),
+    )
     models: list[str] | None = Field(
         None,
         description=('Names of the models to serve (JSON list), e.g. ["phone-price", "fashion"]; unset: every model.'),
@@ -50,13 +53,22 @@ class Settings(BaseSettings):
             "this process may use (affinity and cgroup quota)."
         ),
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description=("Where the models run: cuda, cpu, or auto (cuda when a GPU is visible).")
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
 
     # Batching and backpressure; `batching` overrides the default per model, e.g.
     # SERVE_BATCHING='{"fashion": {"max_batch_size": 128, "max_wait_ms": 2}}'.
-    default_batching: BatchPolicy = BatchPolicy()
-    batching: dict[str, BatchPolicy] = {}
+    default_batching: BatchPolicy = Field(
+        BatchPolicy(), description="Every model's batching policy, unless `batching` names it."
+    )
+    batching: dict[str, BatchPolicy] = Field(
+        {},
+        description=(
+            'A policy per model, replacing the default, e.g. {"fashion": {"max_batch_size": 128, "max_wait_ms": 2}}.'
+        ),
+    )
     max_queue: int = Field(
         4096,
         ge=1,
@@ -151,7 +163,7 @@ class Settings(BaseSettings):
             "(callers with a valid key always see them)."
         ),
     )
-    cors_origins: list[str] = []
+    cors_origins: list[str] = Field([], description="Browser origins allowed to call the API (JSON list); unset: none.")
     grpc_port: int | None = Field(
         None,
         ge=1,
@@ -226,8 +238,8 @@ class Settings(BaseSettings):
 
     benchmark_routes: bool = Field(False, description="Add POST /{model}/noop (validation only) for benchmarks.")
 
-    log_json: bool = False
-    log_level: str = "INFO"
+    log_json: bool = Field(False, description="One JSON object per log line (for log collectors), else plain text.")
+    log_level: str = Field("INFO", description="The service's log level: DEBUG, INFO, WARNING or ERROR.")
 
     def policy(self, model: str) -> BatchPolicy:
         return self.batching.get(model, self.default_batching)
