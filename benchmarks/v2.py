@@ -91,7 +91,10 @@ def perf_analyzer_env() -> tuple[str, dict] | str:
     if not Path(binary).is_file():
         return "no perf_analyzer binary (it comes with the tritonclient wheel)"
     env = dict(os.environ)
-    spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    except ModuleNotFoundError:  # no "nvidia" package at all
+        spec = None
     if spec and spec.submodule_search_locations:
         lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
         env["LD_LIBRARY_PATH"] = f"{lib}:{env.get('LD_LIBRARY_PATH', '')}"

@@ -7,12 +7,10 @@ requests (up to 30 s), then drains the batchers.
 
 import argparse
 
-from service.runtime.memory import large_allocations_returned_at_once
 from service.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> None:
-    large_allocations_returned_at_once()  # before any thread starts (service/runtime/memory.py says why)
     settings = Settings()
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default=settings.host, help="bind address (default: %(default)s, SERVE_HOST)")

@@ -15,23 +15,9 @@ import sys
 import threading
 
 TRIM_AFTER_BYTES = 1 << 20  # a request body (or gRPC message) larger than this asks for a trim
-MMAP_THRESHOLD = 1 << 20  # allocations from this size up get pages of their own, returned when freed
 TRIM_EVERY_S = 1.0
 
 _wanted = threading.Event()  # a trim was asked for (set from any thread; the loop below clears it)
-
-
-def large_allocations_returned_at_once() -> None:
-    """Make glibc give every allocation of a megabyte or more its own pages, unmapped when freed. By default
-    it raises this threshold to the largest block freed so far (up to 32 MB), after which a request's
-    megabyte copies come from the heap and stay there, fragmented: 32 callers of 3.9 MB gRPC messages left
-    a server 560 MB larger for good. Call it before threads start (``python -m service`` does, first)."""
-    if _mallopt is not None:
-        _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
 
 
 _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
