@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, field_serializer, field_validator
 
 from service.artifacts import Artifact
 from service.models.base import JsonInt, Predictor, StrictInput, UploadRoute
-from service.models.fashion import images
+from service.models.fashion.images import BLANK_CONTRAST, MEDIA_TYPES, to_dataset_pixels
 from service.nets import fashion_cnn
 from service.nets.fashion_cnn import NAMES, SIDE
 
@@ -138,7 +138,7 @@ class Fashion(Predictor):
         description="Any size; a light background is inverted, the garment is cropped, fitted into 28x28 "
         "and centred like the dataset, then classified by the same model as POST /fashion.",
         file_description="A PNG, JPEG, WebP, GIF (first frame) or BMP picture of one garment.",
-        media_types=images.MEDIA_TYPES,
+        media_types=MEDIA_TYPES,
         Options=UploadOptions,
         errors={
             413: "The body is over the size limit, or the image has more pixels than SERVE_MAX_IMAGE_PIXELS "
@@ -156,7 +156,7 @@ class Fashion(Predictor):
         self.net = fashion_cnn.for_inference(net.to(device).eval(), device)
 
     def decode(self, data: bytes, options: UploadOptions) -> FashionImage:
-        pixels = images.to_dataset_pixels(data, self.settings.max_image_pixels)
+        pixels = to_dataset_pixels(data, self.settings.max_image_pixels)
         # the field holds the checked array (see _pixels), while its annotation is the JSON shape
         return FashionImage.model_construct(pixels=pixels, top_k=options.top_k)  # type: ignore[arg-type]
 
@@ -164,7 +164,7 @@ class Fashion(Predictor):
         pixels = np.stack([item.pixels for item in batch])[:, None] / np.float32(255)
         logits = self.net(torch.from_numpy(pixels).to(self.device))
         probabilities = torch.softmax(logits, dim=1).cpu().numpy()
-        blank = np.ptp(pixels.reshape(len(batch), -1), axis=1) * 255 < images.BLANK_CONTRAST
+        blank = np.ptp(pixels.reshape(len(batch), -1), axis=1) * 255 < BLANK_CONTRAST
         return [self._prediction(p, item.top_k, bool(b)) for p, item, b in zip(probabilities, batch, blank)]
 
     @staticmethod
