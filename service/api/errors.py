@@ -86,13 +86,15 @@ def service_error(request: Request, exc: ServiceError) -> JSONResponse:
 def error_response(
     path: str, status: int, message: str, retry_after: int | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    body = {"detail": message, "error": message} if is_v2(path) else {"detail": message}
+    body = error_body(path, message)
     extra = {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after else {})}
     return JSONResponse(body, status_code=status, headers=extra or None)
 
 
-def is_v2(path: str) -> bool:
-    return path == "/v2" or path.startswith("/v2/")
+def error_body(path: str, message: str) -> dict[str, str]:
+    """An error's body: ``{"detail": ...}``; on the v2 protocol's paths the same text as ``"error"`` too, which
+    its clients read. The middleware's own refusals (401, 413, 503) take theirs from here as well."""
+    return {"detail": message, "error": message} if path == "/v2" or path.startswith("/v2/") else {"detail": message}
 
 
 async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from service.api.errors import error_body
 from service.runtime.memory import TRIM_AFTER_BYTES, trim_soon
 from service.runtime.metrics import Metrics
 
@@ -23,9 +24,8 @@ log = logging.getLogger("service.access")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
-async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]], v2: bool = False) -> None:
-    # the Open Inference Protocol's clients read {"error": ...}; ours, {"detail": ...}
-    payload = json.dumps({**body, "error": body["detail"]} if v2 else body).encode()
+async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]], path: str) -> None:
+    payload = json.dumps(error_body(path, body["detail"])).encode()
     await send(
         {
             "type": "http.response.start",
@@ -131,7 +131,7 @@ class RequestContextMiddleware:
         status = 500
         refused = False  # set once this middleware has answered 413 itself
         limit = self.gate.body_limit(scope["path"])
-        v2 = scope["path"] == "/v2" or scope["path"].startswith("/v2/")  # its clients read {"error": ...}
+        path = scope["path"]
         too_large = {
             "detail": f"request body is larger than the limit of {limit} bytes for {scope['path']}; "
             "send a smaller body (a batch: fewer instances per request)"
@@ -154,7 +154,7 @@ class RequestContextMiddleware:
             received += len(message.get("body", b""))
             if received > limit and not refused:
                 refused, status = True, 413
-                await _send_json(send, 413, too_large, [id_header], v2)
+                await _send_json(send, 413, too_large, [id_header], path)
                 return {"type": "http.disconnect"}
             return message
 
@@ -173,11 +173,11 @@ class RequestContextMiddleware:
                     401,
                     ADMIN_UNAUTHORIZED if admin else UNAUTHORIZED,
                     [id_header, (b"www-authenticate", b"Bearer")],
-                    v2,
+                    path,
                 )
             elif declared is not None and declared.isdigit() and int(declared) > limit:
                 status = 413  # refuse before reading a byte of the body
-                await _send_json(send, 413, too_large, [id_header], v2)
+                await _send_json(send, 413, too_large, [id_header], path)
             else:
                 # Bodies in flight are bounded as a whole: each holds what it may grow to (its declared length,
                 # or its route's limit when sent in chunks) until it is answered; a request without a body
@@ -199,7 +199,7 @@ class RequestContextMiddleware:
                             )
                         },
                         [id_header, (b"retry-after", b"1")],
-                        v2,
+                        path,
                     )
                 else:
                     self.inflight_bytes += hold
