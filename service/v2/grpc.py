@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service.api.middleware import SAFE_REQUEST_ID, Gate
+from service.api.middleware import SAFE_REQUEST_ID, Gate, new_request_id
 from service.errors import ServiceError, grpc_code_name
 from service.runtime.memory import TRIM_AFTER_BYTES, trim_soon
 from service.runtime.metrics import Metrics
@@ -86,7 +85,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 def request_id_of(metadata: dict[str, Any]) -> str:
     """The caller's x-request-id metadata if it is a plain token (it goes into logs), else a new one."""
     given = metadata.get("x-request-id", "")
-    return given if isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return given if isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given) else new_request_id()
 
 
 OPEN_METHODS = frozenset(
@@ -118,13 +117,38 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     def __init__(self, gate: Gate, metrics: Metrics, max_calls: int, read_timeout_s: float):
         self.gate, self.metrics, self.max_calls, self.read_timeout_s = gate, metrics, max_calls, read_timeout_s
-        self.waiting: dict[asyncio.Task, None] = {}  # calls waiting for their message, oldest first
+        self.waiting: dict[asyncio.Task, float] = {}  # calls waiting for their message, since when, oldest first
         self.working = 0  # calls with their message, being answered
-        self.evicted: set[asyncio.Task] = set()  # waiting calls told to give their place
+        self.evicted: dict[asyncio.Task, tuple[str, str]] = {}  # waiting calls told to stop, with the reason
+        self.sweeper: asyncio.Task | None = None  # started with the server (start_grpc)
+        self.counters: dict[tuple[str, str], Any] = {}  # the metrics' labelled children, looked up once
+
+    async def sweep(self) -> None:
+        """End the calls whose message has not come within the read timeout, a few times a second (one task
+        for all: a timer per call cost a twentieth of a small call)."""
+        interval = min(0.25, self.read_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.perf_counter()
+            for task, since in list(self.waiting.items()):  # oldest first: stop at the first in time
+                if now - since < self.read_timeout_s:
+                    break
+                self._evict(
+                    task,
+                    "DEADLINE_EXCEEDED",
+                    f"the request message did not arrive within {self.read_timeout_s:g} s "
+                    "(SERVE_REQUEST_READ_TIMEOUT_S); send it at once",
+                )
+
+    def _evict(self, task: asyncio.Task, code: str, why: str) -> None:
+        self.waiting.pop(task, None)
+        self.evicted[task] = (code, why)
+        task.cancel()  # the call answers for itself, in _receive
 
     async def intercept_service(self, continuation, details):
         metadata = dict(details.invocation_metadata or ())
-        method = details.method
+        handler = await continuation(details)  # finds the method's handler: nothing is read yet
+        method = details.method if handler is not None else "unknown"  # no label per name a client makes up
         keys = {k.encode(): v.encode() for k, v in metadata.items() if isinstance(v, str)}
         if self.gate.api_keys and method not in OPEN_METHODS and not self.gate.has_valid_key(keys):
 
@@ -135,7 +159,6 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 )
 
             return grpc.stream_unary_rpc_method_handler(refuse)
-        handler = await continuation(details)
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler  # unknown (UNIMPLEMENTED), or the health service's Watch
 
@@ -168,7 +191,6 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     async def _receive(self, context, method: str, request_id: str, start: float):
         """The call's message, within the read timeout and the process's cap on calls."""
-        failure = None
         if len(self.waiting) + self.working >= self.max_calls:
             if not self.waiting:
                 await self._finish(
@@ -184,38 +206,25 @@ class CallGuard(grpc.aio.ServerInterceptor):
                         ),
                     ),
                 )
-            oldest = next(iter(self.waiting))
-            self.waiting.pop(oldest)
-            self.evicted.add(oldest)
-            oldest.cancel()  # the longest-waiting call gives its place (it answers for itself, below)
-        task = asyncio.current_task()
-        assert task is not None
-        self.waiting[task] = None
-        request = None
-        try:
-            async with asyncio.timeout(self.read_timeout_s):
-                request = await context.read()
-        except asyncio.CancelledError:
-            if task not in self.evicted:
-                raise
-            self.evicted.discard(task)
-            task.uncancel()  # a cancelled handler alone would leave its call open: end it with a status
-            failure = (
+            self._evict(  # the longest-waiting call gives its place
+                next(iter(self.waiting)),
                 "UNAVAILABLE",
                 (
                     f"this call waited longest for its message while the server holds its limit of "
-                    f"{self.max_calls} gRPC calls (SERVE_GRPC_MAX_CALLS); send the message with "
-                    "the call, and retry"
+                    f"{self.max_calls} gRPC calls (SERVE_GRPC_MAX_CALLS); send the message with the call, and retry"
                 ),
             )
-        except TimeoutError:
-            failure = (
-                "DEADLINE_EXCEEDED",
-                (
-                    f"the request message did not arrive within {self.read_timeout_s:g} s "
-                    "(SERVE_REQUEST_READ_TIMEOUT_S); send it at once"
-                ),
-            )
+        task = asyncio.current_task()
+        assert task is not None
+        self.waiting[task] = start
+        request, failure = None, None
+        try:
+            request = await context.read()
+        except asyncio.CancelledError:
+            failure = self.evicted.pop(task, None)
+            if failure is None:
+                raise
+            task.uncancel()  # a cancelled handler alone would leave its call open: end it with a status
         except Exception:  # a message over the cap (RESOURCE_EXHAUSTED), a broken stream: what grpc held is freed
             trim_soon()
             raise
@@ -234,8 +243,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
         """The access log line and metrics of one call; with a failure, the call ends with its code."""
         code = failure[0] if failure else "OK"
         elapsed = time.perf_counter() - start
-        self.metrics.requests.labels(method, "GRPC", code).inc()
-        self.metrics.latency.labels(method).observe(elapsed)
+        counted = self.counters.get((method, code))
+        if counted is None:
+            counted = self.counters[(method, code)] = (
+                self.metrics.requests.labels(method, "GRPC", code),
+                self.metrics.latency.labels(method),
+            )
+        counted[0].inc()
+        counted[1].observe(elapsed)
         log.info(
             "request",
             extra={
@@ -274,6 +289,7 @@ async def start_grpc(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    guard.sweeper = asyncio.create_task(guard.sweep(), name="grpc-read-timeouts")
     status = health_pb2.HealthCheckResponse.SERVING if plane.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
     await health_servicer.set("", status)
     await health_servicer.set("inference.GRPCInferenceService", status)
