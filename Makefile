@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test test-fast test-fast-unit test-fast-connections test-fast-integration test-e2e lint train bench docs clean lock check-lock
+.PHONY: serve test test-fast test-fast-unit test-fast-connections test-fast-integration test-e2e lint train train-deps bench docs clean lock check-lock
 
 # Installs come from the lock files, exact versions with hashes (pip's hash-checking mode):
 #   requirements.lock      what serving needs (the Docker image installs it too)
@@ -98,8 +98,11 @@ lint: $(BIN)/.dev  ## ruff (lint, then format --check) and mypy (pyproject.toml 
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-train: $(BIN)/.dev  ## retrain every model on ../shared/data (or $$DATA_DIR)
-	$(BIN)/python -m training all
+MODEL ?= all
+train: $(BIN)/.dev  ## retrain MODEL (default: all) on ../shared/data (or $$DATA_DIR), e.g. make train MODEL=phone-price
+	$(BIN)/python -m training $(MODEL)
+
+train-deps: $(BIN)/.dev  ## install what training needs (the train extra, from the dev lock) without training
 
 bench: $(BIN)/.dev
 	$(BIN)/python -m benchmarks.load --rounds 5 --duration 3

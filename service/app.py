@@ -18,6 +18,7 @@ from service.api.docs import add_docs, describe_uploads_as_binary
 from service.api.errors import add_error_handlers
 from service.api.middleware import Gate, RequestContextMiddleware, configure_logging
 from service.api.ops import ops_router
+from service.api.reports import reports_router
 from service.api.routes import BODY_LIMIT, model_router
 from service.catalog import MODELS, Model
 from service.runtime.control import Control
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     v2 = v2_router(plane, hot=app.router)
     model_routers = [model_router(entry, registry, hot=app.router) for entry in registry.entries.values()]
     app.include_router(ops_router(registry))
+    app.include_router(reports_router(registry))
     add_docs(app)
     describe_uploads_as_binary(app)
     app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs

@@ -136,6 +136,23 @@ def publish_version(staging: Path) -> Path:
     return target
 
 
+class QualityGate(BaseModel):
+    """Training's verdict on a version before it was published: its repeated-CV score against plain baselines
+    fitted on the same folds, the version served before it, and a floor kept per model."""
+
+    metric: str = Field(description="The score compared, e.g. cv_accuracy_mean or cv_rmse_log_mean.")
+    higher_is_better: bool
+    score: float
+    baselines: dict[str, float] = Field(description="Each baseline's score on the same folds (or split).")
+    floor: float = Field(description="The worst score a version of this model may have and still serve.")
+    committed: dict[str, Any] | None = Field(
+        None, description="The newest servable version before this one: {version, score}, where there was one."
+    )
+    passed: bool
+    reasons: list[str] = Field([], description="Why it did not pass (empty when it did).")
+    forced: bool = Field(False, description="Published anyway with --force: never made the default on its own.")
+
+
 class Manifest(BaseModel):
     name: str
     version: str
@@ -150,6 +167,16 @@ class Manifest(BaseModel):
     data: dict[str, str] = Field(description="sha256 of each training data file.")
     files: dict[str, str] = Field(description="sha256 of each artifact file.")
     extra: dict[str, Any] = {}
+    gate: QualityGate | None = Field(None, description="The quality gate's verdict (absent: trained before gates).")
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the server must not make this version its default on its own (an admin may still pin it)."""
+        if self.quick:
+            return "a --quick smoke-test version (trained on a data slice)"
+        if self.gate is not None and not self.gate.passed:
+            return "a version that failed training's quality gate (" + "; ".join(self.gate.reasons) + ")"
+        return None
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -384,6 +411,7 @@ def write_artifact(
     extra: dict | None = None,
     quick: bool = False,
     version: str | None = None,
+    gate: QualityGate | None = None,
 ) -> Manifest:
     """Hash every file already written to ``folder`` and write its manifest last (sign it afterwards)."""
     files = {
@@ -405,6 +433,7 @@ def write_artifact(
         data={p.name: sha256_file(p) for p in data_files},
         files=files,
         extra=extra or {},
+        gate=gate,
     )
     (folder / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.app import create_app
-from service.artifacts import publish_version, staging_folder, write_artifact
+from service.artifacts import QualityGate, publish_version, staging_folder, write_artifact
 from service.catalog import Model
 from service.models.base import InputError, InputRejected, Predictor, UploadRoute
 from service.settings import Settings
@@ -88,7 +88,9 @@ class Doubler(Predictor):
 DOUBLER = Model("doubler", "tests.stubs:Doubler")
 
 
-def write_stub_artifacts(artifacts_dir: Path, quick: bool = False, version: str | None = None) -> Path:
+def write_stub_artifacts(
+    artifacts_dir: Path, quick: bool = False, version: str | None = None, gate: QualityGate | None = None
+) -> Path:
     """An artifacts folder holding the stub's (empty, but verified like any other) artifact."""
     folder = staging_folder(artifacts_dir / DOUBLER.folder)
     write_artifact(
@@ -100,6 +102,7 @@ def write_stub_artifacts(artifacts_dir: Path, quick: bool = False, version: str 
         data_files=[],
         quick=quick,
         version=version,
+        gate=gate,
     )
     publish_version(folder)
     return artifacts_dir

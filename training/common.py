@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,13 +21,8 @@ from tqdm.auto import tqdm
 
 from service.artifacts import TRUSTED_TYPES, Manifest, skops_types, staging_folder, write_artifact
 from service.settings import PROJECT_ROOT
-
-DATA_DIR_ENV = "DATA_DIR"
-
-
-def default_data_dir() -> Path:
-    """``$DATA_DIR`` if set, else ``../shared/data`` beside the project checkout."""
-    return Path(os.environ.get(DATA_DIR_ENV) or PROJECT_ROOT.parent / "shared" / "data")
+from training.datacheck import DATA_DIR_ENV, default_data_dir
+from training.gate import judge
 
 
 @dataclass
@@ -254,6 +249,7 @@ def save_artifact(
         "history": history.epochs,
     }
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    gate = judge(name, metrics, data_files, folder.parent)  # against the versions beside the new one
     manifest = write_artifact(
         folder,
         name=name,
@@ -263,9 +259,56 @@ def save_artifact(
         data_files=data_files,
         extra=extra,
         quick=quick,
+        gate=gate,
     )
     print(
         f"wrote {name} version {manifest.version}: "
         + ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict))
     )
     return manifest
+
+
+def plot_predicted_vs_actual(
+    actual: np.ndarray, predicted: np.ndarray, halfwidth: float, path: Path, title: str
+) -> None:
+    """Actual against predicted, both given as logs (log price), drawn in dollars on log axes: the identity
+    line and the interval band ``predicted -/+ halfwidth`` in log space (a constant ratio exp(halfwidth) on
+    these axes); the points outside the band are drawn in another colour and their share named."""
+    plt = pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    actual, predicted = np.asarray(actual, dtype=np.float64).ravel(), np.asarray(predicted, dtype=np.float64).ravel()
+    outside = np.abs(actual - predicted) > halfwidth
+    fig, ax = plt.subplots(figsize=(5.6, 5.2))
+    line = np.linspace(min(actual.min(), predicted.min()), max(actual.max(), predicted.max()), 100)
+    ax.fill_between(
+        np.exp(line),
+        np.exp(line - halfwidth),
+        np.exp(line + halfwidth),
+        color="tab:blue",
+        alpha=0.15,
+        label=f"interval: predicted ×/÷ {np.exp(halfwidth):.3f}",
+    )
+    ax.plot(np.exp(line), np.exp(line), color="black", linewidth=1, label="actual = predicted")
+    ax.scatter(np.exp(predicted[~outside]), np.exp(actual[~outside]), s=4, alpha=0.35, color="tab:blue")
+    ax.scatter(
+        np.exp(predicted[outside]),
+        np.exp(actual[outside]),
+        s=6,
+        alpha=0.6,
+        color="tab:red",
+        label=f"outside the band: {outside.mean():.1%} of {len(actual)}",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # $50k, $100k, $200k ... rather than crowded powers of ten
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"${value / 1000:,.0f}k"))
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("predicted (log scale)")
+    ax.set_ylabel("actual (log scale)")
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -195,6 +195,8 @@ def train(opts: Options) -> Manifest:
     matrix = confusion_matrix(true, predicted, labels=range(len(NAMES)))
     metrics = {
         "val_accuracy": round(float((predicted == true).mean()), 4),
+        # the quality gate's baseline: the class most frequent in the training rows, on the same validation rows
+        "baselines": {"majority class": round(float((true == np.bincount(labels[train_idx]).argmax()).mean()), 4)},
         "val_loss": round(history.epochs[history.best_epoch - 1]["val_loss"], 4),
         "parameters": sum(p.numel() for p in net.parameters()),
         "train_seconds": history.seconds,

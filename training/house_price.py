@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.compose import ColumnTransformer
+from sklearn.dummy import DummyRegressor
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import Lasso, Ridge
@@ -44,6 +45,7 @@ from training.common import (
     Options,
     epochs_of,
     plot_history,
+    plot_predicted_vs_actual,
     save_artifact,
     save_preprocessor,
     seed_everything,
@@ -86,7 +88,9 @@ LINEAR_PATH_ALONE = "lasso alpha=0.0005, atypical sales dropped (the net's linea
 ABLATIONS = {"net members alone (linear weight 0)": {"linear_weight": 0.0}, LINEAR_PATH_ALONE: {"linear_weight": 1.0}}
 # Tuned on the same folds and the same features (the derived columns took the old preprocessing's ridge
 # from 0.1084 to 0.1078, the lasso with atypical sales dropped from 0.1063 to 0.1056).
+MEAN_PRICE = "mean log price of the training rows"  # the quality gate's floor of floors
 BASELINES: dict[str, Callable[[], Any]] = {
+    MEAN_PRICE: DummyRegressor,
     **{f"ridge alpha={a}": partial(Ridge, alpha=a) for a in (3.0, 10.0, 30.0, 100.0)},
     **{f"lasso alpha={a}": partial(Lasso, alpha=a, max_iter=20_000) for a in (5e-4, 1e-3, 2e-3)},
     "lasso alpha=0.001, atypical sales dropped": lambda: TypicalSalesOnly(Lasso(alpha=1e-3, max_iter=20_000)),
@@ -406,7 +410,7 @@ def select(folds: Folds, baselines: list[str], nets: list[str]) -> tuple[dict, s
     """(CV table, served net, best baseline): the net candidate and the baseline with the lowest mean RMSE."""
     blends = {**{name: NET_CANDIDATES[name] for name in nets}, **ABLATIONS}
     candidates = {name: folds.net(name, overrides) for name, overrides in blends.items()}
-    candidates |= {name: folds.baseline(BASELINES[name]) for name in baselines}
+    candidates |= {name: folds.baseline(BASELINES[name]) for name in [*baselines, MEAN_PRICE]}
     table = cross_validate(folds.y, candidates, {"rmse_log_price": rmse}, folds.protocol, desc="house-price")
     mean = {name: row["rmse_log_price_mean"] for name, row in table.items()}
     return table, min(nets, key=mean.__getitem__), min([*baselines, LINEAR_PATH_ALONE], key=mean.__getitem__)
@@ -449,8 +453,13 @@ def fit_and_save(opts: Options) -> Manifest:
     net, history = fit_net(x, y, hp)
 
     row = table[served]
+    linear = [name for name in table if name.startswith(("ridge", "lasso"))]
     metrics = {
         "cv_rmse_log_price_mean": row["rmse_log_price_mean"],
+        "baselines": {  # the mean log price of each fold's training rows, and the best linear model
+            "mean price": table[MEAN_PRICE]["rmse_log_price_mean"],
+            "best linear model": min(table[name]["rmse_log_price_mean"] for name in linear),
+        },
         "cv_rmse_log_price_sd": row["rmse_log_price_sd"],
         **interval_under_cv(y, out_of_fold, protocol, hp["interval_level"]),
         "train_rmse_log_price": round(rmse(predict(net, x), y), 4),
@@ -495,6 +504,14 @@ def fit_and_save(opts: Options) -> Manifest:
         ["train_loss", "train_rmse"],
         f"house-price net refitted on the typical sales of all {len(y)} rows: members' loss, blend's RMSE "
         f"({hp['epochs']} epochs, no validation split)",
+    )
+    plot_predicted_vs_actual(  # every repeat's out-of-fold prediction of every row: what the interval is fit on
+        np.tile(y, protocol.repeats),
+        out_of_fold,
+        hp["interval_90_log_halfwidth"],
+        folder / "predicted_vs_actual.png",
+        f"house-price: out-of-fold predictions ({protocol.repeats}x repeated {protocol.folds}-fold CV, "
+        f"{len(y)} rows) and the {hp['interval_level']:.0%} conformal interval",
     )
     return save_artifact(
         folder,

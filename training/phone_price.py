@@ -291,8 +291,13 @@ def fit_and_save(opts: Options) -> Manifest:
     net, history = fit_net(scaler.transform(x), y, hp)
 
     row = table[served.name]
+    majority = int(np.bincount(y).argmax())  # the most frequent class, scored on the same validation folds
     metrics = {
         "cv_accuracy_mean": row["accuracy_mean"],
+        "baselines": {
+            "majority class": round(float(np.mean([np.mean(y[rows] == majority) for rows, _ in out_of_fold])), 4),
+            **{family: table[best]["accuracy_mean"] for family, best in baselines.items()},
+        },
         "cv_accuracy_sd": row["accuracy_sd"],
         "ece_mean": row["ece_mean"],
         "ece_sd": row["ece_sd"],

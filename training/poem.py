@@ -217,6 +217,7 @@ def train(opts: Options) -> Manifest:
     metrics = {
         "val_perplexity": round(val_ppl, 2),
         "baseline_plain_rnn_val_perplexity": round(base_ppl, 2),
+        "baselines": {"plain RNN": round(base_ppl, 2)},  # the quality gate's
         "val_perplexity_as_served_on_cpu": round(served_ppl, 2),
         "serving_precision_on_cpu": serving_precision(cpu),
         "val_loss": round(val_loss, 4),

@@ -32,6 +32,7 @@ class ModelInfo(BaseModel):
     quick: bool = Field(False, description="A --quick artifact: trained on a data slice as a smoke test.")
     metrics: dict[str, Any] = {}
     metrics_method: str | None = None
+    report: str = Field(description="The training report of the version answering by default (HTML; ?format=json).")
     hyperparameters: dict[str, Any] = Field({}, description="For callers with a key (or SERVE_PUBLIC_MODEL_DETAILS).")
     libraries: dict[str, str] = Field({}, description="Library versions of training (idem).")
     batching: dict[str, Any] = {}
@@ -43,6 +44,10 @@ class ModelInfo(BaseModel):
 class Readiness(BaseModel):
     status: str = Field(description="'ready' when every model is loaded.")
     models: dict[str, str] = Field(description="Each model's state, with the reason when it failed.")
+    notes: dict[str, str] = Field(
+        {},
+        description="Per model, newer versions on disk not made the default (--quick, or failed the quality gate).",
+    )
 
 
 def ops_router(registry: Registry) -> APIRouter:
@@ -77,6 +82,7 @@ def ops_router(registry: Registry) -> APIRouter:
             git_tree=detailed.git_tree if detailed else None,
             metrics=m.metrics if m else {},
             metrics_method=m.metrics_method if m else None,
+            report=f"/models/{entry.name}/report",
             hyperparameters=detailed.hyperparameters if detailed else {},
             libraries=detailed.libraries if detailed else {},
             batching=dict(entry.batcher.policy.model_dump(), threads=entry.batcher.threads)
@@ -105,8 +111,9 @@ def ops_router(registry: Registry) -> APIRouter:
             name: e.state if e.state == "ready" else f"{e.state}: {e.reason}" for name, e in registry.entries.items()
         }
         ready = registry.ready()
+        notes = {name: note for name, e in registry.entries.items() if (note := e.held_back_note())}
         return JSONResponse(
-            Readiness(status="ready" if ready else "not ready", models=states).model_dump(),
+            Readiness(status="ready" if ready else "not ready", models=states, notes=notes).model_dump(),
             status_code=200 if ready else 503,
         )
 

@@ -106,6 +106,7 @@ class ModelEntry:
     split: dict[str, int] = field(default_factory=dict)  # the split in force (all its versions ready)
     desired: Desired = field(default_factory=Desired)
     failed: dict[str, tuple[int, str]] = field(default_factory=dict)  # version -> (manifest mtime, why)
+    held_back: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # version -> (mtime, why), see below
     reason: str | None = None  # why nothing serves
     streams: int = 0  # Server-Sent-Event streams open now (capped by SERVE_MAX_STREAMS)
     uploads: int = 0  # uploaded files held in memory now (capped by SERVE_MAX_UPLOADS)
@@ -145,9 +146,11 @@ class ModelEntry:
             entry.reason = (
                 f"{MissingArtifactError.__name__}: no version of {model.name} in the artifacts folder "
                 f"'{model.folder}'"
-                + (f" named '{entry.desired.pin}'" if entry.desired.pin else "")
+                + (f" named '{entry.desired.pin}'" if entry.desired.pin else " that may serve by default")
                 + f": train it with `python -m training {model.name}`, or leave it out of SERVE_MODELS"
             )
+            if note := entry.held_back_note():
+                entry.reason += f"; {note}"
             if (entry.folder / MANIFEST).is_file():  # the layout before versions: one artifact in the folder itself
                 entry.reason += (
                     f"; '{model.folder}' holds a {MANIFEST} itself, the layout before versions: move its "
@@ -207,6 +210,36 @@ class ModelEntry:
         failure = self.failed.get(name)
         return failure[1] if failure is not None and failure[0] == self.stamp(name) else None
 
+    def held_back_now(self, name: str) -> str | None:
+        """Why a version on disk may not become the default unless pinned (a --quick smoke test, or one that
+        failed training's quality gate), read from its manifest once per change. Loading verifies the
+        manifest; this read only keeps a version out, so an unreadable one is left for loading to refuse."""
+        stamp = self.stamp(name)
+        known = self.held_back.get(name)
+        if known is None or known[0] != stamp:
+            try:
+                why = Manifest.model_validate_json((self.folder / name / MANIFEST).read_bytes()).refusal
+            except (OSError, ValueError):
+                why = None
+            self.held_back[name] = known = (stamp, why)
+        return known[1]
+
+    def held_back_note(self) -> str | None:
+        """The versions newer than the default kept from serving by default, for /readyz and /models."""
+        newer = [
+            f"{v} ({why})"
+            for v in self.on_disk()
+            if (self.default is None or version_key(v) > version_key(self.default))
+            and (why := self.held_back_now(v)) is not None
+        ]
+        if not newer:
+            return None
+        return (
+            "not made the default, as training marked them: "
+            + ", ".join(newer)
+            + f"; an admin can still pin one (PUT /admin/models/{self.name}/default)"
+        )
+
     def ready_versions(self) -> list[str]:
         """The versions that can answer, the default first."""
         return sorted((v for v, mv in self.versions.items() if mv.state == "ready"), key=lambda v: v != self.default)
@@ -223,7 +256,7 @@ class ModelEntry:
             for v in disk
             if self.failed_now(v) is None and newest is not None and version_key(v) <= version_key(newest)
         ]
-        return usable[-1] if usable else None
+        return next((v for v in reversed(usable) if self.held_back_now(v) is None), None)
 
     def verify(self, name: str, public_key: str | None) -> Artifact:
         folder = self.on_disk().get(name)
@@ -318,6 +351,8 @@ class ModelEntry:
                 reason = loaded.reason
             elif (why := self.failed_now(name)) is not None:
                 state, reason = "failed", why
+            elif name in disk and (why := self.held_back_now(name)) is not None:
+                state, reason = "held back", f"not made the default unless pinned: {why}"
             else:
                 state, reason = ("available" if name in disk else "gone"), None
             versions[name] = {
@@ -368,10 +403,12 @@ class Stream:
 
 
 def open_model(model: Model, artifacts_dir: Path, device: str = "cpu", settings: Settings | None = None) -> ModelEntry:
-    """One model's newest version described and loaded outside a server (tests, benchmarks, tools); raises
-    if it cannot be. ``settings`` default to the environment's, as a tool's entry point reads them."""
+    """One model's newest version described and loaded outside a server (tests, benchmarks, tools), even one
+    a server would hold back (a --quick smoke test): the tool asked for that folder. Raises if it cannot be.
+    ``settings`` default to the environment's, as a tool's entry point reads them."""
     settings = settings or Settings()
-    entry = ModelEntry.describe(model, artifacts_dir, settings.manifest_public_key)
+    newest = next(reversed(version_folders(artifacts_dir / model.folder)), None)
+    entry = ModelEntry.describe(model, artifacts_dir, settings.manifest_public_key, Desired(pin=newest))
     load_first(entry, torch.device(device), settings)
     if entry.serving is None:
         raise ModelUnavailableError(f"model '{model.name}' did not load: {entry.reason}")

@@ -53,7 +53,7 @@ def test_a_fifth_model_added_by_the_readme_steps_trains_and_serves(tmp_path):
     frame.rename(columns={"target": "species"}).to_csv(data / "iris.csv", index=False)
     env = {"PYTHONPATH": str(project), "TQDM_DISABLE": "1"}
     subprocess.run(
-        [sys.executable, "-m", "training", "iris", "--quick", "--data-dir", str(tmp_path / "data"), "--device", "cpu"],
+        [sys.executable, "-m", "training", "iris", "--data-dir", str(tmp_path / "data"), "--device", "cpu"],
         cwd=project,
         env={**os.environ, **env},
         check=True,

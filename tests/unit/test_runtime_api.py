@@ -372,20 +372,56 @@ def test_serve_models_selects_a_subset_and_refuses_unknown_names():
         selected_models(Settings(models=["iris"]))
 
 
-def test_a_quick_artifact_is_marked_and_warned_about(tmp_path, capsys):
+def test_quick_and_gated_out_versions_are_never_made_the_default_on_their_own(tmp_path, capsys):
+    """A --quick smoke test and a version that failed the quality gate (published with --force) stay on disk
+    beside the good one, which keeps serving; /readyz and /admin/models say why; an admin can pin one."""
     from service.app import create_app
+    from service.artifacts import QualityGate
     from service.settings import Settings
     from tests.stubs import DOUBLER, write_stub_artifacts
 
-    write_stub_artifacts(tmp_path, quick=True)
+    failed = QualityGate(
+        metric="accuracy",
+        higher_is_better=True,
+        score=0.29,
+        baselines={"majority class": 0.25, "logistic regression": 0.96},
+        floor=0.9,
+        passed=False,
+        reasons=["accuracy 0.29 is worse than logistic regression's 0.96"],
+        forced=True,
+    )
+    write_stub_artifacts(tmp_path, version="2026.01.01.000000")
+    write_stub_artifacts(tmp_path, version="2026.01.02.000000", gate=failed)
+    write_stub_artifacts(tmp_path, version="2026.01.03.000000", quick=True)
+    admin = {"X-API-Key": "admin-secret"}
 
-    async def scenario():
-        async with serving(create_app(Settings(artifacts_dir=tmp_path), models=[DOUBLER])) as client:
-            return (await client.get("/models/doubler")).json()
+    async def scenario(settings: Settings):
+        async with serving(create_app(settings, models=[DOUBLER])) as client:
+            ready = await client.get("/readyz")
+            info = (await client.get("/models/doubler")).json()
+            status = (await client.get("/admin/models", headers=admin)).json() if settings.admin_keys else None
+            return ready, info, status
 
-    info = asyncio.run(scenario())
-    assert info["quick"] is True and info["state"] == "ready"
+    ready, info, status = asyncio.run(scenario(Settings(artifacts_dir=tmp_path, admin_keys=["admin-secret"])))
+    assert ready.status_code == 200 and info["version"] == "2026.01.01.000000" and info["quick"] is False
+    note = ready.json()["notes"]["doubler"]
+    assert "2026.01.02.000000" in note and "quality gate" in note and "logistic regression" in note
+    assert "2026.01.03.000000" in note and "--quick" in note
+    (worker,) = status["workers"]
+    versions = worker["models"]["doubler"]["versions"]
+    assert versions["2026.01.03.000000"]["state"] == "held back"
+    assert "quality gate" in versions["2026.01.02.000000"]["reason"]
+
+    pinned = Settings(artifacts_dir=tmp_path, model_versions={"doubler": "2026.01.03.000000"})
+    ready, info, _ = asyncio.run(scenario(pinned))  # pinned: served, and marked and warned about
+    assert ready.status_code == 200 and info["version"] == "2026.01.03.000000" and info["quick"] is True
     assert "serving doubler from a --quick artifact" in capsys.readouterr().err
+
+    only_quick = tmp_path / "only-quick"
+    write_stub_artifacts(only_quick, quick=True)
+    ready, info, _ = asyncio.run(scenario(Settings(artifacts_dir=only_quick)))
+    assert ready.status_code == 503 and info["state"] == "failed"
+    assert "--quick" in ready.json()["models"]["doubler"] and "pin" in ready.json()["models"]["doubler"]
 
 
 def test_no_server_path_in_answers(tmp_path):
