@@ -190,3 +190,28 @@ def test_the_training_command_refuses_bad_data_before_fitting(phone, tmp_path):
     assert run.returncode == 2, run.stderr
     assert "ram" in run.stderr and "Traceback" not in run.stderr and len(run.stderr.splitlines()) <= 8, run.stderr
     assert list(out.iterdir()) == []
+
+
+BROKEN = {  # what a user's CSV gets wrong, and the words the one message must hold
+    "a missing column": (lambda rows: dropped(rows, "ram"), ["ram"]),
+    "a text value": (lambda rows: with_column(rows, "ram", lambda i, v: "lots" if i == 4 else v), ["ram", "line 6"]),
+    "no target column": (lambda rows: dropped(rows, "price_range"), ["price_range"]),
+    "a header only": (lambda rows: rows[:1], ["rows"]),
+    "an empty file": (lambda rows: [], ["empty"]),
+    "every second ram blank": (lambda rows: with_column(rows, "ram", lambda i, v: "" if i % 2 else v), ["ram"]),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
+def test_each_broken_file_stops_the_command_in_a_few_lines(phone, tmp_path, capsys, case):
+    from training.__main__ import main
+
+    change, words = BROKEN[case]
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_rows(data, PHONE, change(phone))
+    with pytest.raises(SystemExit) as stopped:
+        main(["phone-price", "--data-dir", str(data), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.splitlines()) <= 4, err
+    assert all(word in err for word in words), err
+    assert not out.exists() or list(out.iterdir()) == []
