@@ -33,7 +33,7 @@ log = logging.getLogger("service.app")
 
 DESCRIPTION = """Four PyTorch models from the classic course notes, trained offline and served with dynamic
 batching. Every input is validated: a bad request gets a 4xx whose message names the field and the rule.
-Operations: `/healthz`, `/readyz`, `/models`, `/metrics`."""
+Operations: `/healthz`, `/readyz`, `/models`, `/models/{name}/report` (the training report), `/metrics`."""
 
 
 def selected_models(settings: Settings) -> list[Model]:
