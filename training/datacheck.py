@@ -65,9 +65,9 @@ def expected(model: str) -> str:
     """A few lines for ``--help``: the files under the data folder the model reads and what they must hold."""
     name = catalog.get(model).name
     if name == "phone-price":
-        from service.models.phone_price import LABELS, Phone
+        from service.models.phone_price import FEATURES, LABELS, Phone
 
-        ranges = ", ".join(f"{c} {_g(lo)}-{_g(hi)}" for c, (_, lo, hi) in _fields(Phone).items() if c != "id")
+        ranges = ", ".join(f"{c} {_g(lo)}-{_g(hi)}" for c, (_, lo, hi) in _fields(Phone).items() if c in FEATURES)
         return "\n".join(
             [
                 f"phone_price/train.csv: CSV, a header line, then at least {PHONE_MIN_ROWS} rows, one phone each;",

@@ -26,6 +26,7 @@ from sklearn.svm import SVC
 
 from service import catalog
 from service.artifacts import Manifest
+from service.models.conformal import CONFORMAL_FILE, ConformalSets, held_out_coverage, scores_of
 from service.models.phone_price import FEATURES, LABELS
 from service.models.tabular import Standardiser
 from service.nets import phone_net
@@ -291,6 +292,13 @@ def fit_and_save(opts: Options) -> Manifest:
     net, history = fit_net(scaler.transform(x), y, hp)
 
     row = table[served.name]
+    # Prediction sets: every repeat's out-of-fold probabilities calibrate the served sets; their coverage is
+    # measured on the first repeat (each phone once), calibrating on half of it and measuring on the other.
+    first = out_of_fold[: protocol.folds]
+    held_out = held_out_coverage(
+        np.concatenate([p for _, p in first]), np.concatenate([y[rows] for rows, _ in first]), 0.1, opts.seed
+    )
+    conformal = ConformalSets(np.sort(np.concatenate([scores_of(p, y[rows]) for rows, p in out_of_fold])))
     majority = int(np.bincount(y).argmax())  # the most frequent class, scored on the same validation folds
     metrics = {
         "cv_accuracy_mean": row["accuracy_mean"],
@@ -302,6 +310,7 @@ def fit_and_save(opts: Options) -> Manifest:
         "ece_mean": row["ece_mean"],
         "ece_sd": row["ece_sd"],
         "train_accuracy": round(accuracy(y, probabilities(net, scaler.transform(x))), 4),
+        "prediction_set_90": held_out,
         "cv": {
             "protocol": protocol.describe(len(y)),
             "metric": "accuracy",
@@ -321,6 +330,7 @@ def fit_and_save(opts: Options) -> Manifest:
     )
 
     folder = opts.artifact_dir(MODEL.folder)
+    (folder / CONFORMAL_FILE).write_text(json.dumps(conformal.to_json()) + "\n")
     (folder / "preprocessor.json").write_text(json.dumps(Standardiser.from_scaler(scaler, FEATURES).to_json()) + "\n")
     plot_history(
         history,

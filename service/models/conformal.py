@@ -17,10 +17,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.artifacts import Artifact, ArtifactError
+
 CONFORMAL_FILE = "conformal.json"
 KIND = "split conformal, score 1 - p(true label)"
 ALPHA_RANGE = (0.01, 0.5)
 DEFAULT_ALPHA = 0.1
+ALPHA = (
+    "The prediction set's error level: the set holds the true answer at least 1 - alpha of the time (0.1: a 90 % set)."
+)
+PREDICTION_SET = (
+    "Every label the model cannot rule out at level 1 - alpha (a conformal prediction set, most probable "
+    "first): on answers the model was not fitted on, such sets held the true label at least 1 - alpha of "
+    "the time. One label: confident; several: unsure between them; empty: no label reaches that level. "
+    "Null when the serving version was trained before prediction sets."
+)
 
 
 def scores_of(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -54,6 +65,25 @@ class ConformalSets:
         if scores.ndim != 1 or len(scores) < 20 or not np.isfinite(scores).all():
             raise ValueError(f"{CONFORMAL_FILE} must hold at least 20 finite scores")
         return cls(np.sort(scores))
+
+
+def load_conformal(artifact: Artifact) -> ConformalSets | None:
+    """The version's calibration, or None for a version trained before prediction sets."""
+    if CONFORMAL_FILE not in artifact.manifest.files:
+        return None
+    try:
+        return ConformalSets.from_json(artifact.load_json(CONFORMAL_FILE))
+    except ValueError as exc:
+        raise ArtifactError(f"{artifact.label}/{CONFORMAL_FILE}: {exc}") from None
+
+
+def label_sets(
+    conformal: ConformalSets | None, probabilities: np.ndarray, alphas: list[float], labels: list[str]
+) -> list[list[str] | None]:
+    """Each row's prediction set at its own alpha, as label names (None everywhere without a calibration)."""
+    if conformal is None:
+        return [None] * len(alphas)
+    return [[labels[k] for k in conformal.sets(row[None], alpha)[0]] for row, alpha in zip(probabilities, alphas)]
 
 
 def held_out_coverage(probabilities: np.ndarray, labels: np.ndarray, alpha: float, seed: int = 0) -> dict:

@@ -318,7 +318,7 @@ class HousePrice(TabularPredictor):
     def transform(self, table: Columns) -> np.ndarray:
         return self.compiled.transform(table)
 
-    def from_outputs(self, outputs: np.ndarray) -> list[HousePrediction]:
+    def from_outputs(self, outputs: np.ndarray, batch: list) -> list[HousePrediction]:
         # Far outside the training range the net extrapolates without limit and exp() would overflow,
         # so the answer is capped to a documented range instead of becoming inf/null.
         log_price = outputs[:, :1].astype(np.float64) + [0.0, -self.interval_log_halfwidth, self.interval_log_halfwidth]

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.artifacts import Artifact, ArtifactError
 from service.models.base import JsonFloat, JsonInt, StrictInput
+from service.models.conformal import ALPHA, ALPHA_RANGE, DEFAULT_ALPHA, PREDICTION_SET, label_sets, load_conformal
 from service.models.tabular import Standardiser, TabularPredictor
 from service.nets import phone_net
 
@@ -46,9 +47,10 @@ class Phone(StrictInput):
     touch_screen: JsonInt = _flag("a touch screen")
     wifi: JsonInt = _flag("Wi-Fi")
     id: JsonInt | None = Field(None, description="Optional row id (as in the Kaggle test file); ignored.")
+    alpha: JsonFloat = Field(DEFAULT_ALPHA, ge=ALPHA_RANGE[0], le=ALPHA_RANGE[1], description=ALPHA)
 
 
-FEATURES = [name for name in Phone.model_fields if name != "id"]
+FEATURES = [name for name in Phone.model_fields if name not in ("id", "alpha")]
 _features = attrgetter(*FEATURES)
 
 
@@ -58,6 +60,7 @@ class PhonePrediction(BaseModel):
     probabilities: list[float] = Field(
         min_length=4, max_length=4, description="Probability of each band, index = band."
     )
+    prediction_set: list[str] | None = Field(description=PREDICTION_SET, examples=[["high cost"]])
 
 
 class PhonePrice(TabularPredictor):
@@ -114,11 +117,16 @@ class PhonePrice(TabularPredictor):
         # more than the forward pass at serving batch sizes (the inputs are already validated).
         return self.preprocessor.transform(table)
 
-    def from_outputs(self, outputs: np.ndarray) -> list[PhonePrediction]:
+    def setup(self, artifact: Artifact, device: torch.device) -> None:
+        super().setup(artifact, device)
+        self.conformal = load_conformal(artifact)
+
+    def from_outputs(self, outputs: np.ndarray, batch: list[Phone]) -> list[PhonePrediction]:
         # The net's outputs are log-probabilities: softmax gives the probabilities back, normalised.
-        probabilities = torch.softmax(torch.from_numpy(outputs), dim=1).numpy()
+        probabilities = torch.softmax(torch.from_numpy(outputs), dim=1).numpy().astype(np.float64)
         bands = probabilities.argmax(axis=1).tolist()
+        sets = label_sets(self.conformal, probabilities, [phone.alpha for phone in batch], LABELS)
         return [
-            PhonePrediction(price_range=band, label=LABELS[band], probabilities=p)
-            for band, p in zip(bands, probabilities.astype(np.float64).round(6).tolist())
+            PhonePrediction(price_range=band, label=LABELS[band], probabilities=p, prediction_set=labels)
+            for band, p, labels in zip(bands, probabilities.round(6).tolist(), sets)
         ]

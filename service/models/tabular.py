@@ -93,10 +93,10 @@ class TabularPredictor(Predictor):
         return self.preprocessor.transform(table)
 
     @abstractmethod
-    def from_outputs(self, outputs: np.ndarray) -> Sequence[BaseModel]:
-        """Turn the net's raw outputs (one row per input) into response objects."""
+    def from_outputs(self, outputs: np.ndarray, batch: list[Any]) -> Sequence[BaseModel]:
+        """Turn the net's raw outputs (one row per input of ``batch``) into response objects."""
 
     def predict(self, batch: list[Any]) -> Sequence[BaseModel]:
         features = self.transform(self.to_table(batch))
         x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
-        return self.from_outputs(self.net(x).float().cpu().numpy())
+        return self.from_outputs(self.net(x).float().cpu().numpy(), batch)

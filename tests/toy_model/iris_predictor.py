@@ -38,6 +38,6 @@ class Iris(TabularPredictor):
     def to_table(self, batch: list[Flower]) -> np.ndarray:
         return np.array([[f.sepal_length, f.sepal_width, f.petal_length, f.petal_width] for f in batch])
 
-    def from_outputs(self, outputs: np.ndarray) -> list[Species]:
+    def from_outputs(self, outputs: np.ndarray, batch: list) -> list[Species]:
         probabilities = torch.softmax(torch.from_numpy(outputs), dim=1).numpy().astype(np.float64).round(6)
         return [Species(species=SPECIES[int(p.argmax())], probabilities=p.tolist()) for p in probabilities]

@@ -16,7 +16,8 @@ import torch
 from pydantic import BaseModel, Field, field_serializer, field_validator
 
 from service.artifacts import Artifact
-from service.models.base import JsonInt, Predictor, StrictInput, UploadRoute
+from service.models.base import JsonFloat, JsonInt, Predictor, StrictInput, UploadRoute
+from service.models.conformal import ALPHA, ALPHA_RANGE, DEFAULT_ALPHA, PREDICTION_SET, label_sets, load_conformal
 from service.models.fashion.images import BLANK_CONTRAST, MEDIA_TYPES, to_dataset_pixels
 from service.nets import fashion_cnn
 from service.nets.fashion_cnn import NAMES, SIDE
@@ -80,6 +81,7 @@ class FashionImage(StrictInput):
         description="Brightness 0-255 (0 = background) as 28 rows of 28 numbers, or 784 numbers row by row."
     )
     top_k: JsonInt = Field(3, ge=1, le=10, description=TOP_K)
+    alpha: JsonFloat = Field(DEFAULT_ALPHA, ge=ALPHA_RANGE[0], le=ALPHA_RANGE[1], description=ALPHA)
 
     @field_validator("pixels", mode="wrap")
     @classmethod
@@ -107,6 +109,7 @@ class FashionPrediction(BaseModel):
         min_length=10, max_length=10, description="Probability of each class, index = class."
     )
     top: list[TopClass] = Field(description="The top_k most likely classes, best first.")
+    prediction_set: list[str] | None = Field(description=PREDICTION_SET, examples=[["Trouser"]])
     blank: bool = Field(
         description=(
             "True when nothing stands out from the background (brightest pixel less than 16 above the darkest): "
@@ -119,6 +122,7 @@ class UploadOptions(BaseModel):
     """Query parameters of POST /fashion/image."""
 
     top_k: int = Field(3, ge=1, le=10, description=TOP_K)
+    alpha: float = Field(DEFAULT_ALPHA, ge=ALPHA_RANGE[0], le=ALPHA_RANGE[1], description=ALPHA)
 
 
 class Fashion(Predictor):
@@ -154,21 +158,26 @@ class Fashion(Predictor):
         # bfloat16 weights where the hardware multiplies them natively: 2.5x the images/s at batch 64 on the
         # target CPU, and the same validation accuracy (README). Always on, so an answer does not depend on its batch.
         self.net = fashion_cnn.for_inference(net.to(device).eval(), device)
+        self.conformal = load_conformal(artifact)
 
     def decode(self, data: bytes, options: UploadOptions) -> FashionImage:
         pixels = to_dataset_pixels(data, self.settings.max_image_pixels)
         # the field holds the checked array (see _pixels), while its annotation is the JSON shape
-        return FashionImage.model_construct(pixels=pixels, top_k=options.top_k)  # type: ignore[arg-type]
+        return FashionImage.model_construct(pixels=pixels, top_k=options.top_k, alpha=options.alpha)  # type: ignore[arg-type]
 
     def predict(self, batch: list[FashionImage]) -> list[FashionPrediction]:
         pixels = np.stack([item.pixels for item in batch])[:, None] / np.float32(255)
         logits = self.net(torch.from_numpy(pixels).to(self.device))
-        probabilities = torch.softmax(logits, dim=1).cpu().numpy()
+        probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
         blank = np.ptp(pixels.reshape(len(batch), -1), axis=1) * 255 < BLANK_CONTRAST
-        return [self._prediction(p, item.top_k, bool(b)) for p, item, b in zip(probabilities, batch, blank)]
+        sets = label_sets(self.conformal, probabilities, [item.alpha for item in batch], NAMES)
+        return [
+            self._prediction(p, item.top_k, bool(b), labels)
+            for p, item, b, labels in zip(probabilities, batch, blank, sets)
+        ]
 
     @staticmethod
-    def _prediction(p: np.ndarray, top_k: int, blank: bool) -> FashionPrediction:
+    def _prediction(p: np.ndarray, top_k: int, blank: bool, prediction_set: list[str] | None) -> FashionPrediction:
         best = [int(i) for i in np.argsort(-p, kind="stable")[:top_k]]
         return FashionPrediction(
             label=best[0],
@@ -176,5 +185,6 @@ class Fashion(Predictor):
             name_zh=NAMES_ZH[best[0]],
             probabilities=[round(float(v), 6) for v in p],
             top=[TopClass(label=i, name=NAMES[i], probability=round(float(p[i]), 6)) for i in best],
+            prediction_set=prediction_set,
             blank=blank,
         )
