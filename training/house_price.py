@@ -357,6 +357,16 @@ def interval_under_cv(y: np.ndarray, out_of_fold: np.ndarray, protocol: Protocol
     }
 
 
+def one_category_missing(frame: pd.DataFrame, categorical: list[str], rng: np.random.Generator) -> pd.DataFrame:
+    """A copy of ``frame`` with one known categorical value per row, drawn at random, made missing."""
+    masked = frame.copy()
+    known = masked[categorical].notna().to_numpy()
+    for i, row in enumerate(known):
+        if row.any():
+            masked.iloc[i, masked.columns.get_loc(categorical[rng.choice(np.flatnonzero(row))])] = np.nan
+    return masked
+
+
 class Folds:
     """Each fold's fitted preprocessing and the net's two paths, computed once for all candidates (the net's
     candidates differ only in how they blend the paths); every net candidate's out-of-fold predictions are
@@ -365,26 +375,33 @@ class Folds:
     def __init__(self, frame: pd.DataFrame, y: np.ndarray, features: list[dict], hp: dict, protocol: Protocol):
         self.frame, self.y, self.features, self.hp, self.protocol = frame, y, features, hp, protocol
         self.out_of_fold: dict[str, np.ndarray] = {}
-        self._x: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
-        self._paths: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # the same predictions with one known category of each validation row imputed as missing: what a
+        # code no training house had costs (the service prices such a code as missing), for the interval
+        self.out_of_fold_one_missing: dict[str, np.ndarray] = {}
+        self._x: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._paths: dict[tuple, tuple[np.ndarray, ...]] = {}
 
-    def x(self, train_rows: np.ndarray, val_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def x(self, train_rows: np.ndarray, val_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fold's (training, validation, validation with one category missing) rows, preprocessed."""
         key = val_rows.tobytes()
         if key not in self._x:
-            train = self.frame.iloc[train_rows]
+            train, val = self.frame.iloc[train_rows], self.frame.iloc[val_rows]
             pre = make_preprocessor(train, self.features, self.hp["skew_threshold"]).fit(train)
-            self._x[key] = pre.transform(train), pre.transform(self.frame.iloc[val_rows])
+            categorical = [f["name"] for f in self.features if f["kind"] == "categorical"]
+            masked = one_category_missing(val, categorical, np.random.default_rng(self.hp["seed"]))
+            self._x[key] = pre.transform(train), pre.transform(val), pre.transform(masked)
         return self._x[key]
 
     def baseline(self, make: Callable) -> FitPredict:
         def fit_predict(train_rows: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
-            x_train, x_val = self.x(train_rows, val_rows)
+            x_train, x_val, _ = self.x(train_rows, val_rows)
             return make().fit(x_train, self.y[train_rows]).predict(x_val)
 
         return fit_predict
 
     def net(self, name: str, overrides: dict) -> FitPredict:
         out_of_fold = self.out_of_fold.setdefault(name, np.zeros((self.protocol.repeats, len(self.y))))
+        one_missing = self.out_of_fold_one_missing.setdefault(name, np.zeros_like(out_of_fold))
         calls = count()  # cross_validate runs the protocol's splits in order, repeat after repeat
         linear_weight = overrides["linear_weight"]
         fitted = tuple(sorted((k, v) for k, v in overrides.items() if k != "linear_weight"))
@@ -392,15 +409,20 @@ class Folds:
         def fit_predict(train_rows: np.ndarray, val_rows: np.ndarray) -> np.ndarray:
             key = (val_rows.tobytes(), fitted)
             if key not in self._paths:
-                x_train, x_val = self.x(train_rows, val_rows)
+                x_train, x_val, x_masked = self.x(train_rows, val_rows)
                 net, _ = fit_net(x_train, self.y[train_rows], self.hp | dict(fitted))
                 with torch.no_grad():
-                    paths = net.paths(torch.as_tensor(x_val, dtype=torch.float32))
-                linear, members = (path[:, 0].double().numpy() for path in paths)
-                self._paths[key] = linear, members
-            linear, members = self._paths[key]
+                    paths = [
+                        path[:, 0].double().numpy()
+                        for x in (x_val, x_masked)
+                        for path in net.paths(torch.as_tensor(x, dtype=torch.float32))
+                    ]
+                self._paths[key] = tuple(paths)
+            linear, members, masked_linear, masked_members = self._paths[key]
             predicted = linear_weight * linear + (1 - linear_weight) * members
-            out_of_fold[next(calls) // self.protocol.folds, val_rows] = predicted
+            repeat = next(calls) // self.protocol.folds
+            out_of_fold[repeat, val_rows] = predicted
+            one_missing[repeat, val_rows] = linear_weight * masked_linear + (1 - linear_weight) * masked_members
             return predicted
 
         return fit_predict
@@ -447,6 +469,11 @@ def fit_and_save(opts: Options) -> Manifest:
     out_of_fold = np.round(folds.out_of_fold[served], 6)  # as written to the artifact, so it recomputes exactly
     hp |= NET_CANDIDATES[served]
     hp["interval_90_log_halfwidth"] = conformal_halfwidth(y - out_of_fold, hp["interval_level"])
+    # A field priced as missing (a code no training house had) widens the interval by what one missing
+    # category cost under the same CV: the conformal quantile of those errors, less the usual one.
+    one_missing = np.round(folds.out_of_fold_one_missing[served], 6)
+    widened = conformal_halfwidth(y - one_missing, hp["interval_level"])
+    hp["interval_90_unseen_extra_log"] = round(max(0.0, widened - hp["interval_90_log_halfwidth"]), 6)
     pre = make_preprocessor(frame, features, hp["skew_threshold"]).fit(frame)
     x = pre.transform(frame)
     hp["in_features"] = x.shape[1]
@@ -463,6 +490,11 @@ def fit_and_save(opts: Options) -> Manifest:
         "cv_rmse_log_price_sd": row["rmse_log_price_sd"],
         **interval_under_cv(y, out_of_fold, protocol, hp["interval_level"]),
         "train_rmse_log_price": round(rmse(predict(net, x), y), 4),
+        "one_category_missing": {  # what the service does with a code no training house had
+            "cv_rmse_log_price": round(rmse(one_missing, np.tile(y, (protocol.repeats, 1))), 4),
+            "interval_90_extra_log": hp["interval_90_unseen_extra_log"],
+            "interval_90_coverage": round(float(np.mean(np.abs(y - one_missing) <= widened)), 4),
+        },
         "outliers_removed": outliers,
         "cv": {
             "protocol": protocol.describe(len(y)),

@@ -57,21 +57,14 @@ _COUNTS = {
 
 
 def _canonical(feature: dict[str, Any]):
-    """A before-validator mapping data_description.txt's spellings to the trained ones ("Names" to "NAmes");
-    documented codes the model never saw are refused by name (they would otherwise be priced as an unknown,
-    all-zero category). Only these exact spellings: anything else must match the enum, so the schema still
-    says what is refused (fuzzers check that it is)."""
-    aliases, unseen = feature["aliases"], set(feature["unseen"])
-    accepted = ", ".join(repr(code) for code in feature["categories"])
+    """A before-validator mapping data_description.txt's spellings to the trained ones ("Names" to "NAmes").
+    Only these exact spellings: anything else must match the enum, so the schema still says what is refused
+    (fuzzers check that it is)."""
+    aliases = feature["aliases"]
 
     def canonical(value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             return value
-        if value in unseen:
-            raise ValueError(
-                f"{value!r} is a documented code, but no house the model was trained on had it, so it "
-                f"cannot be priced; send null to have it imputed, or one of {accepted}"
-            )
         return aliases.get(value, value)
 
     return canonical
@@ -81,14 +74,18 @@ def _accepted_spellings(feature: dict[str, Any]) -> str:
     aliases = ", ".join(f"{alias!r} for {code!r}" for alias, code in feature["aliases"].items())
     unseen = ", ".join(repr(code) for code in feature["unseen"])
     return (f" Also accepted, as data_description.txt spells them: {aliases}." if aliases else "") + (
-        f" Refused, as no training house had them: {unseen}." if unseen else ""
+        f" Documented, but no training house had them: {unseen}; such a value is priced as if it were missing, "
+        "the answer says so in `warnings` and its interval is wider."
+        if unseen
+        else ""
     )
 
 
 def _field_for(feature: dict[str, Any]) -> tuple[Any, Any]:
     name, description = feature["name"], feature["description"]
     if feature["kind"] == "categorical":
-        values = Literal[tuple(feature["categories"])]  # type: ignore[valid-type]  # the artifact's categories
+        # the artifact's categories, then the documented codes no training house had (priced as missing)
+        values = Literal[tuple([*feature["categories"], *feature["unseen"]])]  # type: ignore[valid-type]
         return (
             Annotated[values | None, BeforeValidator(_canonical(feature))],
             Field(None, alias=name, description=description + _accepted_spellings(feature)),
@@ -121,8 +118,9 @@ def house_schema(features: list[dict[str, Any]]) -> type[BaseModel]:
         "House",
         __base__=_HouseBase,
         __doc__="One house, keyed by the Kaggle column names. Every feature is optional: a missing or null "
-        '(or "NA") value is imputed exactly as in training. Categorical values must be one of the '
-        "codes the model was trained on; the spellings of data_description.txt are accepted too.",
+        '(or "NA") value is imputed exactly as in training. Categorical values must be one of the codes '
+        "data_description.txt documents (its spellings are accepted too); a code no training house had is "
+        "priced as if it were missing, with a warning and a wider interval.",
         **fields,
     )
 
@@ -150,7 +148,14 @@ class HousePrediction(BaseModel):
         description="90 % prediction interval [low, high] for the sale price, US dollars: the prediction times "
         "exp(-q) and exp(+q), where q is the split-conformal 90 % quantile of the absolute log-price "
         "errors on houses the net was not trained on (out-of-fold). Under repeated cross-validation "
-        "about 90 % of sales fell inside; the artifact's metrics give the measured coverage and width.",
+        "about 90 % of sales fell inside; the artifact's metrics give the measured coverage and width. "
+        "Each field priced as missing (see `warnings`) widens it by an amount measured the same way.",
+    )
+    warnings: list[str] = Field(
+        [],
+        description="What was done to price this house that the caller should know: each documented code no "
+        "training house had, priced as if the field were missing.",
+        examples=[["Condition2: 'PosN' is documented, but no training house had it: priced as if missing"]],
     )
 
 
@@ -310,17 +315,43 @@ class HousePrice(TabularPredictor):
                 f"{self.preprocessor_file} cannot be served: it holds {exc}; the service compiles "
                 "only the steps training writes (see service/models/compiled.py)"
             ) from None
-        self.interval_log_halfwidth = float(artifact.manifest.hyperparameters["interval_90_log_halfwidth"])
+        hp = artifact.manifest.hyperparameters
+        self.interval_log_halfwidth = float(hp["interval_90_log_halfwidth"])
+        # How much wider a field priced as missing makes the interval, measured under CV by training; a version
+        # trained before that widens by its whole half-width per such field (the interval's width doubles).
+        self.unseen_log_widening = float(hp.get("interval_90_unseen_extra_log", self.interval_log_halfwidth))
+        self.unseen = {f["name"]: set(f["unseen"]) for f in self.features if f.get("unseen")}
+
+    def unseen_fields(self, row: dict[str, Any]) -> list[str]:
+        return [name for name, codes in self.unseen.items() if row.get(name) in codes]
 
     def to_table(self, batch: list[BaseModel]) -> Columns:
-        return to_columns([house.model_dump(by_alias=True, exclude={"Id"}) for house in batch], self.features)
+        rows = [house.model_dump(by_alias=True, exclude={"Id"}) for house in batch]
+        for row in rows:  # a documented code no training house had: imputed like a missing value
+            for name in self.unseen_fields(row):
+                row[name] = None
+        return to_columns(rows, self.features)
 
     def transform(self, table: Columns) -> np.ndarray:
         return self.compiled.transform(table)
 
     def from_outputs(self, outputs: np.ndarray, batch: list) -> list[HousePrediction]:
+        rows = [house.model_dump(by_alias=True) for house in batch]
+        unseen = [self.unseen_fields(row) for row in rows]
+        halfwidth = self.interval_log_halfwidth + self.unseen_log_widening * np.array([len(u) for u in unseen])
         # Far outside the training range the net extrapolates without limit and exp() would overflow,
         # so the answer is capped to a documented range instead of becoming inf/null.
-        log_price = outputs[:, :1].astype(np.float64) + [0.0, -self.interval_log_halfwidth, self.interval_log_halfwidth]
+        log_price = outputs[:, :1].astype(np.float64) + np.stack([0 * halfwidth, -halfwidth, halfwidth], axis=1)
         price = np.round(np.exp(np.clip(log_price, *np.log(PRICE_RANGE))), 2)
-        return [HousePrediction(sale_price=point, interval_90=[low, high]) for point, low, high in price.tolist()]
+        return [
+            HousePrediction(
+                sale_price=point,
+                interval_90=[low, high],
+                warnings=[
+                    f"{name}: {row[name]!r} is documented, but no training house had it: priced as if missing, "
+                    "with a wider interval"
+                    for name in fields
+                ],
+            )
+            for (point, low, high), row, fields in zip(price.tolist(), rows, unseen)
+        ]

@@ -55,14 +55,21 @@ def test_every_alias_prices_exactly_like_its_trained_spelling(client):
         ("Exterior1st", "PreCast"),
     ],
 )
-def test_documented_codes_the_model_never_saw_are_refused_with_the_accepted_ones(client, feature, code):
-    response = client.post("/house-price", json={**HOUSE, feature: code})
-    assert response.status_code == 422, response.text
-    (error,) = response.json()["detail"]
-    categories = next(f for f in features() if f["name"] == feature)["categories"]
-    assert error["loc"] == ["body", feature]
-    assert "no house the model was trained on had it" in error["msg"] and "send null" in error["msg"]
-    assert all(repr(c) in error["msg"] for c in categories)
+def test_documented_codes_the_model_never_saw_are_priced_as_missing_with_a_warning(client, feature, code):
+    """A real house may have a code no training house had (4 of the 292 held back did): it gets a price, the
+    same as with that field missing, a warning naming the field, and a wider interval."""
+    answer = client.post("/house-price", json={**HOUSE, feature: code})
+    assert answer.status_code == 200, answer.text
+    as_missing = client.post("/house-price", json={**HOUSE, feature: None}).json()
+    body = answer.json()
+    (warning,) = body["warnings"]
+    assert warning.startswith(f"{feature}: ") and "priced as if missing" in warning
+    assert body["sale_price"] == as_missing["sale_price"] and as_missing["warnings"] == []
+    predictor = committed("house-price").predictor
+    widened = predictor.interval_log_halfwidth + predictor.unseen_log_widening  # learned under CV by training
+    low, high = body["interval_90"]
+    assert math.log(high / body["sale_price"]) == pytest.approx(widened, abs=1e-4)
+    assert low <= as_missing["interval_90"][0] and high >= as_missing["interval_90"][1]
 
 
 @pytest.mark.parametrize(
