@@ -359,11 +359,12 @@ def interval_under_cv(y: np.ndarray, out_of_fold: np.ndarray, protocol: Protocol
 
 def one_category_missing(frame: pd.DataFrame, categorical: list[str], rng: np.random.Generator) -> pd.DataFrame:
     """A copy of ``frame`` with one known categorical value per row, drawn at random, made missing."""
+    values = frame[categorical].to_numpy(dtype=object, copy=True)
+    for i, known in enumerate(pd.notna(values)):
+        if known.any():
+            values[i, rng.choice(np.flatnonzero(known))] = np.nan
     masked = frame.copy()
-    known = masked[categorical].notna().to_numpy()
-    for i, row in enumerate(known):
-        if row.any():
-            masked.iloc[i, masked.columns.get_loc(categorical[rng.choice(np.flatnonzero(row))])] = np.nan
+    masked[categorical] = values
     return masked
 
 
