@@ -342,6 +342,7 @@ def output_tensors(predictions: list[BaseModel], fields: list[str]) -> list[Outp
             tensors.append(OutputTensor(name, "BYTES", [len(column)], column))
         elif (
             isinstance(first, list)
+            and first  # an empty list says nothing of its items (no warnings, an empty prediction set): JSON
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in first)
             and len({len(c) for c in column}) == 1
         ):
