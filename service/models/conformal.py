@@ -81,9 +81,14 @@ def label_sets(
     conformal: ConformalSets | None, probabilities: np.ndarray, alphas: list[float], labels: list[str]
 ) -> list[list[str] | None]:
     """Each row's prediction set at its own alpha, as label names (None everywhere without a calibration)."""
+    out: list[list[str] | None] = [None] * len(alphas)
     if conformal is None:
-        return [None] * len(alphas)
-    return [[labels[k] for k in conformal.sets(row[None], alpha)[0]] for row, alpha in zip(probabilities, alphas)]
+        return out
+    for alpha in set(alphas):  # one pass per level asked for (usually one: the default)
+        rows = [i for i, a in enumerate(alphas) if a == alpha]
+        for i, chosen in zip(rows, conformal.sets(probabilities[rows], alpha)):
+            out[i] = [labels[k] for k in chosen]
+    return out
 
 
 def held_out_coverage(probabilities: np.ndarray, labels: np.ndarray, alpha: float, seed: int = 0) -> dict:
