@@ -38,3 +38,18 @@ def test_the_training_command_does_not_import_the_web_stack():
     imported = {name.split(".")[0] for name in json.loads(out.stdout.splitlines()[-1])}
     assert "service.catalog" in json.loads(out.stdout.splitlines()[-1])
     assert not imported & {"fastapi", "starlette", "uvicorn", "PIL", "pypinyin", "pandas", "matplotlib"}
+
+
+def test_without_the_training_extra_help_works_and_training_says_what_to_install():
+    """After `make serve` only (no tqdm, no matplotlib): --help still lists the models' files; a run says how to
+    install the train extra in one line, instead of a ModuleNotFoundError traceback."""
+    hide = "import sys\nsys.modules['tqdm'] = sys.modules['matplotlib'] = None\nfrom training.__main__ import main\n"
+    help_run = subprocess.run(
+        [sys.executable, "-c", hide + "main(['--help'])"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert help_run.returncode == 0 and "phone_price/train.csv" in help_run.stdout, help_run.stderr
+    run = subprocess.run(
+        [sys.executable, "-c", hide + "main(['phone-price'])"], cwd=ROOT, capture_output=True, text=True
+    )
+    (line,) = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "tqdm, matplotlib" in line and "make train-deps" in line
