@@ -225,7 +225,7 @@ class ModelEntry:
         return known[1]
 
     def held_back_note(self) -> str | None:
-        """The versions newer than the default kept from serving by default, for /readyz and /models."""
+        """The versions newer than the default kept from serving by default, for /readyz and the not-ready reason."""
         newer = [
             f"{v} ({why})"
             for v in self.on_disk()
