@@ -322,13 +322,16 @@ class HousePrice(TabularPredictor):
         self.unseen_log_widening = float(hp.get("interval_90_unseen_extra_log", self.interval_log_halfwidth))
         self.unseen = {f["name"]: set(f["unseen"]) for f in self.features if f.get("unseen")}
 
-    def unseen_fields(self, row: dict[str, Any]) -> list[str]:
-        return [name for name, codes in self.unseen.items() if row.get(name) in codes]
+    def unseen_codes(self, house: BaseModel) -> dict[str, Any]:
+        """The house's documented codes that no training house had, by field (read off the few fields that
+        have such codes, not a dump of all 79)."""
+        values = {name: getattr(house, f"f_{name}", None) for name in self.unseen}
+        return {name: value for name, value in values.items() if value in self.unseen[name]}
 
     def to_table(self, batch: list[BaseModel]) -> Columns:
         rows = [house.model_dump(by_alias=True, exclude={"Id"}) for house in batch]
-        for row in rows:  # a documented code no training house had: imputed like a missing value
-            for name in self.unseen_fields(row):
+        for row, house in zip(rows, batch):  # a documented code no training house had: imputed like a missing value
+            for name in self.unseen_codes(house):
                 row[name] = None
         return to_columns(rows, self.features)
 
@@ -336,8 +339,7 @@ class HousePrice(TabularPredictor):
         return self.compiled.transform(table)
 
     def from_outputs(self, outputs: np.ndarray, batch: list) -> list[HousePrediction]:
-        rows = [house.model_dump(by_alias=True) for house in batch]
-        unseen = [self.unseen_fields(row) for row in rows]
+        unseen = [self.unseen_codes(house) for house in batch]
         halfwidth = self.interval_log_halfwidth + self.unseen_log_widening * np.array([len(u) for u in unseen])
         # Far outside the training range the net extrapolates without limit and exp() would overflow,
         # so the answer is capped to a documented range instead of becoming inf/null.
@@ -348,10 +350,10 @@ class HousePrice(TabularPredictor):
                 sale_price=point,
                 interval_90=[low, high],
                 warnings=[
-                    f"{name}: {row[name]!r} is documented, but no training house had it: priced as if missing, "
+                    f"{name}: {code!r} is documented, but no training house had it: priced as if missing, "
                     "with a wider interval"
-                    for name in fields
+                    for name, code in codes.items()
                 ],
             )
-            for (point, low, high), row, fields in zip(price.tolist(), rows, unseen)
+            for (point, low, high), codes in zip(price.tolist(), unseen)
         ]
