@@ -42,6 +42,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.queue_capacity = Gauge(
+            "model_queue_capacity",
+            "Places in the model's queue (SERVE_MAX_QUEUE, per worker process): the queue is full at this depth.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.open_connections = Gauge(
             "http_open_connections",
             "Open HTTP connections (per worker process).",

@@ -491,6 +491,7 @@ class Registry:
                 if version.state == "ready" and version.batcher is None:
                     self._start_batcher(entry, version)
             self._publish(entry)
+            self.metrics.queue_capacity.labels(entry.name).set(self.settings.max_queue)
 
     async def submit(
         self, entry: ModelEntry, items: list, version: str | None = None, meta: dict | None = None

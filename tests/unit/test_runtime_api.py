@@ -201,6 +201,7 @@ def test_request_id_round_trip_and_metrics_content(stub_app):
         "model_batch_size_bucket",
         "model_inference_seconds_bucket",
         "model_queue_depth",
+        "model_queue_capacity",
         "model_up",
     ):
         assert name in text, name
