@@ -64,6 +64,8 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         gc.collect()
         gc.freeze()
         registry.start()
+        registry.tracing.start()  # after the fork: the exporter's and the sender's threads are per process
+        registry.payloads.start()
         await control.start()  # a worker replacing a dead one catches up with the versions the others serve
         grpc_server = None
         if settings.grpc_port:
@@ -86,6 +88,8 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
             await grpc_server.stop(grace=30)  # in-flight calls finish, like HTTP's drain
         await control.stop()
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
+        registry.payloads.stop()  # what is recorded goes out (a few seconds at most)
+        registry.tracing.stop()
 
     app = FastAPI(
         title="Course models server",
@@ -124,9 +128,15 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
-            expose_headers=["X-Request-ID"],
+            expose_headers=["X-Request-ID", "traceresponse"],
         )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, gate=checks)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        gate=checks,
+        tracing=registry.tracing,
+        record_ids=registry.payloads.on,
+    )
     return app
 
 

@@ -236,6 +236,55 @@ class Settings(BaseSettings):
         ),
     )
 
+    # Payload records (service/runtime/payloads.py): each prediction's request and response as CloudEvents.
+    payload_log_url: str | None = Field(
+        None,
+        description=(
+            "Where payload records go: an http(s) URL (CloudEvents, KServe's logger shape) or a file path (JSON Lines, "
+            "one event per line); unset: none are kept."
+        ),
+    )
+    payload_log_sample: float = Field(
+        1.0, ge=0, le=1, description="The share of requests whose payloads are recorded (0-1), drawn per request."
+    )
+    payload_log_redact: list[str] = Field(
+        default_factory=list,
+        description='Field names whose values are replaced by "[redacted]" in the records, at any depth (JSON list).',
+    )
+    payload_log_format: Literal["binary", "structured", "batch"] = Field(
+        "binary",
+        description=(
+            "How records are posted to an http(s) sink: binary (one event per POST, attributes as Ce- headers, as "
+            "KServe's logger sends), structured (one application/cloudevents+json event per POST) or batch "
+            "(application/cloudevents-batch+json, up to 100 events per POST)."
+        ),
+    )
+    payload_log_queue: int = Field(
+        10_000,
+        ge=2,
+        description="Records waiting for the sink at most; beyond it new ones are dropped (and counted).",
+    )
+    payload_log_timeout_s: float = Field(2.0, gt=0, description="Longest one POST to the payload sink may take.")
+
+    # Drift alarms (service/runtime/drift.py): each version whose artifact has a reference profile.
+    drift_window: int = Field(
+        1000,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "Rows per model version (and worker process) in the sliding window whose drift against the training "
+            "profile is exported (model_feature_drift_psi); 0 turns drift watching off."
+        ),
+    )
+    drift_min_count: int = Field(
+        200,
+        ge=1,
+        description=(
+            "Rows the window must hold before the drift gauges are exported: fewer make a noisy PSI (about 9 / rows "
+            "for ten bins of an unchanged feature)."
+        ),
+    )
+
     benchmark_routes: bool = Field(False, description="Add POST /{model}/noop (validation only) for benchmarks.")
 
     log_json: bool = Field(False, description="One JSON object per log line (for log collectors), else plain text.")

@@ -23,8 +23,10 @@ from torch import nn
 from service import catalog
 from service.artifacts import Manifest
 from service.models.conformal import CONFORMAL_FILE, ConformalSets, held_out_coverage, scores_of
+from service.models.fashion.predictor import image_summaries
 from service.nets import fashion_cnn
 from service.nets.fashion_cnn import NAMES, SIDE
+from training import profile
 from training.common import (
     Options,
     epochs_of,
@@ -219,6 +221,13 @@ def train(opts: Options) -> Manifest:
     plot_history(history, folder / "learning_curves.png", ["train_loss", "val_loss", "val_accuracy"], "fashion CNN")
     plot_confusion(matrix, NAMES, folder / "confusion_matrix.png", f"validation accuracy {metrics['val_accuracy']:.4f}")
     plot_misclassified(images[val_idx], true, predicted, folder / "misclassified.png")
+    profile.write(
+        folder,
+        image_summaries(images[val_idx].astype(np.float32)),
+        predicted,
+        f"the {len(val_idx)} validation images and the served net's classes for them",
+        classes=range(len(NAMES)),
+    )
     return save_artifact(
         folder,
         net,

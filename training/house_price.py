@@ -40,6 +40,7 @@ from service import catalog
 from service.artifacts import Manifest
 from service.models.house_price import FEATURE_TABLE, ORDINALS, engineer, to_frame
 from service.nets import house_net
+from training import profile
 from training.common import (
     History,
     Options,
@@ -531,6 +532,13 @@ def fit_and_save(opts: Options) -> Manifest:
         + "\n"
     )
     save_preprocessor(pre, folder / "preprocessor.skops")
+    profile.write(
+        folder,
+        {name: frame[name].to_numpy() for name in frame.columns},
+        np.exp(predict(net, x)),
+        f"the {len(y)} training sales (up to {hp['max_living_area']} sq ft) as the API takes them, and the served "
+        "net's prices for them (dollars)",
+    )
     plot_history(
         history,
         folder / "learning_curves.png",

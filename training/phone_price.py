@@ -30,6 +30,7 @@ from service.models.conformal import CONFORMAL_FILE, ConformalSets, held_out_cov
 from service.models.phone_price import FEATURES, LABELS
 from service.models.tabular import Standardiser
 from service.nets import phone_net
+from training import profile
 from training.common import History, Options, plot_confusion, plot_history, save_artifact, single_threaded
 from training.selection import FitPredict, Protocol, cross_validate
 
@@ -339,6 +340,14 @@ def fit_and_save(opts: Options) -> Manifest:
         "phone-price ordinal net, L-BFGS on all rows",
     )
     matrix = sum(confusion_matrix(y[rows], labels_of(p), labels=range(len(LABELS))) for rows, p in out_of_fold)
+    reference = pd.read_csv(data_file)[FEATURES].to_numpy(np.float64)  # every development phone, even with --quick
+    profile.write(
+        folder,
+        dict(zip(FEATURES, reference.T)),
+        probabilities(net, scaler.transform(reference)).argmax(1),
+        f"every phone of {data_file.name} ({len(reference)}) and the served net's price bands for them",
+        classes=range(len(LABELS)),
+    )
     plot_confusion(matrix, LABELS, folder / "confusion_matrix.png", f"out-of-fold accuracy {row['accuracy_mean']:.4f}")
     return save_artifact(
         folder,

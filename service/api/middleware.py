@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from service.api.errors import error_body
 from service.runtime.memory import TRIM_AFTER_BYTES, trim_soon
 from service.runtime.metrics import Metrics
+from service.runtime.payloads import REQUEST_ID
+from service.runtime.tracing import Tracing
 
 log = logging.getLogger("service.access")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -116,8 +118,10 @@ def is_admin(path: str) -> bool:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app, *, metrics: Metrics, gate: Gate):
+    def __init__(self, app, *, metrics: Metrics, gate: Gate, tracing: Tracing | None = None, record_ids: bool = False):
         self.app, self.metrics, self.gate = app, metrics, gate
+        self.tracing = tracing if tracing is not None and tracing.on else None
+        self.record_ids = record_ids  # payload records name their request: its id in a context variable
         self.inflight_bytes = 0
 
     async def __call__(self, scope, receive, send):
@@ -132,7 +136,18 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         # /models shows build details to callers with a key; computed here once, where the key is checked
         state["authenticated"] = bool(self.gate.api_keys) and self.gate.has_valid_key(headers)
-        id_header = (b"x-request-id", request_id.encode("latin-1"))
+        id_headers = [(b"x-request-id", request_id.encode("latin-1"))]
+        if self.record_ids:
+            REQUEST_ID.set(request_id)
+        span = trace_id = None
+        if self.tracing is not None:  # the request's span, a child of the caller's traceparent if it sent one
+            span, token = self.tracing.start_request(
+                scope["method"],
+                {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()},
+                {"http.request.method": scope["method"], "url.path": scope["path"], "request.id": request_id},
+            )
+            trace_id, traceresponse = self.tracing.ids(span)
+            id_headers.append((b"traceresponse", traceresponse.encode()))
         status = 500
         refused = False  # set once this middleware has answered 413 itself
         limit = self.gate.body_limit(scope["path"])
@@ -148,7 +163,7 @@ class RequestContextMiddleware:
                 return  # the app's own late answer to a refused body is dropped
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), id_header]
+                message["headers"] = [*message.get("headers", []), *id_headers]
             await send(message)
 
         received = 0
@@ -159,7 +174,7 @@ class RequestContextMiddleware:
             received += len(message.get("body", b""))
             if received > limit and not refused:
                 refused, status = True, 413
-                await _send_json(send, 413, too_large, [id_header], path)
+                await _send_json(send, 413, too_large, id_headers, path)
                 return {"type": "http.disconnect"}
             return message
 
@@ -177,12 +192,12 @@ class RequestContextMiddleware:
                     send,
                     401,
                     ADMIN_UNAUTHORIZED if admin else UNAUTHORIZED,
-                    [id_header, (b"www-authenticate", b"Bearer")],
+                    [*id_headers, (b"www-authenticate", b"Bearer")],
                     path,
                 )
             elif declared is not None and declared.isdigit() and int(declared) > limit:
                 status = 413  # refuse before reading a byte of the body
-                await _send_json(send, 413, too_large, [id_header], path)
+                await _send_json(send, 413, too_large, id_headers, path)
             else:
                 # Bodies in flight are bounded as a whole: each holds what it may grow to (its declared length,
                 # or its route's limit when sent in chunks) until it is answered; a request without a body
@@ -203,7 +218,7 @@ class RequestContextMiddleware:
                                 "request bodies (SERVE_MAX_INFLIGHT_BODY_BYTES); retry after the seconds in Retry-After"
                             )
                         },
-                        [id_header, (b"retry-after", b"1")],
+                        [*id_headers, (b"retry-after", b"1")],
                         path,
                     )
                 else:
@@ -220,6 +235,14 @@ class RequestContextMiddleware:
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(label, scope["method"], str(status)).inc()
             self.metrics.latency.labels(label).observe(elapsed)
+            if span is not None:
+                Tracing.end_request(
+                    span,
+                    token,
+                    f"{scope['method']} {label}",
+                    {"http.route": label, "http.response.status_code": status},
+                    status >= 500,
+                )
             log.info(
                 "request",
                 extra={
@@ -230,6 +253,7 @@ class RequestContextMiddleware:
                     "status": status,
                     "latency_ms": round(elapsed * 1000, 2),
                     "batch_size": scope["state"].get("batch_size"),
+                    "trace_id": trace_id,
                 },
             )
 
@@ -237,7 +261,7 @@ class RequestContextMiddleware:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the request fields the access log attaches."""
 
-    FIELDS = ("request_id", "method", "route", "path", "status", "latency_ms", "batch_size")
+    FIELDS = ("request_id", "method", "route", "path", "status", "latency_ms", "batch_size", "trace_id")
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {

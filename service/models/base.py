@@ -20,6 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, mo
 
 from service.artifacts import Artifact
 from service.errors import InputError, InputRejected
+from service.runtime.drift import DriftWatcher
 from service.runtime.memory import return_freed_memory
 from service.settings import Settings
 
@@ -155,6 +156,7 @@ class Predictor(ABC):
         self.device = torch.device("cpu")
         self.artifact: Artifact | None = None
         self.settings = Settings.model_construct()  # the defaults until load() gives the server's settings
+        self.drift: DriftWatcher | None = None  # set by the registry when the version's artifact has a profile
 
     @classmethod
     def input_schema(cls, artifact: Artifact) -> type[BaseModel]:
@@ -189,6 +191,14 @@ class Predictor(ABC):
         The iterator runs on the model's worker thread, one piece at a time between batches."""
         raise NotImplementedError(f"{type(self).__name__} does not stream")
 
+    def drift_columns(self, batch: list[Any], outputs: Sequence[Any]) -> dict[str, Any]:
+        """For drift watching (service/runtime/drift.py): ``batch``'s raw feature columns as the API received
+        them (before any scaling or encoding), and its answers as the column ``output``, one value per item (an
+        item whose output is an exception may hold anything: its row is dropped). The names and values are those
+        of the artifact's ``profile.json``, which the model's training module writes (training/profile.py).
+        Called on the worker thread right after ``predict``, only for a version whose artifact has a profile."""
+        raise NotImplementedError(f"{type(self).__name__} has no drift columns")
+
     @torch.inference_mode()
     def run(self, batch: list[Any]) -> list[BaseModel | Exception]:
         """What the batcher calls on the worker thread: decode the uploads, then one ``predict`` for all,
@@ -208,6 +218,10 @@ class Predictor(ABC):
         if uploads:
             return_freed_memory()
         if ready:
-            for (i, _), output in zip(ready, self.predict([item for _, item in ready]), strict=True):
+            items = [item for _, item in ready]
+            predicted = self.predict(items)
+            for (i, _), output in zip(ready, predicted, strict=True):
                 outputs[i] = output
+            if self.drift is not None:  # the batch's bins into the version's drift window (cheap, vectorised)
+                self.drift.observe(self, items, predicted)
         return outputs

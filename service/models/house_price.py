@@ -338,6 +338,20 @@ class HousePrice(TabularPredictor):
     def transform(self, table: Columns) -> np.ndarray:
         return self.compiled.transform(table)
 
+    def raw_columns(self, table: Columns, batch: list[BaseModel]) -> dict[str, np.ndarray]:
+        """The table, with each documented code no training house had as sent (the table holds it as missing)."""
+        columns = dict(table)
+        for i, house in enumerate(batch):
+            for name, code in self.unseen_codes(house).items():
+                if columns[name] is table[name]:
+                    columns[name] = table[name].copy()
+                columns[name][i] = code
+        return columns
+
+    def answer_column(self, outputs: Sequence[Any]) -> np.ndarray:
+        """The predicted sale price, dollars."""
+        return np.array([getattr(out, "sale_price", np.nan) for out in outputs], np.float64)
+
     def from_outputs(self, outputs: np.ndarray, batch: list) -> list[HousePrediction]:
         unseen = [self.unseen_codes(house) for house in batch]
         halfwidth = self.interval_log_halfwidth + self.unseen_log_widening * np.array([len(u) for u in unseen])

@@ -1,5 +1,6 @@
 """Phone price band (0-3) from 20 hardware features: standard scaling + an ordinal net on the informative few."""
 
+from collections.abc import Sequence
 from operator import attrgetter
 from types import ModuleType
 from typing import Any, ClassVar
@@ -120,6 +121,13 @@ class PhonePrice(TabularPredictor):
     def setup(self, artifact: Artifact, device: torch.device) -> None:
         super().setup(artifact, device)
         self.conformal = load_conformal(artifact)
+
+    def raw_columns(self, table: np.ndarray, batch: list[Phone]) -> dict[str, np.ndarray]:
+        return dict(zip(FEATURES, table.T))
+
+    def answer_column(self, outputs: Sequence[Any]) -> np.ndarray:
+        """The predicted band (the profile's output classes)."""
+        return np.array([getattr(out, "price_range", np.nan) for out in outputs], np.float64)
 
     def from_outputs(self, outputs: np.ndarray, batch: list[Phone]) -> list[PhonePrediction]:
         # The net's outputs are log-probabilities: softmax gives the probabilities back, normalised.

@@ -97,6 +97,21 @@ class TabularPredictor(Predictor):
         """Turn the net's raw outputs (one row per input of ``batch``) into response objects."""
 
     def predict(self, batch: list[Any]) -> Sequence[BaseModel]:
-        features = self.transform(self.to_table(batch))
+        table = self.to_table(batch)
+        features = self.transform(table)
         x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
+        if self.drift is not None:  # kept for drift_columns, called next on this thread: not built twice
+            self.last_table = table
         return self.from_outputs(self.net(x).float().cpu().numpy(), batch)
+
+    def drift_columns(self, batch: list[Any], outputs: Sequence[Any]) -> dict[str, Any]:
+        """The raw columns of the batch just predicted (its table, before the preprocessor) and its answers."""
+        return {**self.raw_columns(self.last_table, batch), "output": self.answer_column(outputs)}
+
+    def raw_columns(self, table: Any, batch: list[Any]) -> dict[str, Any]:
+        """``to_table``'s table as one array per input feature, named as in the artifact's profile.json."""
+        raise NotImplementedError(f"{type(self).__name__} has no drift columns")
+
+    def answer_column(self, outputs: Sequence[Any]) -> np.ndarray:
+        """The answer drift is watched on, one per output (NaN where an item failed)."""
+        raise NotImplementedError(f"{type(self).__name__} has no drift columns")

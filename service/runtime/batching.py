@@ -23,12 +23,31 @@ from service.errors import PredictionTimeoutError, QueueFullError
 from service.settings import BatchPolicy
 
 
-@dataclass
+@dataclass(slots=True)
+class BatchTiming:
+    """When one batch ran (``time.time_ns()``, as traces take them): taken off the queue, its run on the model's
+    worker thread, and its answers handed back. Recorded for every batch (four clock reads); traces read it."""
+
+    size: int
+    started_ns: int
+    run_started_ns: int = 0
+    run_ended_ns: int = 0
+    ended_ns: int = 0
+
+
+@dataclass(slots=True)
 class _Pending:
     item: Any
     future: asyncio.Future
-    batch_size: int = 0  # size of the forward pass this item ran in
+    batch: BatchTiming | None = None  # the forward pass this item ran in
     call: Callable[[], Any] | None = None  # instead of an item: a function run alone, in its turn (a stream's step)
+
+
+def _timed(function: Callable[..., Any], *args: Any) -> tuple[Any, int, int]:
+    """``function(*args)`` on the worker thread, with when it started and ended there."""
+    started = time.time_ns()
+    result = function(*args)
+    return result, started, time.time_ns()
 
 
 async def _result_or_error(future: asyncio.Future) -> Any:
@@ -80,10 +99,10 @@ class Batcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    async def call(self, function: Callable, *args: Any) -> Any:
+    async def call(self, function: Callable, *args: Any, meta: dict | None = None) -> Any:
         """Run ``function(*args)`` on this model's worker thread in its turn in the queue, between batches (a
         stream's planning and each of its steps): it takes a queue place and its timeout like an item."""
-        (result,) = await self._enqueue([None], None, call=functools.partial(function, *args))
+        (result,) = await self._enqueue([None], meta, call=functools.partial(function, *args))
         if isinstance(result, Exception):
             raise result
         return result
@@ -92,7 +111,8 @@ class Batcher:
         """Queue ``items`` and wait for their outputs, in order, with the exception in place of an item that
         failed (so a batch request can say which instance); raises QueueFullError or PredictionTimeoutError.
 
-        ``meta["batch_size"]`` is set to the largest forward pass the items ran in.
+        ``meta["batch_size"]`` is set to the largest forward pass the items ran in, ``meta["batches"]`` to each
+        item's :class:`BatchTiming`.
         """
         return await self._enqueue(items, meta)
 
@@ -114,7 +134,8 @@ class Batcher:
             async with asyncio.timeout(self.timeout_s):
                 outputs = [await _result_or_error(p.future) for p in pending]
             if meta is not None:
-                meta["batch_size"] = max(p.batch_size for p in pending)
+                meta["batches"] = batches = [p.batch for p in pending]
+                meta["batch_size"] = max((b.size for b in batches if b is not None), default=0)
             return outputs
         except TimeoutError:
             raise PredictionTimeoutError(f"{self.name} did not answer within {self.timeout_s:g} s") from None
@@ -147,19 +168,28 @@ class Batcher:
                 await asyncio.sleep(self.policy.max_wait_ms / 1000)
             while batch := self._next_batch():
                 start, call = time.perf_counter(), batch[0].call
+                timing = BatchTiming(len(batch), time.time_ns())
                 try:
                     if call is not None:
-                        outputs = [await loop.run_in_executor(self._executor, call)]
+                        result, timing.run_started_ns, timing.run_ended_ns = await loop.run_in_executor(
+                            self._executor, _timed, call
+                        )
+                        outputs = [result]
                     else:
-                        outputs = await loop.run_in_executor(self._executor, self._predict, [p.item for p in batch])
+                        outputs, timing.run_started_ns, timing.run_ended_ns = await loop.run_in_executor(
+                            self._executor, _timed, self._predict, [p.item for p in batch]
+                        )
                     if len(outputs) != len(batch):
                         raise RuntimeError(f"{self.name} returned {len(outputs)} outputs for {len(batch)} inputs")
                 except Exception as exc:  # the whole batch failed: every caller hears why
                     outputs = [exc] * len(batch)
+                    timing.run_started_ns = timing.run_started_ns or timing.started_ns
+                    timing.run_ended_ns = timing.run_ended_ns or time.time_ns()
                 if call is None:  # a stream's step is no forward pass of a batch
                     self._observe(len(batch), time.perf_counter() - start, len(self._queue))
+                timing.ended_ns = time.time_ns()
                 for p, out in zip(batch, outputs):
-                    p.batch_size = len(batch)
+                    p.batch = timing
                     if p.future.done():
                         continue
                     if isinstance(out, Exception):

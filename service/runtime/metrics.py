@@ -6,11 +6,15 @@ the whole server whichever worker answers; the queue depth and open connections 
 ``pid`` label): a dead worker's series leave with it (service/runtime/workers.py), so their sum is the server's now.
 """
 
+import math
 import os
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+FORGETTABLE = ("model_feature_drift_psi", "model_drift_window_size")  # gauges whose retired series are NaN there
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -91,17 +95,55 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.payload_sent = Counter(
+            "payload_log_sent", "Payload records (CloudEvents) delivered to SERVE_PAYLOAD_LOG_URL.", registry=r
+        )
+        self.payload_dropped = Counter(
+            "payload_log_dropped",
+            "Payload records dropped: queue_full (the sink is slower than the traffic), sink_error (it failed).",
+            ["reason"],
+            registry=r,
+        )
         self._versions: dict[str, set[str]] = {}
+
+        # Drift (service/runtime/drift.py): each version's recent rows against the reference profile in its
+        # artifact. Every worker process watches the rows it serves; the largest value of the live ones is kept.
+        self.drift_psi = Gauge(
+            "model_feature_drift_psi",
+            "Population stability index of a feature's recent values (feature 'output': the answers) against the "
+            "version's training profile: < 0.1 stable, 0.1-0.25 watch, > 0.25 drifted.",
+            ["model", "version", "feature"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.drift_window = Gauge(
+            "model_drift_window_size",
+            "Rows in the sliding window the drift PSI is computed over (per worker process: the largest).",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.before_scrape: list[Callable[[], None]] = []  # drift watchers publish what changed since last time
 
     def known_versions(self, model: str) -> set[str]:
         """Versions this process has given a traffic share (so a replaced one can be set back to 0)."""
         return self._versions.setdefault(model, set())
 
+    def forget(self, gauge: Gauge, *labels: str) -> None:
+        """Stop reporting one series of a gauge (a retired version's). prometheus-client cannot remove a series in
+        multiprocess mode, so there it becomes NaN, which :meth:`exposition` leaves out."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            gauge.labels(*labels).set(math.nan)
+        else:
+            gauge.remove(*labels)
+
     def exposition(self) -> tuple[bytes, str]:
         """The text of /metrics and its content type: this app's registry, or every worker's values."""
+        for publish in list(self.before_scrape):
+            publish()
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             merged = CollectorRegistry()
-            MultiProcessCollector(merged)
+            merged.register(_WithoutForgotten(MultiProcessCollector(None)))
             return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -119,3 +161,16 @@ class Metrics:
             depth.set(waiting)
 
         return observe
+
+
+class _WithoutForgotten:
+    """Every worker's values, less the series :meth:`Metrics.forget` set to NaN (a retired version's drift)."""
+
+    def __init__(self, collector: MultiProcessCollector):
+        self.collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.collector.collect():
+            if metric.name in FORGETTABLE:
+                metric.samples = [s for s in metric.samples if not math.isnan(s.value)]
+            yield metric

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,10 @@ from service.catalog import Model
 from service.errors import ModelUnavailableError, NotFoundError, QueueFullError, VersionNotFoundError
 from service.models.base import InputError, Predictor, return_freed_memory
 from service.runtime.batching import Batcher
+from service.runtime.drift import DriftWatcher, not_watched, watch
 from service.runtime.metrics import Metrics
+from service.runtime.payloads import PayloadLog
+from service.runtime.tracing import Tracing
 from service.settings import Settings
 
 log = logging.getLogger("service.runtime.registry")
@@ -55,6 +58,8 @@ class ModelVersion:
     batcher: Batcher | None = None
     active: int = 0  # requests and streams that picked this version and have not finished
     loaded_at: float | None = None
+    drift: DriftWatcher | None = None  # its window against the artifact's profile.json (service/runtime/drift.py)
+    drift_reason: str | None = None  # why it has none
 
     @property
     def manifest(self) -> Manifest | None:
@@ -360,6 +365,11 @@ class ModelEntry:
                 "reason": reason,
                 "on_disk": name in disk,
                 "active_requests": loaded.active if loaded else 0,
+                "drift": (
+                    loaded.drift.status()
+                    if loaded is not None and loaded.drift is not None
+                    else not_watched((loaded and loaded.drift_reason) or "not loaded")
+                ),
             }
         return {
             "default": self.default,
@@ -388,10 +398,20 @@ class Stream:
 
     async def next_piece(self) -> Any:
         """The next piece (text; the whole answer last), or None once the answer is complete."""
-        piece = await self.version.live_batcher.call(next, self.pieces, None)
+        piece = await self.call(next, self.pieces, None)
         if piece is None:
             self.outcome = "ok"
         return piece
+
+    async def call(self, function: Callable, *args: Any) -> Any:
+        """One of the stream's steps on its version's worker, in its turn in the queue (traced like a batch)."""
+        tracing, meta = self.registry.tracing, dict[str, Any]()
+        enqueued_ns = time.time_ns() if tracing.on else 0
+        try:
+            return await self.version.live_batcher.call(function, *args, meta=meta)
+        finally:
+            if enqueued_ns and "batches" in meta:
+                tracing.model_spans(self.entry.name, self.version.name, enqueued_ns, meta["batches"])
 
     def close(self, outcome: str | None = None) -> None:
         if self.closed:
@@ -415,8 +435,11 @@ def open_model(model: Model, artifacts_dir: Path, device: str = "cpu", settings:
     return entry
 
 
-def load_version(entry: ModelEntry, name: str, device: torch.device, settings: Settings) -> ModelVersion | None:
-    """Verify one version's files and load its weights (no batcher yet); a failure is recorded, not raised."""
+def load_version(
+    entry: ModelEntry, name: str, device: torch.device, settings: Settings, metrics: Metrics | None = None
+) -> ModelVersion | None:
+    """Verify one version's files and load its weights (no batcher yet), and watch its drift where its artifact
+    has a profile (exported to ``metrics``); a failure is recorded, not raised."""
     version = entry.versions.get(name) or ModelVersion(name, entry.model.predictor_class()())
     entry.versions[name] = version
     try:
@@ -432,14 +455,18 @@ def load_version(entry: ModelEntry, name: str, device: torch.device, settings: S
     except Exception as exc:
         entry.record_failure(version, exc)
         return None
+    version.drift, version.drift_reason = watch(
+        entry.name, name, version.artifact, version.live_predictor, settings, metrics
+    )
+    version.live_predictor.drift = version.drift
     log.info("loaded %s version %s on %s", entry.name, name, device)
     return version
 
 
-def load_first(entry: ModelEntry, device: torch.device, settings: Settings) -> None:
+def load_first(entry: ModelEntry, device: torch.device, settings: Settings, metrics: Metrics | None = None) -> None:
     """Load the described version and make it the default (at start-up, before anything is served)."""
     for name in list(entry.versions):
-        if (version := load_version(entry, name, device, settings)) is not None:
+        if (version := load_version(entry, name, device, settings, metrics)) is not None:
             version.state = "ready"
             entry.default, entry.predictor, entry.reason = name, version.live_predictor, None
             return
@@ -465,6 +492,8 @@ class Registry:
             for model in models
         }
         self._lock: asyncio.Lock | None = None
+        self.tracing = Tracing.from_environment()
+        self.payloads = PayloadLog(settings, metrics)
 
     def ready(self) -> bool:
         """Every model serving: readiness for /readyz, the v2 protocol and gRPC's health service alike."""
@@ -481,7 +510,7 @@ class Registry:
         """Load each model's first version (before the event loop runs, and before worker processes fork)."""
         for name, entry in self.entries.items():
             if entry.default is None:
-                load_first(entry, self.device, self.settings)
+                load_first(entry, self.device, self.settings, self.metrics)
             self.metrics.model_up.labels(name).set(1 if entry.serving else 0)
 
     def start(self) -> None:
@@ -501,15 +530,21 @@ class Registry:
         the version's name. Counted per version: outcome ok, invalid (an InputError) or error."""
         with entry.use(version) as chosen:
             started, outcome = time.perf_counter(), "error"
+            enqueued_ns = time.time_ns() if self.tracing.on else 0
+            meta = {} if meta is None else meta
             try:
                 outputs = await chosen.live_batcher.submit(items, meta)
                 failed = [out for out in outputs if isinstance(out, Exception)]
                 outcome = (
                     "ok" if not failed else "invalid" if all(isinstance(f, InputError) for f in failed) else "error"
                 )
+                if self.payloads.on:
+                    self.payloads.record(entry.name, chosen.name, items, outputs, self.tracing.traceparent())
                 return outputs, chosen.name
             finally:
                 self.count(entry, chosen, outcome, started)
+                if enqueued_ns and "batches" in meta:
+                    self.tracing.model_spans(entry.name, chosen.name, enqueued_ns, meta["batches"])
 
     async def open_stream(self, entry: ModelEntry, item: Any, version: str | None = None) -> Stream:
         """A stream of ``item``'s answer from the version picked for it, as :meth:`submit` picks one: it holds
@@ -521,7 +556,7 @@ class Registry:
             raise QueueFullError(refusal)
         stream = Stream(self, entry, chosen)
         try:
-            stream.pieces = await chosen.live_batcher.call(chosen.live_predictor.stream, item)
+            stream.pieces = await stream.call(chosen.live_predictor.stream, item)
         except BaseException as exc:
             stream.close("invalid" if isinstance(exc, InputError) else "error")
             raise
@@ -601,7 +636,7 @@ class Registry:
         started = time.perf_counter()
         version = ModelVersion(name, entry.model.predictor_class()())
         entry.versions[name] = version  # "loading" in /admin/models; never picked until "ready"
-        loaded = await asyncio.to_thread(load_version, entry, name, self.device, self.settings)
+        loaded = await asyncio.to_thread(load_version, entry, name, self.device, self.settings, self.metrics)
         if loaded is None:
             self.metrics.version_loads.labels(entry.name, "failed").inc()
             return
@@ -613,9 +648,13 @@ class Registry:
                 raise answer
         except Exception as exc:
             await version.live_batcher.stop()
+            if version.drift is not None:
+                version.drift.close()
             entry.record_failure(version, RuntimeError(f"warm-up failed: {type(exc).__name__}: {exc}"))
             self.metrics.version_loads.labels(entry.name, "failed").inc()
             return
+        if version.drift is not None:
+            version.drift.reset()  # the warm-up's example is not traffic
         version.state = "ready"
         self.metrics.version_loads.labels(entry.name, "ready").inc()
         log.info(
@@ -634,7 +673,9 @@ class Registry:
             await asyncio.sleep(0.02)
         if version.batcher is not None:
             await version.batcher.stop()  # finishes anything still queued
-        version.predictor = version.batcher = version.artifact = None
+        if version.drift is not None:
+            version.drift.close()  # its series stop being reported
+        version.predictor = version.batcher = version.artifact = version.drift = None
         return_freed_memory()
         log.info("unloaded %s version %s", entry.name, name)
 

@@ -24,7 +24,9 @@ from service.api.middleware import SAFE_REQUEST_ID, Gate, new_request_id
 from service.errors import ServiceError, grpc_code_name
 from service.runtime.memory import TRIM_AFTER_BYTES, trim_soon
 from service.runtime.metrics import Metrics
+from service.runtime.payloads import REQUEST_ID
 from service.runtime.threads import off_loop
+from service.runtime.tracing import Tracing
 from service.v2 import codec
 from service.v2.dataplane import DataPlane
 from service.v2.generated import inference_pb2 as pb
@@ -96,6 +98,8 @@ OPEN_METHODS = frozenset(
         "/grpc.health.v1.Health/Watch",
     }
 )  # probes send no key
+# Codes that are the server's fault, so the call's span is marked an error (OpenTelemetry's gRPC conventions).
+SERVER_FAULTS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
 UNAUTHENTICATED = "missing or invalid API key: send it in the x-api-key metadata or as 'authorization: Bearer <key>'"
 
 
@@ -115,8 +119,18 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
     Every unary method is served as a stream-unary one for this: its handler reads the message itself."""
 
-    def __init__(self, gate: Gate, metrics: Metrics, max_calls: int, read_timeout_s: float):
+    def __init__(
+        self,
+        gate: Gate,
+        metrics: Metrics,
+        max_calls: int,
+        read_timeout_s: float,
+        tracing: Tracing | None = None,
+        record_ids: bool = False,
+    ):
         self.gate, self.metrics, self.max_calls, self.read_timeout_s = gate, metrics, max_calls, read_timeout_s
+        self.tracing = tracing if tracing is not None and tracing.on else None
+        self.record_ids = record_ids  # payload records name their request (service/runtime/payloads.py)
         self.waiting: dict[asyncio.Task, float] = {}  # calls waiting for their message, since when, oldest first
         self.working = 0  # calls with their message, being answered
         self.evicted: dict[asyncio.Task, tuple[str, str]] = {}  # waiting calls told to stop, with the reason
@@ -163,7 +177,18 @@ class CallGuard(grpc.aio.ServerInterceptor):
             return handler  # unknown (UNIMPLEMENTED), or the health service's Watch
 
         async def guarded(requests, context):
-            return await self._serve(handler.unary_unary, context, method, request_id_of(metadata))
+            request_id = request_id_of(metadata)
+            if self.record_ids:
+                REQUEST_ID.set(request_id)
+            if self.tracing is None:
+                return await self._serve(handler.unary_unary, context, method, request_id)
+            span, token = self.tracing.start_request(  # _finish sets its status code
+                method, metadata, {"rpc.system": "grpc", "rpc.method": method, "request.id": request_id}
+            )
+            try:
+                return await self._serve(handler.unary_unary, context, method, request_id)
+            finally:
+                Tracing.end_request(span, token, method, {}, False)
 
         return grpc.stream_unary_rpc_method_handler(
             guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
@@ -251,6 +276,14 @@ class CallGuard(grpc.aio.ServerInterceptor):
             )
         counted[0].inc()
         counted[1].observe(elapsed)
+        trailing = [("x-request-id", request_id)]
+        trace_id = None
+        if self.tracing is not None and (span := self.tracing.current_span()) is not None:
+            span.set_attribute("rpc.grpc.status_code", code)
+            if code in SERVER_FAULTS:
+                self.tracing.failed(span)
+            trace_id, traceresponse = self.tracing.ids(span)
+            trailing.append(("traceresponse", traceresponse))
         log.info(
             "request",
             extra={
@@ -260,9 +293,10 @@ class CallGuard(grpc.aio.ServerInterceptor):
                 "path": method,
                 "status": code,
                 "latency_ms": round(elapsed * 1000, 2),
+                "trace_id": trace_id,
             },
         )
-        context.set_trailing_metadata((("x-request-id", request_id),))
+        context.set_trailing_metadata(tuple(trailing))
         if failure is not None:
             await context.abort(grpc.StatusCode[failure[0]], failure[1])
 
@@ -274,7 +308,14 @@ async def start_grpc(
     grpc sets SO_REUSEPORT on Linux). A message is at most ``max_message_bytes`` (refused from its length
     prefix); calls in progress are capped per process (:class:`CallGuard`) and per connection."""
     settings = plane.registry.settings
-    guard = CallGuard(gate, metrics, settings.grpc_max_calls, settings.request_read_timeout_s)
+    guard = CallGuard(
+        gate,
+        metrics,
+        settings.grpc_max_calls,
+        settings.request_read_timeout_s,
+        plane.registry.tracing,
+        plane.registry.payloads.on,
+    )
     server = grpc.aio.server(  # grpc's own cap far above ours: only ours decides, by the rule above
         interceptors=[guard],
         maximum_concurrent_rpcs=4 * settings.grpc_max_calls,

@@ -677,8 +677,8 @@ def test_streams_go_through_the_registry_like_requests(stub_app):
             depths: list[int] = []
             original = batcher.call
 
-            async def watched(function, *args):  # the queue holds the step while it waits its turn
-                task = asyncio.ensure_future(original(function, *args))
+            async def watched(function, *args, **options):  # the queue holds the step while it waits its turn
+                task = asyncio.ensure_future(original(function, *args, **options))
                 await asyncio.sleep(0)
                 depths.append(batcher.depth)
                 return await task

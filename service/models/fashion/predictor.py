@@ -9,6 +9,7 @@ centred, as the dataset itself was made), on the model's worker thread.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -60,6 +61,22 @@ def _in_range(array: np.ndarray) -> np.ndarray:
             f"got values from {array.min():g} to {array.max():g}"
         )
     return array
+
+
+INK = 64  # a pixel brighter than this (a quarter of full scale) is part of the garment, for the drift summaries
+
+
+def image_summaries(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """What drift is watched on for (N, 28, 28) images on the dataset's 0-255 scale: mean brightness, the share
+    of pixels with ink, and the shares of rows and of columns holding any (how much of the frame the garment
+    fills). Training profiles its validation images with the same function (training/fashion.py)."""
+    ink = pixels > INK
+    return {
+        "mean_intensity": pixels.mean(axis=(1, 2), dtype=np.float64),
+        "ink_fraction": ink.mean(axis=(1, 2)),
+        "ink_rows": ink.any(axis=2).mean(axis=1),
+        "ink_columns": ink.any(axis=1).mean(axis=1),
+    }
 
 
 def _trousers() -> list[list[int]]:
@@ -175,6 +192,10 @@ class Fashion(Predictor):
             self._prediction(p, item.top_k, bool(b), labels)
             for p, item, b, labels in zip(probabilities, batch, blank, sets)
         ]
+
+    def drift_columns(self, batch: list[FashionImage], outputs: Sequence[Any]) -> dict[str, np.ndarray]:
+        labels = np.array([getattr(out, "label", np.nan) for out in outputs], np.float64)
+        return {**image_summaries(np.stack([item.pixels for item in batch])), "output": labels}
 
     @staticmethod
     def _prediction(p: np.ndarray, top_k: int, blank: bool, prediction_set: list[str] | None) -> FashionPrediction:
