@@ -4,10 +4,10 @@ API receives them, before any scaling or encoding). The server compares its rece
 (service/runtime/drift.py, which also owns the format and the binning, so both sides count alike).
 
 Per feature: a number with more than FEW_VALUES distinct values gets up to ten quantile bins (edges at the
-reference's deciles, repeated edges merged), a number with fewer (a 0/1 flag, a count of cores) and a text
-column one slot per value seen; each also has a slot for values the reference never had (missing for numbers,
-"other" for categories). The answers are the feature ``output``: a classifier's classes, or a regression's
-predictions in quantile bins.
+reference's deciles, each a value of the reference, repeated edges merged), a number with fewer (a 0/1 flag,
+a count of cores) and a text column one slot per value seen; each also has a slot for values the reference
+never had (missing for numbers, "other" for categories). The answers are the feature ``output``: a
+classifier's classes, or a regression's predictions in quantile bins.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ def bins_of(name: str, values: Any, classes: Sequence[Any] | None = None) -> Bin
         if len(distinct) <= FEW_VALUES:
             bins = Bins.categorical(name, [plain(v) for v in distinct] + ([None] if len(known) < len(numbers) else []))
         else:
-            deciles = np.quantile(known, np.arange(1, BINS) / BINS)
-            bins = Bins.numeric(name, np.unique([float(f"{edge:.6g}") for edge in deciles]))  # 1533.9, not 1533.8999..
+            # deciles that are values of the reference (no edge between two neighbouring values, so no empty bin)
+            deciles = np.quantile(known, np.arange(1, BINS) / BINS, method="inverted_cdf")
+            bins = Bins.numeric(name, np.unique(deciles))
     else:
-        texts = column.astype(object).where(column.notna(), None)
-        seen = sorted({str(v) for v in texts if v is not None})
-        bins = Bins.categorical(name, [*seen, *([None] if texts.isna().any() else [])])
-        values = texts.to_numpy(object)
+        values = np.array([None if v is None or v != v else str(v) for v in column], dtype=object)
+        seen = sorted({v for v in values if v is not None})
+        bins = Bins.categorical(name, [*seen, *([None] if any(v is None for v in values) else [])])
     return bins.counted(values if classes is None else np.asarray(values, np.float64))
 
 

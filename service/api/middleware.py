@@ -143,7 +143,7 @@ class RequestContextMiddleware:
         if self.tracing is not None:  # the request's span, a child of the caller's traceparent if it sent one
             span, token = self.tracing.start_request(
                 scope["method"],
-                {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()},
+                headers,
                 {"http.request.method": scope["method"], "url.path": scope["path"], "request.id": request_id},
             )
             trace_id, traceresponse = self.tracing.ids(span)

@@ -3,7 +3,8 @@
 A model supplies plain functions; the server owns HTTP, batching, the worker thread, metrics and SSE
 framing. Required: ``Input``, ``Output``, ``example``, ``summary``, ``setup`` and ``predict``. Optional:
 ``upload`` + ``decode`` (an extra route taking a file), ``stream_event`` + ``stream`` (Server-Sent Events),
-``input_schema`` (an input schema read from the artifact).
+``input_schema`` (an input schema read from the artifact), ``drift_columns`` (what drift is watched on, against
+the artifact's profile.json).
 """
 
 from __future__ import annotations

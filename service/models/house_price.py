@@ -339,13 +339,16 @@ class HousePrice(TabularPredictor):
         return self.compiled.transform(table)
 
     def raw_columns(self, table: Columns, batch: list[BaseModel]) -> dict[str, np.ndarray]:
-        """The table, with each documented code no training house had as sent (the table holds it as missing)."""
+        """The table, with each documented code no training house had as sent (the table holds it as missing;
+        only its missing values of the few fields that have such codes are looked up)."""
         columns = dict(table)
-        for i, house in enumerate(batch):
-            for name, code in self.unseen_codes(house).items():
-                if columns[name] is table[name]:
-                    columns[name] = table[name].copy()
-                columns[name][i] = code
+        for name, unseen in self.unseen.items():
+            column = table[name]
+            for i in np.flatnonzero(column != column):  # NaN: missing, or such a code
+                if (code := getattr(batch[i], f"f_{name}", None)) in unseen:
+                    if columns[name] is column:
+                        columns[name] = column.copy()
+                    columns[name][i] = code
         return columns
 
     def answer_column(self, outputs: Sequence[Any]) -> np.ndarray:

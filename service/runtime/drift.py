@@ -27,9 +27,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import chain, repeat
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -39,6 +40,7 @@ from service.artifacts import Artifact, ArtifactError
 if TYPE_CHECKING:
     from service.models.base import Predictor
     from service.runtime.metrics import Metrics
+    from service.settings import Settings
 
 log = logging.getLogger("service.runtime.drift")
 
@@ -64,7 +66,7 @@ class Bins:
     shares: np.ndarray | None = None  # per slot; None until counted
 
     @classmethod
-    def numeric(cls, name: str, edges: Sequence[float]) -> Bins:
+    def numeric(cls, name: str, edges: Sequence[float] | np.ndarray) -> Bins:
         values = np.asarray(edges, np.float64)
         if values.ndim != 1 or not np.isfinite(values).all() or (np.diff(values) <= 0).any():
             raise ValueError(f"{name}: bin edges must be finite and strictly increasing")
@@ -96,40 +98,12 @@ class Bins:
         return [("missing" if c is None else str(c)) for c in self.categories] + ["other"]
 
     def index(self, values: Any) -> np.ndarray:
-        """The slot of each value: one ``searchsorted`` for numbers, a dictionary look-up per text category."""
-        if self.kind == "numeric":
-            assert self.edges is not None
-            x = np.asarray(values, np.float64)
-            slot = np.searchsorted(self.edges, x, side="left")
-            slot[np.isnan(x)] = len(self.edges) + 1
-            return slot
-        other, missing, lookup, ordered, order = self._categories
-        if lookup is not None:
-            return np.fromiter(
-                (missing if v is None or v != v else lookup.get(v, other) for v in values), np.intp, count=len(values)
-            )
-        x = np.asarray(values, np.float64)
-        if not len(ordered):
-            return np.where(np.isnan(x), missing, other)
-        at = np.minimum(np.searchsorted(ordered, x), len(ordered) - 1)
-        return np.where(ordered[at] == x, order[at], np.where(np.isnan(x), missing, other))
+        """The slot of each value (as :class:`Binner` finds them for many features at once)."""
+        return self._binner.slots({self.name: values})[:, 0]
 
     @cached_property
-    def _categories(self) -> tuple[int, int, dict | None, np.ndarray, np.ndarray]:
-        """(other's slot, missing's slot, text look-up or None, number categories sorted, their slots)."""
-        other = len(self.categories)
-        missing = self.categories.index(None) if None in self.categories else other
-        known = [(c, i) for i, c in enumerate(self.categories) if c is not None]
-        if known and isinstance(known[0][0], str):
-            return other, missing, dict(known), np.empty(0), np.empty(0, np.intp)
-        known.sort()
-        return (
-            other,
-            missing,
-            None,
-            np.array([c for c, _ in known], np.float64),
-            np.array([i for _, i in known], np.intp),
-        )
+    def _binner(self) -> Binner:
+        return Binner((self,))
 
     def counted(self, values: Any) -> Bins:
         """These bins with the share of ``values`` in each slot: the reference (training calls this)."""
@@ -162,11 +136,81 @@ class Bins:
         return Bins(name, bins.kind, bins.edges, bins.categories, shares)
 
 
-def psi(reference: np.ndarray, window: np.ndarray) -> float:
-    """Population stability index of the shares ``window`` against ``reference`` (same slots), each share
-    floored at FLOOR."""
+class Binner:
+    """The slots of a batch's values for many features at once, vectorised by kind: every number column binned
+    by one broadcast comparison with its edges (padded with +inf), every few-valued number column by one
+    broadcast equality with its categories (padded with NaN), a text column by a dictionary look-up per value."""
+
+    def __init__(self, features: Sequence[Bins]):
+        self.features = tuple(features)
+        numeric = [j for j, f in enumerate(self.features) if f.kind == "numeric"]
+        numbered = [
+            j
+            for j, f in enumerate(self.features)
+            if f.kind == "categorical" and any(isinstance(c, (int, float)) for c in f.categories)
+        ]
+        self.numeric, self.numbered = np.array(numeric, np.intp), np.array(numbered, np.intp)
+        self.text = [j for j, f in enumerate(self.features) if j not in numeric and j not in numbered]
+        edges = [np.asarray(self.features[j].edges) for j in numeric]  # a numeric feature always has its edges
+        self.edges = np.full((len(edges), max(map(len, edges), default=0)), np.inf)
+        for row, e in enumerate(edges):
+            self.edges[row, : len(e)] = e
+        self.numeric_missing = np.array([len(e) + 1 for e in edges], np.intp)
+        categories = [self.features[j].categories for j in numbered]
+        self.categories = np.full((len(numbered), max(map(len, categories), default=0)), np.nan)
+        for row, cs in enumerate(categories):
+            self.categories[row, : len(cs)] = [np.nan if c is None else c for c in cs]
+        self.numbered_other = np.array([len(cs) for cs in categories], np.intp)
+        self.numbered_missing = np.array([cs.index(None) if None in cs else len(cs) for cs in categories], np.intp)
+        self.lookups = {j: self.lookup(self.features[j].categories) for j in self.text}
+
+    @staticmethod
+    def lookup(categories: tuple[Any, ...]) -> dict[Any, int]:
+        """Each category's slot; None and NaN (as numpy and the house table spell missing) go to missing's."""
+        missing = categories.index(None) if None in categories else len(categories)
+        return {None: missing, np.nan: missing, **{c: i for i, c in enumerate(categories) if c is not None}}
+
+    def slots(self, columns: Mapping[str, Any], keep: np.ndarray | None = None) -> np.ndarray:
+        """(rows, features) slot indices of ``columns`` (name -> values), of the rows ``keep`` marks (all: None)."""
+
+        def block(features: np.ndarray) -> np.ndarray:  # (rows, features), the fastest way for a few rows
+            x = np.array([columns[self.features[j].name] for j in features], np.float64).T
+            return x if keep is None else x[keep]
+
+        rows = int(keep.sum()) if keep is not None else len(columns[self.features[0].name])
+        slots = np.empty((rows, len(self.features)), np.intp)
+        if len(self.numeric):
+            x = block(self.numeric)
+            binned = (x[:, :, None] > self.edges[None]).sum(axis=2)  # edges below: (e_i-1, e_i] holds e_i
+            slots[:, self.numeric] = np.where(np.isnan(x), self.numeric_missing, binned)
+        if len(self.numbered):
+            x = block(self.numbered)
+            equal = x[:, :, None] == self.categories[None]
+            absent = np.where(np.isnan(x), self.numbered_missing, self.numbered_other)
+            slots[:, self.numbered] = np.where(equal.any(axis=2), equal.argmax(axis=2), absent)
+        if self.text:  # one look-up per value, every text column in one pass
+            texts = [np.asarray(columns[self.features[j].name], object) for j in self.text]
+            texts = texts if keep is None else [values[keep] for values in texts]
+            looked_up = (map(self.lookups[j].get, values, repeat(-1)) for j, values in zip(self.text, texts))
+            found = np.fromiter(chain.from_iterable(looked_up), np.intp, count=rows * len(self.text))
+            found = found.reshape(len(self.text), rows)
+            for k, i in zip(*np.nonzero(found < 0)):  # a value the reference never had, or another NaN object
+                value, categories = texts[k][i], self.features[self.text[k]].categories
+                missing = value != value and None in categories
+                found[k, i] = categories.index(None) if missing else len(categories)
+            slots[:, self.text] = found.T
+        return slots
+
+
+def psi_terms(reference: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Each slot's term of the population stability index, (q - p) ln(q / p), every share floored at FLOOR."""
     p, q = np.maximum(reference, FLOOR), np.maximum(window, FLOOR)
-    return float(np.sum((q - p) * np.log(q / p)))
+    return (q - p) * np.log(q / p)
+
+
+def psi(reference: np.ndarray, window: np.ndarray) -> float:
+    """Population stability index of the shares ``window`` against ``reference`` (the same slots)."""
+    return float(psi_terms(reference, window).sum())
 
 
 @dataclass(frozen=True)
@@ -224,6 +268,7 @@ class DriftWatcher:
         self.model, self.version, self.profile = model, version, profile
         self.window, self.min_count, self.metrics = window, min_count, metrics
         self.features = profile.features
+        self.binner = Binner(self.features)
         slots = np.array([f.slots for f in self.features])
         self.offsets = np.concatenate([[0], np.cumsum(slots)[:-1]])  # where each feature's slots start
         self.reference = np.concatenate([f.shares for f in self.features if f.shares is not None])
@@ -251,19 +296,14 @@ class DriftWatcher:
             if not ok.any():
                 return
             columns = predictor.drift_columns(batch, outputs)
-            slots = np.empty((int(ok.sum()), len(self.features)), np.intp)
-            for j, feature in enumerate(self.features):
-                values = columns[feature.name]
-                kept = np.asarray(values)[ok] if not ok.all() else values
-                slots[:, j] = feature.index(kept) + self.offsets[j]
+            slots = self.binner.slots(columns, None if ok.all() else ok) + self.offsets
+            with self.lock:
+                self.push(slots)
+                if time.monotonic() - self.published_at >= PUBLISH_S:
+                    self._publish()
         except Exception as exc:  # a bug here must not fail answers that are already made
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("stopped watching drift of %s version %s", self.model, self.version)
-            return
-        with self.lock:
-            self.push(slots)
-            if time.monotonic() - self.published_at >= PUBLISH_S:
-                self._publish()
 
     def push(self, slots: np.ndarray) -> None:
         """Add rows of flat slot indices, the oldest leaving once the window is full (call under the lock)."""
@@ -284,9 +324,7 @@ class DriftWatcher:
 
     def values(self) -> dict[str, float]:
         """Each feature's PSI over the window as it is now (call under the lock)."""
-        shares = self.counts / max(1, self.size)
-        p, q = np.maximum(self.reference, FLOOR), np.maximum(shares, FLOOR)
-        per_feature = np.add.reduceat((q - p) * np.log(q / p), self.offsets)
+        per_feature = np.add.reduceat(psi_terms(self.reference, self.counts / max(1, self.size)), self.offsets)
         return {f.name: float(v) for f, v in zip(self.features, per_feature)}
 
     def _publish(self) -> None:
@@ -351,7 +389,7 @@ def not_watched(reason: str) -> dict[str, Any]:
 
 
 def watch(
-    model: str, version: str, artifact: Artifact, predictor: Predictor, settings: Any, metrics: Metrics | None
+    model: str, version: str, artifact: Artifact, predictor: Predictor, settings: Settings, metrics: Metrics | None
 ) -> tuple[DriftWatcher | None, str | None]:
     """A watcher for a loaded version, or (None, why not): no profile in its artifact (trained before
     profiles), a model without drift columns, a window of 0 (watching turned off) or a profile that does

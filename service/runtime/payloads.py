@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cloudevents.conversion import to_binary, to_dict, to_json, to_structured
-from cloudevents.http import CloudEvent
-from pydantic_core import to_jsonable_python
+from pydantic_core import to_json, to_jsonable_python
 
+from service.models.base import Upload
 from service.runtime.metrics import Metrics
 from service.settings import Settings
 
@@ -53,14 +52,23 @@ RETRY_AFTER_S = 1.0  # a failed sink is tried again after this
 
 
 def _jsonable(value: Any) -> Any:
-    """What pydantic cannot turn into JSON by itself: arrays (decoded tensors), an upload's bytes, errors."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"bytes": len(value), "sha256": hashlib.sha256(value).hexdigest()}
+    """What pydantic cannot turn into JSON by itself: arrays (decoded tensors) and errors."""
+    if isinstance(value, np.ndarray):  # whole numbers as integers (pixels): half the cost, the same JSON values
+        whole = value.dtype.kind == "f" and value.size and np.array_equal(value, np.round(value))
+        return (value.astype(np.int64) if whole else value).tolist()
     if isinstance(value, Exception):
         return {"error": str(value)}
     return repr(value)
+
+
+def _instance(item: Any) -> Any:
+    """An uploaded file is recorded by its size and hash, with its options: not its bytes."""
+    if isinstance(item, Upload):
+        return {
+            "file": {"bytes": len(item.data), "sha256": hashlib.sha256(item.data).hexdigest()},
+            "options": item.options,
+        }
+    return item
 
 
 def redact(value: Any, fields: frozenset[str]) -> Any:
@@ -119,7 +127,8 @@ class PayloadLog:
             self._http = httpx.Client(timeout=self.timeout_s)
         self._thread = threading.Thread(target=self._run, name="payload-log", daemon=True)
         self._thread.start()
-        log.info("payload records: %s of requests go to %s (%s)", f"{self.sample:.0%}", self.target, self.mode)
+        how = f"CloudEvents, {self.mode} mode" if self.is_http else "JSON Lines"
+        log.info("payload records: %s of requests go to %s (%s)", f"{self.sample:.0%}", self.target, how)
 
     def stop(self, flush_s: float = 5.0) -> None:
         if self._thread is None:
@@ -159,10 +168,11 @@ class PayloadLog:
             self._last_warning = now
             log.warning(message)
 
-    def _events(self, record: tuple) -> list[CloudEvent]:
-        """The request's and the response's event."""
+    def _events(self, record: tuple) -> list[tuple[dict[str, str], bytes]]:
+        """The request's and the response's event: its attributes and its data, as JSON."""
         request_id, model, version, when, items, outputs, traceparent = record
         base = {
+            "specversion": "1.0",
             "id": request_id,
             "source": self.source,
             "time": datetime.fromtimestamp(when, UTC).isoformat(),
@@ -173,30 +183,41 @@ class PayloadLog:
         }
         if self.namespace:
             base["namespace"] = self.namespace
-        if traceparent:
+        if traceparent:  # CloudEvents' distributed tracing extension: the record joins the request's trace
             base["traceparent"] = traceparent
-        instances = to_jsonable_python(items, fallback=_jsonable)
-        predictions = to_jsonable_python(outputs, fallback=_jsonable)
-        if self.fields:
-            instances, predictions = redact(instances, self.fields), redact(predictions, self.fields)
         return [
-            CloudEvent({**base, "type": REQUEST_TYPE}, {"instances": instances}),
-            CloudEvent({**base, "type": RESPONSE_TYPE}, {"predictions": predictions}),
+            ({"type": REQUEST_TYPE, **base}, b'{"instances":' + self._json([_instance(i) for i in items]) + b"}"),
+            ({"type": RESPONSE_TYPE, **base}, b'{"predictions":' + self._json(outputs) + b"}"),
         ]
 
-    def _send(self, events: list[CloudEvent]) -> None:
+    def _json(self, value: Any) -> bytes:
+        """``value`` as JSON, by pydantic's serialiser (validated inputs, answers), with the named fields redacted."""
+        if self.fields:
+            return json.dumps(redact(to_jsonable_python(value, fallback=_jsonable), self.fields)).encode()
+        return to_json(value, fallback=_jsonable)
+
+    @staticmethod
+    def _structured(attributes: dict[str, str], data: bytes) -> bytes:
+        """The event in CloudEvents' JSON format: its attributes and ``data``, one object."""
+        return to_json(attributes)[:-1] + b',"data":' + data + b"}"
+
+    def _send(self, events: list[tuple[dict[str, str], bytes]]) -> None:
         if not self.is_http:  # JSON Lines: one structured event per line
             assert self.target is not None
             with Path(self.target.removeprefix("file://")).open("ab") as sink:
-                sink.writelines(to_json(event) + b"\n" for event in events)
-            return
-        if self.mode == "batch":  # CloudEvents' batched content mode: a JSON array of structured events
+                sink.writelines(self._structured(*event) + b"\n" for event in events)
+        elif self.mode == "batch":  # CloudEvents' batched content mode: a JSON array of structured events
             for start in range(0, len(events), BATCH_EVENTS):
-                body = json.dumps([to_dict(e) for e in events[start : start + BATCH_EVENTS]], default=str).encode()
+                body = b"[" + b",".join(self._structured(*e) for e in events[start : start + BATCH_EVENTS]) + b"]"
                 self._post({"content-type": "application/cloudevents-batch+json"}, body)
-        else:  # binary: the attributes as Ce- headers and the data as the body (KServe's logger); or structured
+        elif self.mode == "structured":
             for event in events:
-                self._post(*(to_structured(event) if self.mode == "structured" else to_binary(event)))
+                self._post({"content-type": "application/cloudevents+json"}, self._structured(*event))
+        else:  # binary, as KServe's logger sends: the attributes as Ce- headers, the data as the body
+            for attributes, data in events:
+                headers = {f"ce-{k}": v for k, v in attributes.items() if k != "datacontenttype"}
+                headers["content-type"] = attributes["datacontenttype"]
+                self._post(headers, data)
 
     def _post(self, headers: dict[str, str], body: bytes) -> None:
         answer = self._http.post(self.target, content=body, headers=headers)

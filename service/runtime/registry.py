@@ -392,6 +392,7 @@ class Stream:
     def __init__(self, registry: Registry, entry: ModelEntry, version: ModelVersion):
         self.registry, self.entry, self.version = registry, entry, version
         self.pieces: Iterator[Any] = iter(())
+        self.item: Any = None  # what was asked (its payload record, with the whole answer)
         self.started, self.outcome, self.closed = time.perf_counter(), "error", False
         entry.streams += 1
         version.active += 1
@@ -401,6 +402,10 @@ class Stream:
         piece = await self.call(next, self.pieces, None)
         if piece is None:
             self.outcome = "ok"
+        elif isinstance(piece, BaseModel) and self.registry.payloads.on:  # the whole answer: the stream's record
+            self.registry.payloads.record(
+                self.entry.name, self.version.name, [self.item], [piece], self.registry.tracing.traceparent()
+            )
         return piece
 
     async def call(self, function: Callable, *args: Any) -> Any:
@@ -555,6 +560,7 @@ class Registry:
         if refusal := entry.streams_full(self.settings.max_streams):
             raise QueueFullError(refusal)
         stream = Stream(self, entry, chosen)
+        stream.item = item
         try:
             stream.pieces = await stream.call(chosen.live_predictor.stream, item)
         except BaseException as exc:

@@ -19,12 +19,28 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import context, propagate, trace
+from opentelemetry.propagators.textmap import Getter
 
 log = logging.getLogger("service.tracing")
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 SUPPORTED_PROTOCOL = "http/protobuf"
+
+
+class _RawHeaders(Getter[Mapping[bytes, bytes]]):
+    """Reads a propagator's headers (``traceparent``, ``tracestate``, ...) from ASGI's raw header bytes, decoding
+    only those it asks for."""
+
+    def get(self, carrier: Mapping[bytes, bytes], key: str) -> list[str] | None:
+        value = carrier.get(key.encode("latin-1"))
+        return None if value is None else [value.decode("latin-1")]
+
+    def keys(self, carrier: Mapping[bytes, bytes]) -> list[str]:
+        return [k.decode("latin-1") for k in carrier]
+
+
+RAW_HEADERS = _RawHeaders()
 
 
 class TracingConfigError(ValueError):
@@ -81,13 +97,13 @@ class Tracing:
 
     # -- one request -----------------------------------------------------------------------------------
 
-    def start_request(self, name: str, carrier: Mapping[str, str], attributes: dict[str, Any]) -> tuple[Any, Any]:
+    def start_request(self, name: str, carrier: Mapping, attributes: dict[str, Any]) -> tuple[Any, Any]:
         """A server span for one request, a child of the caller's ``traceparent`` if it sent one, made the
         current span (the model's spans find it there); returns it and the token that :meth:`end_request`
-        needs to restore the context."""
-        span = self.tracer.start_span(
-            name, context=propagate.extract(carrier), kind=trace.SpanKind.SERVER, attributes=attributes
-        )
+        needs to restore the context. ``carrier``: the request's headers, raw (bytes) or gRPC's metadata."""
+        getter = RAW_HEADERS if carrier and isinstance(next(iter(carrier)), bytes) else None
+        parent = propagate.extract(carrier, getter=getter) if getter else propagate.extract(carrier)
+        span = self.tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
         return span, context.attach(trace.set_span_in_context(span))
 
     @staticmethod

@@ -31,10 +31,7 @@ EVALUATION_S = 1
 class Prometheus:
     """The real `prometheus` binary scraping ``target`` every second, with the shipped rules."""
 
-    def __init__(self, target: str, workdir: Path):
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.skip("prometheus not found: apt-get install prometheus (Debian/Ubuntu) brings /usr/bin/prometheus")
+    def __init__(self, binary: str, target: str, workdir: Path):
         config = {
             "global": {
                 "scrape_interval": f"{EVALUATION_S}s",
@@ -98,9 +95,12 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[tuple[Server, Prometheus]]:
     """A server on phone-price with a small drift window, and a Prometheus scraping it."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus not found: apt-get install prometheus (Debian/Ubuntu) brings /usr/bin/prometheus")
     settings = {"models": '["phone-price"]', "drift_window": str(WINDOW), "drift_min_count": str(MIN_COUNT)}
     with running_server(**settings) as server:
-        prometheus = Prometheus(f"127.0.0.1:{server.port}", tmp_path_factory.mktemp("prometheus"))
+        prometheus = Prometheus(binary, f"127.0.0.1:{server.port}", tmp_path_factory.mktemp("prometheus"))
         try:
             yield server, prometheus
         finally:

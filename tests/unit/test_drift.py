@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.artifacts import Artifact, publish_version, staging_folder, write_artifact
@@ -23,7 +23,7 @@ from service.runtime import drift
 from service.runtime.drift import FLOOR, OUTPUT, PROFILE, Bins, DriftWatcher, Profile, psi
 from service.runtime.metrics import Metrics
 from service.settings import Settings
-from tests.conftest import serving
+from tests.conftest import committed, serving
 from tests.stubs import Doubler
 from training import profile as training_profile
 
@@ -112,7 +112,8 @@ def test_training_profiles_numbers_few_valued_numbers_text_and_classes():
         assert feature["shares"][-1] == 0  # nothing missing or other in the reference
     # repeated deciles merge: a feature that is mostly zero keeps one bin for the zeros
     zeros = training_profile.bins_of("pool", np.r_[np.zeros(900), np.arange(1, 101.0)])
-    assert zeros.edges is not None and zeros.edges[0] == 0 and len(zeros.edges) == 2
+    assert zeros.edges is not None and zeros.edges.tolist() == [0.0]
+    assert zeros.shares is not None and zeros.shares.tolist() == [0.9, 0.1, 0.0]  # zeros, the rest, missing
 
 
 # -- PSI ---------------------------------------------------------------------------------------------------
@@ -282,11 +283,12 @@ def write_watched(artifacts: Path, version: str, with_profile: bool = True) -> N
 
 def series(text: str, metric: str, version: str) -> dict[str, float]:
     """The watched model's samples of ``metric`` for ``version`` in a /metrics text, by feature (or "")."""
-    found = {}
-    for line in text.splitlines():
-        if match := re.fullmatch(rf'{metric}{{model="watched",version="{version}"(?:,feature="(\w+)")?}} (\S+)', line):
-            found[match[1] or ""] = float(match[2])
-    return found
+    return {
+        sample.labels.get("feature", ""): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric and sample.labels.get("model") == "watched" and sample.labels["version"] == version
+    }
 
 
 def test_the_server_watches_each_version_with_a_profile_and_forgets_a_retired_one(tmp_path):
@@ -326,3 +328,22 @@ def test_the_server_watches_each_version_with_a_profile_and_forgets_a_retired_on
             assert PROFILE in state["versions"]["2"]["drift"]["reason"]
 
     asyncio.run(scenario())
+
+
+def test_house_drift_columns_hold_an_unseen_code_as_sent_and_the_price_as_output():
+    entry = committed("house-price")
+    predictor = entry.predictor
+    houses = [
+        entry.Input.model_validate({**predictor.example, "MSZoning": "A"}),  # documented, no training house had it
+        entry.Input.model_validate({**predictor.example, "MSZoning": None}),  # missing
+        entry.Input.model_validate(predictor.example),
+    ]
+    table = predictor.to_table(houses)
+    assert [str(v) for v in table["MSZoning"]] == ["nan", "nan", "RL"]  # priced as missing
+    predictor.last_table = table
+    columns = predictor.drift_columns(houses, [predictor.Output(sale_price=1e5, interval_90=[9e4, 2e5])] * 3)
+    assert columns["MSZoning"][0] == "A" and columns["MSZoning"][1] != columns["MSZoning"][1]
+    assert table["MSZoning"][0] != table["MSZoning"][0]  # the table itself is left as it was
+    assert columns[OUTPUT].tolist() == [1e5] * 3
+    bins = Bins.categorical("MSZoning", ["RL", "RM", None])
+    assert bins.index(columns["MSZoning"]).tolist() == [3, 2, 0]  # other, missing, RL

@@ -1,0 +1,225 @@
+"""What traces and payload records cost: /phone-price and /fashion at 64 clients with both off, and with
+both on (every request traced and recorded: the SDK's default always-on sampler, SERVE_PAYLOAD_LOG_SAMPLE=1).
+
+The "on" server sends its spans over OTLP/HTTP and its records as CloudEvents to a real nginx (Debian's
+package), which takes every POST and discards it: the receiving end costs little and is a separate process,
+as a collector and a log sink are in production (on another machine there; on this 2-core one it takes its
+share of the same cores, so the ratio is, if anything, pessimistic). Load comes from ``wrk`` (1 thread).
+
+Each of ``--rounds`` rounds starts a fresh server per side, one at a time, in swapped order every other
+round, and loads each route for ``--duration`` seconds; each figure is the median over the rounds. The "on"
+server's records sent and dropped (``payload_log_*_total``) are reported with it.
+
+    python -m benchmarks.observability [--rounds 3] [--duration 5] [--payload-format binary]
+
+Needs nginx (``apt-get install nginx-light``) and wrk. Writes benchmarks/results/observability.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.load import LUA, wait_ready, wrk
+from service.catalog import get
+
+RESULTS = Path(__file__).parent / "results"
+ROUTES = ("phone-price", "fashion")
+CLIENTS = 64
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/body;
+    client_max_body_size 64m;
+    server {{
+        listen 127.0.0.1:{port};
+        location /v1/traces {{ default_type application/x-protobuf; return 200 ""; }}
+        location / {{ return 202; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_nginx(work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(work=work, port=port))
+    process = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(url + "/ready", content=b"x", timeout=1)
+            return process, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("nginx did not start")
+
+
+def start_server(port: int, extra_env: dict[str, str]) -> subprocess.Popen:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SERVE_PAYLOAD"))},
+        "SERVE_MODELS": json.dumps(list(ROUTES)),
+        "SERVE_LOG_LEVEL": "WARNING",
+        **extra_env,
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--http",
+            "service.api.server:GuardedHttpProtocol",
+        ],
+        env=env,
+    )
+    return wait_ready(process, f"http://127.0.0.1:{port}/readyz")
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(rf"^{name}{{{wanted}}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--payload-format", choices=["binary", "structured", "batch"], default="binary")
+    parser.add_argument(
+        "--trace-ratio",
+        type=float,
+        default=None,
+        help="sample traces with parentbased_traceidratio at this ratio (default: the SDK's, every request)",
+    )
+    parser.add_argument("--parts", default="traces,payloads", help="what the 'on' server turns on (comma-separated)")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+
+    with tempfile.TemporaryDirectory(prefix="bench-observability-") as tmp:
+        work = Path(tmp)
+        (work / "body").mkdir()
+        script = work / "post.lua"
+        script.write_text(LUA)
+        bodies = {}
+        for name in ROUTES:
+            bodies[name] = work / f"{name}.json"
+            bodies[name].write_text(json.dumps(get(name).predictor_class().example))
+        nginx, sink = start_nginx(work)
+        sides = {
+            "off": {},
+            "on": {
+                **({"OTEL_EXPORTER_OTLP_ENDPOINT": sink} if "traces" in parts else {}),
+                **(
+                    {
+                        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                        "OTEL_TRACES_SAMPLER_ARG": str(args.trace_ratio),
+                    }
+                    if args.trace_ratio is not None
+                    else {}
+                ),
+                **(
+                    {
+                        "SERVE_PAYLOAD_LOG_URL": sink + "/events",
+                        "SERVE_PAYLOAD_LOG_SAMPLE": "1",
+                        "SERVE_PAYLOAD_LOG_FORMAT": args.payload_format,
+                    }
+                    if "payloads" in parts
+                    else {}
+                ),
+            },
+        }
+        samples: dict[str, dict[str, list[float]]] = {side: {r: [] for r in ROUTES} for side in sides}
+        records = {"sent": 0.0, "dropped_queue_full": 0.0, "dropped_sink_error": 0.0, "requests": 0}
+        try:
+            for round_ in range(args.rounds):
+                for side in sides if round_ % 2 == 0 else reversed(list(sides)):
+                    port = free_port()
+                    server = start_server(port, sides[side])
+                    try:
+                        for name in ROUTES:
+                            result = wrk(
+                                f"http://127.0.0.1:{port}/{name}", bodies[name], script, CLIENTS, args.duration
+                            )
+                            samples[side][name].append(result["req_per_s"])
+                            if side == "on":
+                                records["requests"] += result["requests"]
+                            print(f"round {round_ + 1} {side:>3} /{name}: {result['req_per_s']:.0f} req/s", flush=True)
+                        if side == "on":
+                            time.sleep(1)  # what the sender still holds goes out
+                            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                            records["sent"] += counter(text, "payload_log_sent_total")
+                            records["dropped_queue_full"] += counter(
+                                text, "payload_log_dropped_total", reason="queue_full"
+                            )
+                            records["dropped_sink_error"] += counter(
+                                text, "payload_log_dropped_total", reason="sink_error"
+                            )
+                    finally:
+                        server.terminate()
+                        server.wait(60)
+        finally:
+            nginx.terminate()
+            nginx.wait(10)
+
+    medians = {side: {r: statistics.median(v) for r, v in routes.items()} for side, routes in samples.items()}
+    ratios = {r: round(medians["on"][r] / medians["off"][r], 3) for r in ROUTES}
+    summary = {
+        "command": " ".join(["python -m benchmarks.observability", *sys.argv[1:]]),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "clients": CLIENTS,
+        "duration_s": args.duration,
+        "on": sorted(parts),
+        "payload_format": args.payload_format,
+        "trace_ratio": args.trace_ratio if args.trace_ratio is not None else 1.0,
+        "req_per_s": samples,
+        "median_req_per_s": medians,
+        "on_over_off": ratios,
+        "payload_records": {**records, "expected": 2 * records["requests"]},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    ratio = "" if args.trace_ratio is None else f"-ratio{args.trace_ratio:g}"
+    (RESULTS / f"observability-{'-'.join(sorted(parts))}-{args.payload_format}{ratio}.json").write_text(
+        json.dumps(summary, indent=2) + "\n"
+    )
+    print("\n| route | off req/s | on req/s | on / off |\n|---|---:|---:|---:|")
+    for r in ROUTES:
+        print(f"| /{r} | {medians['off'][r]:.0f} | {medians['on'][r]:.0f} | {ratios[r]:.2f} |")
+    print(f"\npayload records (on): {json.dumps(summary['payload_records'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Payload records on the stub model, in process: the JSON Lines file sink, redaction, sampling, uploads, and a
+slow sink that fills the queue (records dropped and counted, answers unaffected)."""
+
+import asyncio
+import json
+import re
+
+import pytest
+from cloudevents.http import from_dict
+
+from tests.conftest import serving
+from tests.receivers import EventSink
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search(rf"^{name}{{{wanted}}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def read_events(path) -> list:
+    return [from_dict(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def test_records_go_to_a_json_lines_file_in_pairs_with_redaction(stub_app, tmp_path):
+    sink = tmp_path / "records.jsonl"
+
+    async def scenario():
+        app = stub_app(payload_log_url=str(sink), payload_log_redact=["x"])
+        async with serving(app) as client:
+            ok = await client.post("/doubler", json={"x": 4}, headers={"x-request-id": "one"})
+            bad = await client.post("/doubler/batch", json={"instances": [{"x": 1}, {"x": -1}]})
+            upload = await client.post("/doubler/text", files={"file": ("n.txt", b"5", "text/plain")})
+        return ok, bad, upload  # leaving serving() stops the sender, which writes what it holds
+
+    ok, bad, upload = asyncio.run(scenario())
+    assert ok.status_code == 200 and bad.status_code == 422 and upload.status_code == 200
+    events = read_events(sink)
+    assert len(events) == 6
+    pairs: dict[str, dict] = {}
+    for event in events:
+        pairs.setdefault(event["id"], {})[event["type"].rsplit(".", 1)[1]] = event
+    (instance,) = pairs["one"]["request"].data["instances"]  # as validated: with the fields' defaults
+    assert instance["x"] == "[redacted]" and instance["sleep_ms"] == 0
+    assert pairs["one"]["response"].data == {"predictions": [{"y": 8.0}]}
+    assert pairs["one"]["request"]["inferenceservicename"] == "doubler"
+    # a batch with a refused instance: the record names its error in its place
+    batch = pairs[bad.headers["x-request-id"]]["response"].data["predictions"]
+    assert batch[0] == {"y": 2.0} and "must not be negative" in batch[1]["error"]
+    # an upload is recorded by its size and hash, not its bytes
+    (file,) = pairs[upload.headers["x-request-id"]]["request"].data["instances"]
+    assert file["file"]["bytes"] == 1 and len(file["file"]["sha256"]) == 64 and file["options"] == {"times": 1}
+
+
+def test_sampling_records_about_the_share_asked(stub_app, tmp_path):
+    sink = tmp_path / "records.jsonl"
+
+    async def scenario():
+        async with serving(stub_app(payload_log_url=str(sink), payload_log_sample=0.25)) as client:
+            for _ in range(400):
+                await client.post("/doubler", json={"x": 1})
+
+    asyncio.run(scenario())
+    pairs = len(read_events(sink)) / 2
+    assert 60 <= pairs <= 140  # 100 expected; this range fails once in ~10^6 runs
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured", "batch"])
+def test_each_http_mode_delivers_events_a_cloudevents_consumer_reads(stub_app, mode):
+    with EventSink() as sink:
+
+        async def scenario():
+            async with serving(stub_app(payload_log_url=sink.url, payload_log_format=mode)) as client:
+                for i in range(3):
+                    await client.post("/doubler", json={"x": i}, headers={"x-request-id": f"r{i}"})
+                await asyncio.sleep(0.3)
+                return (await client.get("/metrics")).text
+
+        metrics = asyncio.run(scenario())
+        events = sink.wait_for(6)
+    assert sorted((e["id"], e["type"]) for e in events) == sorted(
+        (f"r{i}", f"org.kubeflow.serving.inference.{kind}") for i in range(3) for kind in ("request", "response")
+    )
+    assert sink.posts == (1 if mode == "batch" else 6)
+    assert metric(metrics, "payload_log_sent_total") == 6
+
+
+def test_a_slow_sink_drops_records_but_no_answer(stub_app):
+    with EventSink(delay_s=0.5) as sink:
+
+        async def scenario():
+            app = stub_app(payload_log_url=sink.url, payload_log_queue=4, payload_log_format="batch")
+            async with serving(app) as client:
+                answers = await asyncio.gather(*(client.post("/doubler", json={"x": i}) for i in range(40)))
+                metrics = (await client.get("/metrics")).text
+            return answers, metrics
+
+        answers, metrics = asyncio.run(scenario())
+    assert [a.status_code for a in answers] == [200] * 40
+    dropped = metric(metrics, "payload_log_dropped_total", reason="queue_full")
+    assert dropped > 0 and dropped % 2 == 0  # whole pairs
+
+
+def test_a_stream_is_recorded_with_its_whole_answer(stub_app, tmp_path):
+    sink = tmp_path / "records.jsonl"
+
+    async def scenario():
+        async with serving(stub_app(payload_log_url=str(sink))) as client:
+            return await client.post("/doubler/stream", json={"x": 6.5}, headers={"x-request-id": "s1"})
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 200 and "event: digit" in answer.text
+    request, response = sorted(read_events(sink), key=lambda e: e["type"])
+    assert request["id"] == response["id"] == "s1"
+    assert request.data["instances"][0]["x"] == 6.5 and response.data == {"predictions": [{"y": 13.0}]}

@@ -1,0 +1,80 @@
+"""Traces on the stub model, in process, sent over OTLP/HTTP to a real receiver: a stream's spans, a batch
+shared by concurrent requests, a refused request's span, and the OTEL_* variables that turn tracing off or
+stop the start."""
+
+import asyncio
+
+import pytest
+
+from service.runtime.tracing import Tracing, TracingConfigError
+from tests.conftest import serving
+from tests.receivers import OtlpReceiver
+
+CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+TRACE_ID, PARENT = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+
+@pytest.fixture
+def receiver(monkeypatch):
+    with OtlpReceiver() as otlp:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        yield otlp
+
+
+def test_a_streams_planning_and_pieces_are_traced(stub_app, receiver):
+    async def scenario():
+        async with serving(stub_app()) as client:
+            return await client.post("/doubler/stream", json={"x": 6.5}, headers={"traceparent": CALLER})
+
+    answer = asyncio.run(scenario())  # leaving serving() flushes the exporter
+    assert answer.status_code == 200 and answer.headers["traceresponse"].startswith(f"00-{TRACE_ID}-")
+    spans = receiver.trace(TRACE_ID, at_least=1)
+    (server,) = [s for s in spans if s.parent_span_id == PARENT]
+    assert server.name == "POST /doubler/stream" and server.attributes["http.response.status_code"] == 200
+    batches = [s for s in spans if s.name == "batch"]
+    # planning, then one step per piece: "13.0" gives 4 characters, then the whole answer, then the end
+    assert len(batches) == 1 + 4 + 1 + 1
+    assert all(b.parent_span_id == server.span_id and b.attributes["batch.size"] == 1 for b in batches)
+    assert len([s for s in spans if s.name == "forward"]) == len(batches)
+
+
+def test_concurrent_requests_share_one_batch_span_each(stub_app, receiver):
+    callers = [f"00-{i:032x}-{i:016x}-01" for i in range(1, 9)]
+
+    async def scenario():
+        async with serving(stub_app()) as client:
+            return await asyncio.gather(
+                *(client.post("/doubler", json={"x": 1, "sleep_ms": 20}, headers={"traceparent": c}) for c in callers)
+            )
+
+    answers = asyncio.run(scenario())
+    assert {a.status_code for a in answers} == {200}
+    sizes = []
+    for i in range(1, 9):
+        spans = receiver.trace(f"{i:032x}", at_least=4)
+        (batch,) = [s for s in spans if s.name == "batch"]
+        sizes.append(batch.attributes["batch.size"])
+    assert max(sizes) > 1  # some requests waited for a forward pass and ran together: each trace says so
+
+
+def test_a_refused_request_is_traced_with_its_status(stub_app, receiver):
+    async def scenario():
+        async with serving(stub_app(api_keys=["k"])) as client:
+            return await client.post("/doubler", json={"x": 1}, headers={"traceparent": CALLER})
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 401 and "traceresponse" in answer.headers
+    (server,) = receiver.trace(TRACE_ID, at_least=1)
+    assert server.attributes["http.response.status_code"] == 401 and server.status_code == 0  # unset: a 4xx
+
+
+def test_otel_variables_turn_tracing_off_or_stop_the_start():
+    assert not Tracing({}).on
+    assert Tracing({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}).on
+    assert not Tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"}).on
+    assert not Tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"}).on
+    with pytest.raises(TracingConfigError, match="http/protobuf"):
+        Tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    with pytest.raises(TracingConfigError, match="otlp only"):
+        Tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "zipkin"})
