@@ -135,7 +135,6 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         metrics=metrics,
         gate=checks,
         tracing=registry.tracing,
-        record_ids=registry.payloads.on,
     )
     return app
 

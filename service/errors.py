@@ -14,6 +14,7 @@ class ServiceError(Exception):
 
     status = 500
     retry_after: int | None = None  # seconds, sent as Retry-After
+    headers: dict[str, str] | None = None  # more headers for the answer (a rate limit's state)
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
@@ -45,9 +46,26 @@ class QueueFullError(ServiceError):
 
 
 class PredictionTimeoutError(ServiceError):
-    """The request waited longer than its timeout."""
+    """The request's deadline passed before its answer was ready (or it was dropped from the queue unanswered)."""
 
     status = 504
+
+
+class DeadlineUnmeetableError(ServiceError):
+    """Refused on arrival: the batches ahead of it take longer than the request's deadline leaves."""
+
+    status = 503
+    retry_after = 1
+
+
+class RateLimitedError(ServiceError):
+    """The caller's key is over its rate: retry after Retry-After (RateLimit headers say more)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str]):
+        super().__init__(message)
+        self.retry_after, self.headers = retry_after, headers
 
 
 class ProtocolError(ServiceError):

@@ -1,9 +1,10 @@
 """Service settings, read from environment variables prefixed with ``SERVE_`` (see README)."""
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +21,15 @@ class BatchPolicy(BaseModel):
         64, ge=1, le=4096, description="Largest batch for one forward pass; 1 turns batching off."
     )
     max_wait_ms: float = Field(0.0, ge=0, le=1000, description="Extra wait for a fuller batch; 0 adds no latency.")
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description=(
+            "A request's deadline unless it sends X-Request-Timeout (or a gRPC deadline): past it, it is dropped "
+            "from the queue (504); unset: SERVE_REQUEST_TIMEOUT_S."
+        ),
+    )
     threads: int | None = Field(
         None,
         ge=1,
@@ -29,6 +39,36 @@ class BatchPolicy(BaseModel):
             "SERVE_TORCH_THREADS, else torch's default."
         ),
     )
+
+
+Priority = Literal["high", "normal", "low"]
+PRIORITY_RANK: dict[str, int] = {"high": 0, "normal": 1, "low": 2}  # a model's queue serves the lowest first
+
+
+class ApiKey(BaseModel):
+    """A client key and what it may do: its priority in every model's queue and, optionally, a rate limit in
+    instances per second (a token bucket of ``burst`` instances, shared by every worker process)."""
+
+    model_config = {"extra": "forbid"}
+
+    key: str = Field(
+        min_length=1, repr=False, description="The secret the client sends (X-API-Key or Authorization: Bearer)."
+    )
+    name: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]{0,64}$",
+        description="What logs and metrics call the key (never the key itself); unset: key-1, key-2, ... by position.",
+    )
+    priority: Priority = Field("normal", description="high is served first in a model's queue; low is shed first.")
+    rate_per_s: float | None = Field(None, gt=0, description="Instances per second the key may send; unset: no limit.")
+    burst: int | None = Field(
+        None, ge=1, description="Instances the key may send at once (the bucket's size); unset: one second's worth."
+    )
+
+    @property
+    def capacity(self) -> int:
+        """The bucket's size, in instances (a limited key's largest request)."""
+        return self.burst or max(1, math.ceil(self.rate_per_s or 1))
 
 
 class Settings(BaseSettings):
@@ -151,7 +191,14 @@ class Settings(BaseSettings):
             "scale a large photo is decoded at). One decode peaks at 6 bytes a pixel: 240 MB at the default."
         ),
     )
-    api_keys: list[str] = Field(default_factory=list, description="If set, model routes need one of these keys.")
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description=(
+            "If set, model routes need one of these keys (JSON list): plain strings, or objects with a name, a "
+            'priority and a rate limit, e.g. [{"key": "k1", "name": "web", "priority": "high"}, {"key": "k2", '
+            '"name": "batch-jobs", "rate_per_s": 50, "burst": 100, "priority": "low"}].'
+        ),
+    )
     public_ops: bool = Field(
         True,
         description=("Keep readiness, models, metrics, the docs pages and /openapi.json open when api_keys is set."),
@@ -289,6 +336,24 @@ class Settings(BaseSettings):
 
     log_json: bool = Field(False, description="One JSON object per log line (for log collectors), else plain text.")
     log_level: str = Field("INFO", description="The service's log level: DEBUG, INFO, WARNING or ERROR.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _named_keys(cls, value: object) -> object:
+        """Plain strings become keys of normal priority without a limit; every key gets a name."""
+        if not isinstance(value, list):
+            return value
+        keys = [{"key": k} if isinstance(k, str) else k for k in value]
+        return [{**k, "name": k.get("name") or f"key-{i}"} if isinstance(k, dict) else k for i, k in enumerate(keys, 1)]
+
+    @field_validator("api_keys")
+    @classmethod
+    def _distinct_keys(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        for attribute in ("key", "name"):
+            values = [getattr(k, attribute) for k in keys]
+            if len(set(values)) != len(values):
+                raise ValueError(f"two API keys have the same {attribute}; each needs its own")
+        return keys
 
     def policy(self, model: str) -> BatchPolicy:
         return self.batching.get(model, self.default_batching)

@@ -80,7 +80,7 @@ def input_error(request: Request, exc: InputError) -> JSONResponse:
 def service_error(request: Request, exc: ServiceError) -> JSONResponse:
     """Every ServiceError, by its status: ``{"detail": ...}``, and on the v2 protocol's paths the same text as
     ``"error"`` too (what its clients read), with Retry-After where the error has one."""
-    return error_response(request.url.path, exc.status, str(exc), exc.retry_after)
+    return error_response(request.url.path, exc.status, str(exc), exc.retry_after, exc.headers)
 
 
 def error_response(

@@ -17,10 +17,11 @@ import time
 from dataclasses import dataclass, field
 
 from service.api.errors import error_body
+from service.runtime.context import CURRENT, CallContext
 from service.runtime.memory import TRIM_AFTER_BYTES, trim_soon
 from service.runtime.metrics import Metrics
-from service.runtime.payloads import REQUEST_ID
 from service.runtime.tracing import Tracing
+from service.settings import ApiKey
 
 log = logging.getLogger("service.access")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -51,7 +52,7 @@ async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, b
 class Gate:
     """Who may call which path, and how large a body each path takes."""
 
-    api_keys: list[str]
+    api_keys: list[ApiKey]
     open_paths: tuple[str, ...]  # reachable without a key (each with everything below it; "/" always)
     admin_keys: list[str] = field(default_factory=list)  # the only keys /admin takes (client keys never do)
     body_limits: dict[str, int] = field(default_factory=dict)  # per exact path
@@ -95,13 +96,29 @@ class Gate:
     def has_valid_key(self, headers: dict[bytes, bytes], keys: list[str] | None = None) -> bool:
         """Whether the headers carry one of the keys (X-API-Key, or Authorization: Bearer); default: the
         client keys."""
-        supplied = headers.get(b"x-api-key", b"")
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        if not supplied and scheme.lower() == b"bearer":
-            supplied = token.strip()
-        # compare against every key, always, so timing does not reveal which prefix matched
-        matches = [secrets.compare_digest(supplied, key.encode()) for key in (self.api_keys if keys is None else keys)]
-        return bool(supplied) and any(matches)
+        if keys is None:
+            return self.client_key(headers) is not None
+        return _matching(_supplied(headers), keys) is not None
+
+    def client_key(self, headers: dict[bytes, bytes]) -> ApiKey | None:
+        """The client key the headers carry, or None."""
+        found = _matching(_supplied(headers), [k.key for k in self.api_keys])
+        return None if found is None else self.api_keys[found]
+
+
+def _supplied(headers: dict[bytes, bytes]) -> bytes:
+    supplied = headers.get(b"x-api-key", b"")
+    scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+    if not supplied and scheme.lower() == b"bearer":
+        supplied = token.strip()
+    return supplied
+
+
+def _matching(supplied: bytes, keys: list[str]) -> int | None:
+    """The position of the key ``supplied`` is, comparing against every key, always, so that timing does not
+    reveal which prefix matched."""
+    matches = [secrets.compare_digest(supplied, key.encode()) for key in keys]
+    return matches.index(True) if supplied and any(matches) else None
 
 
 UNAUTHORIZED = {
@@ -117,11 +134,28 @@ def is_admin(path: str) -> bool:
     return path == "/admin" or path.startswith("/admin/")
 
 
+MAX_REQUEST_TIMEOUT_S = 3600.0
+BAD_TIMEOUT = (
+    f"X-Request-Timeout must be a number of seconds above 0 and at most {MAX_REQUEST_TIMEOUT_S:g} (a decimal, e.g. "
+    "0.25): how long the answer is still wanted"
+)
+
+
+def request_deadline(value: bytes | str | None) -> float | None:
+    """The deadline (``time.monotonic()``) an X-Request-Timeout value sets, None without one; ValueError if it is
+    not a number of seconds in (0, 3600]."""
+    if value is None:
+        return None
+    seconds = float(value)  # ValueError for text; "nan" and "inf" fail the range below
+    if not 0 < seconds <= MAX_REQUEST_TIMEOUT_S:
+        raise ValueError(BAD_TIMEOUT)
+    return time.monotonic() + seconds
+
+
 class RequestContextMiddleware:
-    def __init__(self, app, *, metrics: Metrics, gate: Gate, tracing: Tracing | None = None, record_ids: bool = False):
+    def __init__(self, app, *, metrics: Metrics, gate: Gate, tracing: Tracing | None = None):
         self.app, self.metrics, self.gate = app, metrics, gate
         self.tracing = tracing if tracing is not None and tracing.on else None
-        self.record_ids = record_ids  # payload records name their request: its id in a context variable
         self.inflight_bytes = 0
 
     async def __call__(self, scope, receive, send):
@@ -135,10 +169,11 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         # /models shows build details to callers with a key; computed here once, where the key is checked
-        state["authenticated"] = bool(self.gate.api_keys) and self.gate.has_valid_key(headers)
+        key = self.gate.client_key(headers) if self.gate.api_keys else None
+        state["authenticated"] = key is not None
         id_headers = [(b"x-request-id", request_id.encode("latin-1"))]
-        if self.record_ids:
-            REQUEST_ID.set(request_id)
+        call = CallContext(request_id, key)
+        CURRENT.set(call)  # the registry reads the caller's key, deadline and id there
         span = trace_id = None
         if self.tracing is not None:  # the request's span, a child of the caller's traceparent if it sent one
             span, token = self.tracing.start_request(
@@ -163,7 +198,7 @@ class RequestContextMiddleware:
                 return  # the app's own late answer to a refused body is dropped
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), *id_headers]
+                message["headers"] = [*message.get("headers", []), *id_headers, *call.headers]
             await send(message)
 
         received = 0
@@ -180,6 +215,11 @@ class RequestContextMiddleware:
 
         try:
             declared = headers.get(b"content-length")
+            try:
+                call.deadline = request_deadline(headers.get(b"x-request-timeout"))
+                bad_timeout = False
+            except ValueError:
+                bad_timeout = True
             admin = self.gate.admin_refused(scope["path"], headers)
             if scope["method"] != "OPTIONS" and (
                 admin
@@ -195,6 +235,9 @@ class RequestContextMiddleware:
                     [*id_headers, (b"www-authenticate", b"Bearer")],
                     path,
                 )
+            elif bad_timeout:
+                status = 400
+                await _send_json(send, 400, {"detail": BAD_TIMEOUT}, id_headers, path)
             elif declared is not None and declared.isdigit() and int(declared) > limit:
                 status = 413  # refuse before reading a byte of the body
                 await _send_json(send, 413, too_large, id_headers, path)

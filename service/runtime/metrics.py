@@ -95,6 +95,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.dropped = Counter(
+            "model_requests_dropped",
+            "Items not computed, by reason: expired (the deadline passed in the queue or while waiting), unmeetable "
+            "(refused on arrival: the batches ahead take longer than its deadline leaves), shed (gave its place to a "
+            "higher-priority request), queue_full.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.key_instances = Counter(
+            "api_key_instances",
+            "Instances sent per client key (its name, never the key): admitted, or limited (over its rate: 429).",
+            ["key_name", "outcome"],
+            registry=r,
+        )
         self.payload_sent = Counter(
             "payload_log_sent", "Payload records (CloudEvents) delivered to SERVE_PAYLOAD_LOG_URL.", registry=r
         )
@@ -146,6 +160,15 @@ class Metrics:
             merged.register(_WithoutForgotten(MultiProcessCollector(None)))
             return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def drop_counter(self, model: str):
+        """A callback for the batcher: count items it did not compute, by reason."""
+
+        def dropped(reason: str, count: int) -> None:
+            if count:
+                self.dropped.labels(model, reason).inc(count)
+
+        return dropped
 
     def batch_observer(self, model: str):
         """A callback for the batcher: record one forward pass."""

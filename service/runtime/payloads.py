@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 from collections import deque
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,11 @@ import numpy as np
 from pydantic_core import to_json, to_jsonable_python
 
 from service.models.base import Upload
+from service.runtime.context import CURRENT
 from service.runtime.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("service.payloads")
-
-# The request's id, set by the HTTP middleware and the gRPC call guard while payload records are on.
-REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
 RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
@@ -113,7 +110,8 @@ class PayloadLog:
         if len(self._waiting) >= self.capacity:
             self._dropped_full.inc(2)
             return
-        request_id = REQUEST_ID.get() or os.urandom(16).hex()
+        call = CURRENT.get()
+        request_id = call.request_id if call is not None else os.urandom(16).hex()
         self._waiting.append((request_id, model, version, time.time(), items, outputs, traceparent))
 
     # -- the sender thread ------------------------------------------------------------------------------

@@ -34,14 +34,22 @@ from service.artifacts import (
     version_key,
 )
 from service.catalog import Model
-from service.errors import ModelUnavailableError, NotFoundError, QueueFullError, VersionNotFoundError
+from service.errors import (
+    ModelUnavailableError,
+    NotFoundError,
+    QueueFullError,
+    RateLimitedError,
+    VersionNotFoundError,
+)
 from service.models.base import InputError, Predictor, return_freed_memory
 from service.runtime.batching import Batcher
+from service.runtime.context import CURRENT
 from service.runtime.drift import DriftWatcher, not_watched, watch
 from service.runtime.metrics import Metrics
 from service.runtime.payloads import PayloadLog
+from service.runtime.quotas import RateLimits
 from service.runtime.tracing import Tracing
-from service.settings import Settings
+from service.settings import PRIORITY_RANK, Settings
 
 log = logging.getLogger("service.runtime.registry")
 
@@ -393,6 +401,7 @@ class Stream:
         self.registry, self.entry, self.version = registry, entry, version
         self.pieces: Iterator[Any] = iter(())
         self.item: Any = None  # what was asked (its payload record, with the whole answer)
+        self.rank, self.deadline = PRIORITY_RANK["normal"], 0.0  # its caller's priority and deadline
         self.started, self.outcome, self.closed = time.perf_counter(), "error", False
         entry.streams += 1
         version.active += 1
@@ -412,8 +421,9 @@ class Stream:
         """One of the stream's steps on its version's worker, in its turn in the queue (traced like a batch)."""
         tracing, meta = self.registry.tracing, dict[str, Any]()
         enqueued_ns = time.time_ns() if tracing.on else 0
-        try:
-            return await self.version.live_batcher.call(function, *args, meta=meta)
+        try:  # each step within the request's deadline, as far as that reaches (the stream's own timeout ends it)
+            deadline = max(self.deadline, time.monotonic() + self.registry.settings.request_timeout_s)
+            return await self.version.live_batcher.call(function, *args, meta=meta, rank=self.rank, deadline=deadline)
         finally:
             if enqueued_ns and "batches" in meta:
                 tracing.model_spans(self.entry.name, self.version.name, enqueued_ns, meta["batches"])
@@ -498,6 +508,7 @@ class Registry:
         }
         self._lock: asyncio.Lock | None = None
         self.tracing = Tracing.from_environment()
+        self.rate_limits = RateLimits(settings.api_keys)  # shared memory: made here, before any worker forks
         self.payloads = PayloadLog(settings, metrics)
 
     def ready(self) -> bool:
@@ -533,12 +544,13 @@ class Registry:
         """``items`` through the batcher of the version picked for them (named, drawn by the split, or the
         default), held until answered; returns the outputs (an exception in place of an item that failed) and
         the version's name. Counted per version: outcome ok, invalid (an InputError) or error."""
+        rank, deadline = self.admit(entry, len(items))
         with entry.use(version) as chosen:
             started, outcome = time.perf_counter(), "error"
             enqueued_ns = time.time_ns() if self.tracing.on else 0
             meta = {} if meta is None else meta
             try:
-                outputs = await chosen.live_batcher.submit(items, meta)
+                outputs = await chosen.live_batcher.submit(items, meta, rank, deadline)
                 failed = [out for out in outputs if isinstance(out, Exception)]
                 outcome = (
                     "ok" if not failed else "invalid" if all(isinstance(f, InputError) for f in failed) else "error"
@@ -551,6 +563,28 @@ class Registry:
                 if enqueued_ns and "batches" in meta:
                     self.tracing.model_spans(entry.name, chosen.name, enqueued_ns, meta["batches"])
 
+    def admit(self, entry: ModelEntry, instances: int) -> tuple[int, float]:
+        """The caller's place in the model's queue, its priority rank and its deadline (its X-Request-Timeout or
+        gRPC deadline, within the model's default), once its key's rate limit admits ``instances`` (else 429)."""
+        call = CURRENT.get()
+        deadline = time.monotonic() + (self.settings.policy(entry.name).deadline_s or self.settings.request_timeout_s)
+        if call is None:
+            return PRIORITY_RANK["normal"], deadline
+        if call.deadline is not None:
+            deadline = min(deadline, call.deadline)
+        key = call.key
+        if key is None:
+            return PRIORITY_RANK["normal"], deadline
+        if key.rate_per_s:
+            try:
+                headers = self.rate_limits.admit(key, instances)
+            except RateLimitedError:
+                self.metrics.key_instances.labels(key.name, "limited").inc(instances)
+                raise
+            call.headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        self.metrics.key_instances.labels(key.name, "admitted").inc(instances)
+        return PRIORITY_RANK[key.priority], deadline
+
     async def open_stream(self, entry: ModelEntry, item: Any, version: str | None = None) -> Stream:
         """A stream of ``item``'s answer from the version picked for it, as :meth:`submit` picks one: it holds
         one of the model's SERVE_MAX_STREAMS places and its version until closed. The answer is planned (a
@@ -561,6 +595,7 @@ class Registry:
             raise QueueFullError(refusal)
         stream = Stream(self, entry, chosen)
         stream.item = item
+        stream.rank, stream.deadline = self.admit(entry, 1)
         try:
             stream.pieces = await stream.call(chosen.live_predictor.stream, item)
         except BaseException as exc:
@@ -588,6 +623,7 @@ class Registry:
             max_queue=self.settings.max_queue,
             timeout_s=self.settings.request_timeout_s,
             observe=self.metrics.batch_observer(entry.name),
+            dropped=self.metrics.drop_counter(entry.name),
         )
         version.batcher.start()
         version.loaded_at = time.time()

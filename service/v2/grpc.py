@@ -22,9 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.api.middleware import SAFE_REQUEST_ID, Gate, new_request_id
 from service.errors import ServiceError, grpc_code_name
+from service.runtime.context import CURRENT, CallContext
 from service.runtime.memory import TRIM_AFTER_BYTES, trim_soon
 from service.runtime.metrics import Metrics
-from service.runtime.payloads import REQUEST_ID
 from service.runtime.threads import off_loop
 from service.runtime.tracing import Tracing
 from service.v2 import codec
@@ -126,11 +126,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
         max_calls: int,
         read_timeout_s: float,
         tracing: Tracing | None = None,
-        record_ids: bool = False,
     ):
         self.gate, self.metrics, self.max_calls, self.read_timeout_s = gate, metrics, max_calls, read_timeout_s
         self.tracing = tracing if tracing is not None and tracing.on else None
-        self.record_ids = record_ids  # payload records name their request (service/runtime/payloads.py)
         self.waiting: dict[asyncio.Task, float] = {}  # calls waiting for their message, since when, oldest first
         self.working = 0  # calls with their message, being answered
         self.evicted: dict[asyncio.Task, tuple[str, str]] = {}  # waiting calls told to stop, with the reason
@@ -178,8 +176,9 @@ class CallGuard(grpc.aio.ServerInterceptor):
 
         async def guarded(requests, context):
             request_id = request_id_of(metadata)
-            if self.record_ids:
-                REQUEST_ID.set(request_id)
+            remaining = context.time_remaining()  # the caller's deadline, if it set one
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            CURRENT.set(CallContext(request_id, self.gate.client_key(keys) if self.gate.api_keys else None, deadline))
             if self.tracing is None:
                 return await self._serve(handler.unary_unary, context, method, request_id)
             span, token = self.tracing.start_request(  # _finish sets its status code
@@ -314,7 +313,6 @@ async def start_grpc(
         settings.grpc_max_calls,
         settings.request_read_timeout_s,
         plane.registry.tracing,
-        plane.registry.payloads.on,
     )
     server = grpc.aio.server(  # grpc's own cap far above ours: only ours decides, by the rule above
         interceptors=[guard],

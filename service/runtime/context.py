@@ -1,0 +1,24 @@
+"""What the server knows about the request being answered, for the code below the routes: set once per request
+by the HTTP middleware and per call by the gRPC guard, read where the work is done (the registry).
+
+A context variable rather than a parameter threaded through every route, the v2 data plane and gRPC: each
+request runs in its own task, so its value is its own.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from service.settings import ApiKey
+
+
+@dataclass(slots=True)
+class CallContext:
+    request_id: str
+    key: ApiKey | None = None  # the client key it came with (its name, priority and rate limit)
+    deadline: float | None = None  # time.monotonic() by which its answer is no longer wanted (X-Request-Timeout)
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to its answer (rate-limit state)
+
+
+CURRENT: ContextVar[CallContext | None] = ContextVar("call", default=None)
