@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import RedirectResponse
 
 from service.api import server
 from service.api.admin import admin_router
@@ -18,6 +17,8 @@ from service.api.docs import add_docs, describe_uploads_as_binary
 from service.api.errors import add_error_handlers
 from service.api.middleware import Gate, RequestContextMiddleware, configure_logging
 from service.api.ops import ops_router
+from service.api.playground import PREFIX as PLAYGROUND_ASSETS
+from service.api.playground import playground_router
 from service.api.reports import reports_router
 from service.api.routes import BODY_LIMIT, model_router
 from service.catalog import MODELS, Model
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
     app.include_router(reports_router(registry))
     add_docs(app)
     describe_uploads_as_binary(app)
-    app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)  # a browser lands on the docs
+    app.include_router(playground_router())  # a browser lands on the playground, which links the docs
     for router in [*model_routers, v2]:
         app.include_router(router)
     if settings.admin_keys:  # no admin key, no admin routes
@@ -144,13 +145,13 @@ OPS_PATHS = ("/readyz", "/models", "/metrics", "/docs", "/redoc", "/openapi.json
 
 def gate(settings: Settings, routes: list) -> Gate:
     """The key check and body limits, applied before the body is read. With keys set, every path needs one
-    but /healthz (liveness probes send none), "/" (a redirect) and, with SERVE_PUBLIC_OPS, the operations
-    routes and docs. Each route takes the largest body it declares (a model's largest valid body), within
-    SERVE_MAX_BODY_BYTES; any other path 64 KB."""
+    but /healthz (liveness probes send none), "/" and the playground's assets (the page asks for a key itself)
+    and, with SERVE_PUBLIC_OPS, the operations routes and docs. Each route takes the largest body it declares
+    (a model's largest valid body), within SERVE_MAX_BODY_BYTES; any other path 64 KB."""
     checks = Gate(
         api_keys=settings.api_keys,
         admin_keys=settings.admin_keys,
-        open_paths=("/healthz", "/v2/health/live", *(OPS_PATHS if settings.public_ops else ())),
+        open_paths=("/healthz", "/v2/health/live", PLAYGROUND_ASSETS, *(OPS_PATHS if settings.public_ops else ())),
         inflight_body_budget=settings.max_inflight_body_bytes,
     )
     checks.limit_bodies(routes, BODY_LIMIT, settings.max_body_bytes)

@@ -162,7 +162,7 @@ class Batcher:
                 meta["batch_size"] = max((b.size for b in batches if b is not None), default=0)
             return outputs
         except TimeoutError:
-            self._dropped("expired", sum(1 for p in pending if not p.future.done()))
+            self._dropped("expired", sum(1 for p in pending if p.future.cancelled() or not p.future.done()))
             raise PredictionTimeoutError(
                 f"{self.name} did not answer within the request's deadline ({deadline - now:g} s; X-Request-Timeout, "
                 f"else the model's default)"
