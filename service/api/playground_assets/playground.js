@@ -96,7 +96,7 @@
     }
     const heading = error instanceof ApiError ? error.heading : "No answer:";
     const hint = error instanceof ApiError && error.status === 401 ? h("p", {}, "Type the key in the API key field at the top.") : null;
-    result.replaceChildren(h("div", { class: "error", role: "alert" }, h("p", {}, h("strong", {}, heading)),
+    show(result, h("div", { class: "error", role: "alert" }, h("p", {}, h("strong", {}, heading)),
       h("ul", {}, lines.map((line) => h("li", {}, line.text))), hint));
   }
 
@@ -216,6 +216,11 @@
     })));
   }
 
+  /** Replaces a region's content with the nodes given (null, undefined and false: nothing). */
+  function show(target, ...nodes) {
+    target.replaceChildren(...nodes.flat().filter((node) => node !== null && node !== undefined && node !== false));
+  }
+
   /** Runs a form's submit: clears the old answer and errors, disables the button while it waits. */
   function onSubmit(form, result, work) {
     form.addEventListener("submit", async (event) => {
@@ -223,7 +228,7 @@
       const button = form.querySelector("button[type=submit]");
       clearInvalid(form);
       button.disabled = true;
-      result.replaceChildren(h("p", { class: "wait" }, "Asking the model…"));
+      show(result, h("p", { class: "wait" }, "Asking the model…"));
       try {
         await work();
       } catch (error) {
@@ -249,7 +254,7 @@
     form.querySelector("[data-reset]").addEventListener("click", fill);
     onSubmit(form, result, async () => {
       const answer = await postJSON("/phone-price", readFields(form));
-      result.replaceChildren(
+      show(result, 
         h("p", { class: "answer" }, "Price band ", h("strong", {}, `${answer.price_range}: ${answer.label}`)),
         bars("Probability of each band (0 cheapest, 3 dearest)", answer.probabilities.map((p, band) => ({
           label: band === answer.price_range ? `${band}: ${answer.label}` : `band ${band}`, value: p, best: band === answer.price_range,
@@ -277,7 +282,7 @@
     form.querySelector("[data-reset]").addEventListener("click", fill);
     onSubmit(form, result, async () => {
       const answer = await postJSON("/house-price", readFields(form));
-      result.replaceChildren(...houseAnswer(answer));
+      show(result, ...houseAnswer(answer));
     });
   }
 
@@ -418,7 +423,7 @@
     clear();
 
     const render = (answer) => {
-      result.replaceChildren(
+      show(result, 
         h("p", { class: "answer" }, "Most likely ", h("strong", {}, answer.name), " ", h("span", { lang: "zh" }, `(${answer.name_zh})`)),
         answer.blank
           ? h("p", { class: "warning" }, "Nothing stands out from the background: there is no garment to classify, and the classes below are a guess for an empty image.")
@@ -441,7 +446,7 @@
       photo.hidden = false;
       seen.hidden = true;
       caption.textContent = `Your photo (${file.name}): the server inverts a light background, crops the garment and fits it into 28×28`;
-      result.replaceChildren(h("p", { class: "wait" }, "Asking the model…"));
+      show(result, h("p", { class: "wait" }, "Asking the model…"));
       const body = new FormData();
       body.append("file", file);
       try {
@@ -508,7 +513,7 @@
           }
         }
         if (!poem) throw new Error("the stream ended before the whole poem came");
-        result.replaceChildren(...poemAnswer(poem, fields.seed));
+        show(result, ...poemAnswer(poem, fields.seed));
       } finally {
         text.setAttribute("aria-busy", "false");
       }
@@ -548,9 +553,10 @@
     return h("div", { class: "meter" },
       h("p", {}, "Regulated verse: ", h("strong", { lang: "zh" }, pattern.name), " · rhyme group ",
         h("strong", { lang: "zh" }, pattern.rhyme_group), ` · ${pattern.strictness}`),
-      h("div", { class: "table-scroll" }, h("table", { class: "tones" },
-        h("caption", {}, "Each character, its tone as placed (平 level, 仄 oblique) and, below it, the pattern's; an outlined cell departs from the pattern where the rule allows it."),
-        h("thead", {}, head), h("tbody", {}, rows))));
+      h("p", { id: "poem-tones-note", class: "note" }, "Each character, its tone as placed (平 level, 仄 oblique) and, ",
+        "below it, the pattern's; an outlined cell departs from the pattern where the rule allows it."),
+      h("div", { class: "table-scroll" }, h("table", { class: "tones", "aria-describedby": "poem-tones-note" },
+        h("caption", { class: "visually-hidden" }, "Tones against the pattern"), h("thead", {}, head), h("tbody", {}, rows))));
   }
 
   // ---- the models listing -----------------------------------------------------------------------------------
@@ -579,7 +585,7 @@
       const meta = section.querySelector(".meta");
       const usable = model && model.state === "ready";
       if (usable) ready.push(name);
-      meta.replaceChildren(
+      show(meta, 
         h("code", {}, name),
         model ? ` · version ${model.version}` : " · not served by this server",
         model && !usable ? ` · ${model.state}${model.reason ? `: ${model.reason}` : ""}` : null,
