@@ -164,8 +164,8 @@ class Batcher:
         except TimeoutError:
             self._dropped("expired", sum(1 for p in pending if p.future.cancelled() or not p.future.done()))
             raise PredictionTimeoutError(
-                f"{self.name} did not answer within the request's deadline ({deadline - now:g} s; X-Request-Timeout, "
-                f"else the model's default)"
+                f"{self.name} did not answer within the request's deadline ({deadline - now:.3g} s: its "
+                "X-Request-Timeout or gRPC deadline, else the model's default)"
             ) from None
         finally:  # free the places of anything not yet taken (deadline, client gone)
             for p in pending:

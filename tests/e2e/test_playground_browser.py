@@ -42,7 +42,11 @@ def watched_page(context, origin: str):
     is not for ``origin``."""
     page = context.new_page()
     page.requests, page.errors = [], []
-    page.on("request", page.requests.append)
+
+    def record(request):  # a Python function: Playwright marks its handlers with an attribute
+        page.requests.append(request)
+
+    page.on("request", record)
     page.on("console", lambda message: message.type == "error" and page.errors.append(message.text))
     page.on("pageerror", lambda error: page.errors.append(f"uncaught: {error}"))
 
@@ -92,7 +96,7 @@ def test_every_section_answers_offline_in_a_browser(browser, server, client):
     page.fill("#api-key", KEY)
     before_key = len(page.requests)
     page.press("#api-key", "Enter")
-    page.wait_for_function("document.querySelector('#models-status').textContent.startsWith('Serving')")
+    page.wait_for_selector("#models-status:text-matches('^Serving')")  # the listing again, with the key
     assert page.evaluate("sessionStorage.getItem('playground.apiKey')") == KEY
 
     phone = submit(page, "#phone-form", "/phone-price")
@@ -127,7 +131,7 @@ def test_every_section_answers_offline_in_a_browser(browser, server, client):
             "#fashion-file", {"name": "trousers.png", "mimeType": "image/png", "buffer": garment_photo()}
         )
     assert upload.value.status == 200
-    page.wait_for_function("!document.querySelector('#fashion-photo').hidden")
+    page.wait_for_selector("#fashion-photo:not([hidden])")
 
     page.evaluate(WATCH_POEM)
     page.check("input[name=meter][value=regulated]")

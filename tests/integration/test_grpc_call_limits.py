@@ -51,3 +51,39 @@ def test_grpc_calls_that_never_send_their_message_cannot_lock_out_a_real_one():
     assert model == "phone-price"
     assert "still open" not in codes and set(codes) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, codes
     assert "DEADLINE_EXCEEDED" in codes, codes
+
+
+def test_a_grpc_calls_deadline_is_the_servers_too():
+    """A call's own deadline reaches the batcher: with each batch waiting 300 ms for company, a call that
+    allows 100 ms is dropped from the queue unanswered (counted as expired), as X-Request-Timeout is."""
+    import re
+
+    import httpx
+    import numpy as np
+    import pytest
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+
+    from tests.conftest import example, free_port, running_server
+
+    port = free_port()
+    with running_server(
+        models='["phone-price"]', grpc_port=str(port), default_batching='{"max_batch_size": 64, "max_wait_ms": 300}'
+    ) as server:
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+        inputs = []
+        for name, value in example("phone-price").items():
+            tensor = triton_grpc.InferInput(name, [1], "FP64")
+            tensor.set_data_from_numpy(np.array([float(value)], dtype=np.float64))
+            inputs.append(tensor)
+        with pytest.raises(InferenceServerException, match="DEADLINE_EXCEEDED"):
+            client.infer("phone-price", inputs, client_timeout=0.1)
+        late = httpx.post(
+            f"{server.url}/phone-price", json=example("phone-price"), headers={"X-Request-Timeout": "0.1"}, timeout=5
+        )
+        relaxed = client.infer("phone-price", inputs, client_timeout=5)  # waits its 300 ms and is answered
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert late.status_code == 504 and "deadline" in late.json()["detail"]
+    assert relaxed.as_numpy("price_range") is not None
+    expired = re.search(r'^model_requests_dropped_total\{model="phone-price",reason="expired"\} (\S+)$', metrics, re.M)
+    assert expired and float(expired.group(1)) >= 2, metrics[-2000:]
