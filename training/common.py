@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from service.artifacts import TRUSTED_TYPES, Manifest, skops_types, staging_folder, write_artifact
 from service.settings import PROJECT_ROOT
+from training import golden
 from training.datacheck import DATA_DIR_ENV, default_data_dir
 from training.gate import judge
 
@@ -238,8 +240,11 @@ def save_artifact(
     history: History,
     quick: bool,
     extra: dict | None = None,
+    golden_inputs: list[dict] | None = None,
+    golden_tolerance: dict[str, float] | None = None,
 ) -> Manifest:
-    """Write ``model.pt`` (a CPU state_dict), ``report.json`` and the manifest that hashes every file."""
+    """Write ``model.pt`` (a CPU state_dict), ``report.json``, the golden set (``golden_inputs`` answered by the
+    serving code from these very files) and the manifest that hashes every file."""
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, folder / "model.pt")
     report = {
         "metrics": metrics,
@@ -250,7 +255,8 @@ def save_artifact(
     }
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     gate = judge(name, metrics, data_files, folder.parent)  # against the versions beside the new one
-    manifest = write_artifact(
+    write = partial(
+        write_artifact,
         folder,
         name=name,
         hyperparameters=hyperparameters,
@@ -261,6 +267,11 @@ def save_artifact(
         quick=quick,
         gate=gate,
     )
+    manifest = write()
+    if golden_inputs:  # answered by the version as written (its manifest), then hashed with the rest
+        cases = golden.write(folder, name, golden_inputs, golden_tolerance or {"abs": 1e-6, "rel": 1e-6})
+        manifest = write(version=manifest.version)
+        print(f"golden set: {cases} reference answers")
     print(
         f"wrote {name} version {manifest.version}: "
         + ", ".join(f"{k}={v}" for k, v in metrics.items() if not isinstance(v, dict))

@@ -238,4 +238,12 @@ def train(opts: Options) -> Manifest:
         data_files=files,
         history=history,
         quick=opts.quick,
+        # 16 validation images, a blank one and an uploaded-like one with its options (bfloat16 kernels differ
+        # by CPU: the tolerance allows for it where the server compares exactly)
+        golden_inputs=[
+            *({"pixels": image.tolist(), "top_k": 3} for image in images[val_idx[:16]]),
+            {"pixels": [[0] * 28] * 28, "top_k": 10},
+            {"pixels": images[val_idx[16]].tolist(), "top_k": 1, "alpha": 0.01},
+        ],
+        golden_tolerance={"abs": 2e-3, "rel": 0.0},
     )

@@ -360,4 +360,13 @@ def fit_and_save(opts: Options) -> Manifest:
         history=history,
         extra={"inputs": [FEATURES[i] for i in hp["inputs"]]},
         quick=opts.quick,
+        golden_inputs=golden_phones(pd.read_csv(data_file)[FEATURES]),
+        golden_tolerance={"abs": 1e-4, "rel": 1e-4},
     )
+
+
+def golden_phones(phones: pd.DataFrame) -> list[dict]:
+    """The golden set's inputs: 24 real phones, the cheapest and the best specs of the data, and alpha's ends."""
+    rows = json.loads(phones.head(24).to_json(orient="records"))
+    lowest, highest = json.loads(phones.min().to_json()), json.loads(phones.max().to_json())
+    return [*rows, lowest, highest, {**rows[0], "alpha": 0.01}, {**rows[1], "alpha": 0.5}]

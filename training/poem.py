@@ -261,4 +261,12 @@ def train(opts: Options) -> Manifest:
         history=history,
         quick=opts.quick,
         extra={"baseline": {"hyperparameters": baseline_hp, "history": base_history.epochs}},
+        golden_inputs=[  # seeded, so each answer is one poem: free, rhymed, acrostic and regulated verse
+            {"start": "月", "line_num": 2, "line_length": 5, "seed": 1},
+            {"start": "春", "line_num": 4, "line_length": 7, "seed": 2, "temperature": 0.5, "top_k": 20},
+            {"acrostic": "春夏秋冬", "line_num": 2, "line_length": 5, "seed": 3},
+            {"line_num": 2, "line_length": 5, "meter": "regulated", "seed": 4},
+            {"start": "月", "line_num": 2, "line_length": 5, "seed": 5, "rhyme": False},
+        ],
+        golden_tolerance={"abs": 1e-9, "rel": 0.0},
     )

@@ -23,7 +23,6 @@ MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".css": "text/css; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
-    ".svg": "image/svg+xml",
 }
 # Same origin only, no inline script or style: the page's own files, its API calls, and the photo a visitor
 # chooses (shown from a blob: URL before it is sent).
@@ -49,7 +48,7 @@ class Asset:
 
 
 def playground_router() -> APIRouter:
-    """``GET /`` (the page) and ``GET /playground-assets/{name}`` (its stylesheet, script and icon)."""
+    """``GET /`` (the page) and ``GET /playground-assets/{name}`` (its stylesheet and script)."""
     assets = {path.name: Asset(path) for path in ASSETS.iterdir() if path.suffix in MEDIA_TYPES}
     page = assets.pop("index.html")
     router = APIRouter(include_in_schema=False)

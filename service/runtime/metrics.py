@@ -95,6 +95,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.golden_checks = Counter(
+            "model_golden_checks",
+            "Versions loaded by what their golden set's replay found: passed, failed (the version never serves), "
+            "absent (trained before golden sets).",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.dropped = Counter(
             "model_requests_dropped",
             "Items not computed, by reason: expired (the deadline passed in the queue or while waiting), unmeetable "

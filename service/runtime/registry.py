@@ -42,6 +42,7 @@ from service.errors import (
     VersionNotFoundError,
 )
 from service.models.base import InputError, Predictor, return_freed_memory
+from service.runtime import golden
 from service.runtime.batching import Batcher
 from service.runtime.context import CURRENT
 from service.runtime.drift import DriftWatcher, not_watched, watch
@@ -68,6 +69,7 @@ class ModelVersion:
     loaded_at: float | None = None
     drift: DriftWatcher | None = None  # its window against the artifact's profile.json (service/runtime/drift.py)
     drift_reason: str | None = None  # why it has none
+    golden: str = ""  # what its golden set's replay at load found (service/runtime/golden.py)
 
     @property
     def manifest(self) -> Manifest | None:
@@ -373,6 +375,7 @@ class ModelEntry:
                 "reason": reason,
                 "on_disk": name in disk,
                 "active_requests": loaded.active if loaded else 0,
+                "golden": loaded.golden if loaded else None,
                 "drift": (
                     loaded.drift.status()
                     if loaded is not None and loaded.drift is not None
@@ -467,9 +470,17 @@ def load_version(
                 "changes what clients send needs a restart of the server"
             )
         version.live_predictor.load(version.artifact, device, settings)
+        # its own reference answers, replayed before anything else runs on it (a mismatch: never serves)
+        version.golden = golden.check(version.live_predictor, version.artifact, device)
     except Exception as exc:
         entry.record_failure(version, exc)
+        if metrics is not None and isinstance(exc, golden.GoldenMismatch):
+            metrics.golden_checks.labels(entry.name, "failed").inc()
         return None
+    if metrics is not None:
+        metrics.golden_checks.labels(entry.name, "absent" if version.golden.startswith("no ") else "passed").inc()
+    if version.golden.startswith("no "):
+        log.warning("%s version %s: %s", entry.name, name, version.golden)
     version.drift, version.drift_reason = watch(
         entry.name, name, version.artifact, version.live_predictor, settings, metrics
     )

@@ -85,7 +85,8 @@ def test_service_reads_no_file_that_training_writes_outside_artifacts():
     """Service modules hold code only (the gRPC protocol's .proto is code too): no data files beside them
     that a training run could rewrite."""
     service = ARTIFACTS.parent / "service"
-    code = {".py", ".pyc", ".pyi", ".proto"}  # .pyi: the generated gRPC messages' types
+    code = {".py", ".pyc", ".pyi", ".proto", ".html", ".css", ".js"}  # .pyi: the generated gRPC messages' types;
+    # .html, .css, .js: the playground's page, stylesheet and script (service/api/playground_assets/)
     assert sorted(p.name for p in service.rglob("*") if p.is_file() and p.suffix not in code) == []
 
 

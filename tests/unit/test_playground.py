@@ -10,7 +10,7 @@ import re
 from service.api.playground import ASSETS, PREFIX
 from tests.conftest import serving
 
-MEDIA_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
+MEDIA_TYPES = {".css": "text/css", ".js": "text/javascript"}
 
 
 def test_the_page_its_assets_and_the_docs_are_served(stub_app):
@@ -20,7 +20,7 @@ def test_the_page_its_assets_and_the_docs_are_served(stub_app):
             assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
             assert "default-src 'none'" in page.headers["content-security-policy"]
             linked = set(re.findall(rf'(?:href|src)="({PREFIX}/[^"]+)"', page.text))
-            assert linked == {f"{PREFIX}/{name}" for name in ("playground.css", "playground.js", "icon.svg")}
+            assert linked == {f"{PREFIX}/{name}" for name in ("playground.css", "playground.js")}
             for path in linked:
                 asset = await client.get(path)
                 assert asset.status_code == 200, path
