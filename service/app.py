@@ -26,6 +26,7 @@ from service.runtime.control import Control
 from service.runtime.memory import trimming
 from service.runtime.metrics import Metrics
 from service.runtime.registry import Registry
+from service.runtime.rollouts import CanaryWatch
 from service.settings import Settings
 from service.v2.dataplane import DataPlane
 from service.v2.rest import v2_router
@@ -68,6 +69,8 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         registry.tracing.start()  # after the fork: the exporter's and the sender's threads are per process
         registry.payloads.start()
         await control.start()  # a worker replacing a dead one catches up with the versions the others serve
+        canaries = CanaryWatch(control, registry.outcomes, metrics.canary_decided)
+        canaries.start()  # guarded canary splits, judged on this worker's traffic
         grpc_server = None
         if settings.grpc_port:
             from service.v2.grpc import start_grpc  # grpc only when it is on
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
             yield {server.LIMITS_KEY: server.ConnectionLimits(settings, metrics.open_connections.set)}
         if grpc_server is not None:
             await grpc_server.stop(grace=30)  # in-flight calls finish, like HTTP's drain
+        await canaries.stop()
         await control.stop()
         await registry.stop()  # uvicorn has already drained in-flight requests; finish anything queued
         registry.payloads.stop()  # what is recorded goes out (a few seconds at most)

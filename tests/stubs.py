@@ -55,6 +55,8 @@ class Doubler(Predictor):
     stream_event = "digit"
 
     def setup(self, artifact, device) -> None:
+        # a version with "fail_every": n fails (a server error) on every x divisible by n: a canary's bug
+        self.fail_every = artifact.manifest.hyperparameters.get("fail_every")
         self.batch_sizes: list[int] = []
         self.decoded_on: set[str] = set()
         self.streamed_on: set[str] = set()  # the threads streams were planned on
@@ -82,21 +84,32 @@ class Doubler(Predictor):
     def predict(self, batch: list[Number]) -> list[Doubled | Exception]:
         self.batch_sizes.append(len(batch))
         time.sleep(max(item.sleep_ms for item in batch) / 1000)
-        return [Doubled(y=2 * item.x) if item.x >= 0 else InputError("x must not be negative", "x") for item in batch]
+        return [
+            RuntimeError("this version's bug")
+            if self.fail_every and item.x % self.fail_every == 0
+            else Doubled(y=2 * item.x)
+            if item.x >= 0
+            else InputError("x must not be negative", "x")
+            for item in batch
+        ]
 
 
 DOUBLER = Model("doubler", "tests.stubs:Doubler")
 
 
 def write_stub_artifacts(
-    artifacts_dir: Path, quick: bool = False, version: str | None = None, gate: QualityGate | None = None
+    artifacts_dir: Path,
+    quick: bool = False,
+    version: str | None = None,
+    gate: QualityGate | None = None,
+    hyperparameters: dict | None = None,
 ) -> Path:
     """An artifacts folder holding the stub's (empty, but verified like any other) artifact."""
     folder = staging_folder(artifacts_dir / DOUBLER.folder)
     write_artifact(
         folder,
         name=DOUBLER.name,
-        hyperparameters={},
+        hyperparameters=hyperparameters or {},
         metrics={},
         metrics_method="none: a stub",
         data_files=[],

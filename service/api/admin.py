@@ -6,12 +6,15 @@ applied by :class:`service.runtime.control.Control`, in every worker process, on
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from service.artifacts import VERSION_NAME
 from service.runtime.control import Control
 from service.runtime.registry import Desired, ModelEntry, Registry
+from service.runtime.rollouts import Guard
 from service.settings import SplitWeight
 
 
@@ -27,6 +30,14 @@ class VersionBody(BaseModel):
 
 
 class SplitBody(BaseModel):
+    guard: Guard | None = Field(
+        None,
+        description=(
+            "Let the server judge the canary: it ends the split on its own (pinning the version with the largest "
+            "weight) when a guard is crossed over the window, or pins the canary after promote_after_s."
+        ),
+        examples=[{"max_error_ratio": 0.02, "max_p99_ratio": 1.5, "window_s": 30, "promote_after_s": 300}],
+    )
     weights: dict[str, SplitWeight] = Field(
         description=(
             'Version name -> weight (whole numbers from 1 to 1,000,000, shares of the total), e.g. {"A": 90, "B": '
@@ -147,13 +158,21 @@ def admin_router(registry: Registry, control: Control) -> APIRouter:
         async with control.exclusive():
             before = dict(entry.desired.split)
 
+            guard_before = (entry.desired.guard, entry.desired.guard_since)
+            guard = body.guard.model_dump() if body.guard and weights else None
+
             def edit(desired: Desired) -> None:
                 desired.split = dict(weights)
+                desired.guard, desired.guard_since = guard, time.time() if guard else None
+
+            def undo(desired: Desired) -> None:
+                desired.split = before
+                desired.guard, desired.guard_since = guard_before
 
             await control.change(name, edit, frozenset(weights))
             if weights and entry.split != weights:
                 reasons = [f"version {v} did not load ({why})" for v in weights if (why := entry.failed_now(v))]
-                await control.change(name, lambda desired: setattr(desired, "split", before))
+                await control.change(name, undo)
                 raise HTTPException(
                     422,
                     "; ".join(reasons or ["the split's versions did not all load"]) + "; the traffic stays as it was",

@@ -95,6 +95,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.canary_decisions = Counter(
+            "model_canary_decisions",
+            "Guarded canaries ended by the server: rolled_back (a guard crossed) or promoted.",
+            ["model", "version", "decision"],
+            registry=r,
+        )
         self.golden_checks = Counter(
             "model_golden_checks",
             "Versions loaded by what their golden set's replay found: passed, failed (the version never serves), "
@@ -167,6 +173,9 @@ class Metrics:
             merged.register(_WithoutForgotten(MultiProcessCollector(None)))
             return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def canary_decided(self, model: str, version: str, decision: str) -> None:
+        self.canary_decisions.labels(model, version, decision).inc()
 
     def drop_counter(self, model: str):
         """A callback for the batcher: count items it did not compute, by reason."""

@@ -49,6 +49,7 @@ from service.runtime.drift import DriftWatcher, not_watched, watch
 from service.runtime.metrics import Metrics
 from service.runtime.payloads import PayloadLog
 from service.runtime.quotas import RateLimits
+from service.runtime.rollouts import Outcomes
 from service.runtime.tracing import Tracing
 from service.settings import PRIORITY_RANK, Settings
 
@@ -98,6 +99,9 @@ class Desired:
     # The newest version agreed on when not pinned: newer folders on disk are ignored until an admin load or a
     # SERVE_MODEL_POLL_S scan raises it, so a worker that restarts serves what the others do, not what it finds.
     newest: str | None = None
+    guard: dict | None = None  # the split's guard (service/runtime/rollouts.py Guard), while it runs
+    guard_since: float | None = None  # when the guarded split began (time.time(): the same in every worker)
+    decisions: list[dict] = field(default_factory=list)  # the guards' rollbacks and promotions, newest last
 
     @classmethod
     def from_settings(cls, settings: Settings, model: str) -> Desired:
@@ -391,7 +395,9 @@ class ModelEntry:
                 "split": self.desired.split,
                 "extra": self.desired.extra,
                 "newest": self.desired.newest,
+                "guard": self.desired.guard,
             },
+            "canary_decisions": self.desired.decisions,
             "versions": versions,
         }
 
@@ -519,6 +525,7 @@ class Registry:
         }
         self._lock: asyncio.Lock | None = None
         self.tracing = Tracing.from_environment()
+        self.outcomes = Outcomes()  # each guarded model's recent requests, for its canary's guard
         self.rate_limits = RateLimits(settings.api_keys)  # shared memory: made here, before any worker forks
         self.payloads = PayloadLog(settings, metrics)
 
@@ -616,8 +623,11 @@ class Registry:
 
     def count(self, entry: ModelEntry, version: ModelVersion, outcome: str, started: float) -> None:
         """One request (or stream) in the per-version metrics: its outcome and its duration."""
+        elapsed = time.perf_counter() - started
         self.metrics.version_requests.labels(entry.name, version.name, outcome).inc()
-        self.metrics.version_latency.labels(entry.name, version.name).observe(time.perf_counter() - started)
+        self.metrics.version_latency.labels(entry.name, version.name).observe(elapsed)
+        if entry.desired.guard:  # a guarded canary: what its guard judges (service/runtime/rollouts.py)
+            self.outcomes.add(entry.name, version.name, outcome == "error", elapsed)
 
     def _start_batcher(self, entry: ModelEntry, version: ModelVersion) -> None:
         policy = self.settings.policy(entry.name)

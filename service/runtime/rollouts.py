@@ -1,0 +1,167 @@
+"""Automatic canary analysis: a split may carry a guard, and the server ends the split on its own when the canary
+crosses it (or promotes the canary once it has held long enough).
+
+``PUT /admin/models/{m}/split`` with ``{"weights": {"A": 90, "B": 10}, "guard": {...}}``: the stable version
+is the one with the largest weight, the others are canaries. Every worker records each request's version,
+outcome and latency while a guard is set; :class:`CanaryWatch` compares, every second, each canary with the
+stable version over the last ``window_s``:
+
+- ``max_error_ratio``: the canary's share of requests that failed with a server error (not a refused input);
+- ``max_p99_ratio``: the canary's p99 latency over the stable version's;
+
+with at least ``min_requests`` of the canary's requests in the window. Crossing either rolls back: the stable
+version is pinned and the split ends, in every worker (the admin API's own path, :class:`Control`). With
+``promote_after_s``, a canary that has served that long without crossing a guard is pinned instead. Every
+decision is logged, counted (``model_canary_decisions_total``) and listed on ``/admin/models``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from service.runtime.control import Control
+    from service.runtime.registry import Desired, ModelEntry
+
+log = logging.getLogger("service.rollouts")
+CHECK_EVERY_S = 1.0
+KEEP_DECISIONS = 20
+
+
+class Guard(BaseModel):
+    """When the server ends a canary split on its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_error_ratio: float | None = Field(
+        None, ge=0, le=1, description="Roll back when the canary's share of server errors over the window is above."
+    )
+    max_p99_ratio: float | None = Field(
+        None, gt=0, description="Roll back when the canary's p99 latency over the stable version's is above."
+    )
+    window_s: float = Field(30, ge=1, le=3600, description="The sliding window the guards are judged over.")
+    min_requests: int = Field(20, ge=1, description="Judge a canary only once it has this many requests in the window.")
+    promote_after_s: float | None = Field(
+        None, gt=0, description="Pin the canary (end the split) once it has served this long without crossing a guard."
+    )
+
+
+class Outcomes:
+    """Each guarded model's recent requests in this worker: (when, version, failed, seconds)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, deque[tuple[float, str, bool, float]]] = {}
+
+    def add(self, model: str, version: str, failed: bool, seconds: float) -> None:
+        self.seen.setdefault(model, deque(maxlen=100_000)).append((time.monotonic(), version, failed, seconds))
+
+    def window(self, model: str, seconds: float) -> dict[str, tuple[int, int, float]]:
+        """Per version: requests, errors and p99 latency over the last ``seconds``."""
+        recent = self.seen.get(model, deque())
+        since = time.monotonic() - seconds
+        while recent and recent[0][0] < since:
+            recent.popleft()
+        by_version: dict[str, list[tuple[bool, float]]] = {}
+        for _, version, failed, took in recent:
+            by_version.setdefault(version, []).append((failed, took))
+        stats = {}
+        for version, rows in by_version.items():
+            latencies = sorted(took for _, took in rows)
+            stats[version] = (len(rows), sum(failed for failed, _ in rows), latencies[int(0.99 * (len(latencies) - 1))])
+        return stats
+
+
+def verdict(desired: Desired, stats: dict[str, tuple[int, int, float]], now: float) -> tuple[str, str, str] | None:
+    """(decision, version, reason) for a guarded split, or None: keep going."""
+    guard = Guard(**desired.guard) if desired.guard else None
+    if guard is None or len(desired.split) < 2:
+        return None
+    stable = max(desired.split, key=lambda v: desired.split[v])
+    s_count, _, s_p99 = stats.get(stable, (0, 0, 0.0))
+    for canary in (v for v in desired.split if v != stable):
+        count, errors, p99 = stats.get(canary, (0, 0, 0.0))
+        if count < guard.min_requests:
+            continue
+        ratio = errors / count
+        if guard.max_error_ratio is not None and ratio > guard.max_error_ratio:
+            return (
+                "rolled_back",
+                canary,
+                f"error ratio {ratio:.3f} over the last {guard.window_s:g} s ({errors} of {count} requests) is above "
+                f"max_error_ratio {guard.max_error_ratio:g}",
+            )
+        slower = p99 / s_p99 if s_count >= guard.min_requests and s_p99 > 0 else 0.0
+        if guard.max_p99_ratio is not None and slower > guard.max_p99_ratio:
+            return (
+                "rolled_back",
+                canary,
+                f"p99 latency {p99 * 1000:.1f} ms is {slower:.2f}x the stable version's {s_p99 * 1000:.1f} ms "
+                f"over the last {guard.window_s:g} s, above max_p99_ratio {guard.max_p99_ratio:g}",
+            )
+    if guard.promote_after_s is not None and desired.guard_since and now - desired.guard_since >= guard.promote_after_s:
+        canaries = [v for v in desired.split if v != stable]
+        if len(canaries) == 1:
+            return "promoted", canaries[0], f"served {guard.promote_after_s:g} s within its guards"
+    return None
+
+
+def apply(desired: Desired, decision: str, version: str, reason: str, now: float) -> None:
+    """The decision as a change of the desired state: pin the stable version (rollback) or the canary (promote),
+    end the split and its guard, and keep the decision on record."""
+    stable = max(desired.split, key=lambda v: desired.split[v])
+    desired.pin = stable if decision == "rolled_back" else version
+    desired.split, desired.guard, desired.guard_since = {}, None, None
+    desired.decisions = [
+        *desired.decisions[-(KEEP_DECISIONS - 1) :],
+        {"at": now, "decision": decision, "version": version, "reason": reason},
+    ]
+
+
+class CanaryWatch:
+    """Judges every guarded split of this worker's traffic once a second; any worker may end it for all."""
+
+    def __init__(self, control: Control, outcomes: Outcomes, decided: Any):
+        self.control, self.outcomes, self.decided = control, outcomes, decided
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="canary-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            for entry in list(self.control.registry.entries.values()):
+                try:
+                    await self.judge(entry)
+                except Exception:  # a failed pass is logged; the next one tries again
+                    log.exception("judging the canary of %s failed", entry.name)
+
+    async def judge(self, entry: ModelEntry) -> None:
+        guard = entry.desired.guard
+        if not guard:
+            return
+        found = verdict(entry.desired, self.outcomes.window(entry.name, Guard(**guard).window_s), time.time())
+        if found is None:
+            return
+        decision, version, reason = found
+        async with self.control.exclusive():
+            if entry.desired.guard != guard or version not in entry.desired.split:
+                return  # another worker (or an admin) got there first
+            log.warning("canary %s of %s %s: %s", version, entry.name, decision.replace("_", " "), reason)
+            await self.control.change(
+                entry.name, lambda desired: apply(desired, decision, version, reason, time.time())
+            )
+        self.decided(entry.name, version, decision)

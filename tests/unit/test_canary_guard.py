@@ -1,0 +1,108 @@
+"""Guarded canaries on the stub model, in process: a canary failing on a fifth of its inputs is rolled back by
+the server within its window while 64 clients keep sending, and answers nothing after; a healthy one is
+promoted after its time; the verdict's arithmetic on its own."""
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+
+from service.app import create_app
+from service.runtime.registry import Desired
+from service.runtime.rollouts import verdict
+from service.settings import Settings
+from tests.stubs import DOUBLER, write_stub_artifacts
+
+STABLE, CANARY = "2026.01.01.000000", "2026.01.02.000000"
+ADMIN = {"X-API-Key": "admin"}
+
+
+@asynccontextmanager
+async def serving(app):
+    """The app's start-up and shutdown around a client that gets a 500 for an unexpected error, as a caller
+    over HTTP does (the canary's bug), rather than the exception itself."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://in-process", timeout=30) as client:
+            yield client
+
+
+def two_versions(tmp_path, canary_fails: bool):
+    write_stub_artifacts(tmp_path, version=STABLE)
+    write_stub_artifacts(tmp_path, version=CANARY, hyperparameters={"fail_every": 5} if canary_fails else {})
+    settings = Settings(artifacts_dir=tmp_path, admin_keys=["admin"], model_versions={"doubler": STABLE})
+    return create_app(settings, models=[DOUBLER])
+
+
+def test_a_failing_canary_is_rolled_back_within_its_window_under_load(tmp_path):
+    app = two_versions(tmp_path, canary_fails=True)
+
+    async def scenario():
+        answers: list[tuple[float, int, str]] = []
+        async with serving(app) as client:
+            split = await client.put(
+                "/admin/models/doubler/split",
+                json={
+                    "weights": {STABLE: 80, CANARY: 20},
+                    "guard": {"max_error_ratio": 0.02, "window_s": 5, "min_requests": 20},
+                },
+                headers=ADMIN,
+            )
+            assert split.status_code == 200, split.text
+            start = time.monotonic()
+
+            async def sender(n: int) -> None:
+                i = n
+                while time.monotonic() - start < 6:
+                    i += 64
+                    answer = await client.post("/doubler", json={"x": i})
+                    answers.append(
+                        (time.monotonic() - start, answer.status_code, answer.headers.get("x-model-version"))
+                    )
+
+            await asyncio.gather(*(sender(n) for n in range(64)))
+            status = (await client.get("/admin/models", headers=ADMIN)).json()["workers"][0]["models"]["doubler"]
+            metrics = (await client.get("/metrics")).text
+        return answers, status, metrics
+
+    answers, status, metrics = asyncio.run(scenario())
+    (decision,) = status["canary_decisions"]
+    assert decision["decision"] == "rolled_back" and decision["version"] == CANARY
+    assert "error ratio" in decision["reason"] and "max_error_ratio 0.02" in decision["reason"]
+    assert status["split"] == {} and status["default"] == STABLE and status["pinned"] == STABLE
+    failed_at = [t for t, code, version in answers if code == 500]
+    assert failed_at, "the canary failed some requests first"
+    last_canary = max(t for t, _, version in answers if version == CANARY)
+    assert last_canary < 5 + 2  # out of the split within its window plus a little
+    after = [version for t, _, version in answers if t > last_canary]
+    assert after and set(after) == {STABLE}  # nothing answered by it after the rollback
+    assert f'model_canary_decisions_total{{decision="rolled_back",model="doubler",version="{CANARY}"}} 1.0' in metrics
+
+
+def test_a_healthy_canary_is_promoted_after_its_time(tmp_path):
+    app = two_versions(tmp_path, canary_fails=False)
+
+    async def scenario():
+        async with serving(app) as client:
+            await client.put(
+                "/admin/models/doubler/split",
+                json={"weights": {STABLE: 50, CANARY: 50}, "guard": {"max_error_ratio": 0.02, "promote_after_s": 1.5}},
+                headers=ADMIN,
+            )
+            for _ in range(40):
+                await client.post("/doubler", json={"x": 1})
+                await asyncio.sleep(0.08)
+            return (await client.get("/admin/models", headers=ADMIN)).json()["workers"][0]["models"]["doubler"]
+
+    status = asyncio.run(scenario())
+    assert [d["decision"] for d in status["canary_decisions"]] == ["promoted"]
+    assert status["default"] == CANARY and status["split"] == {}
+
+
+def test_the_verdict_waits_for_enough_requests_and_compares_latency():
+    desired = Desired(split={"A": 90, "B": 10}, guard={"max_p99_ratio": 1.5, "min_requests": 20}, guard_since=0.0)
+    assert verdict(desired, {"A": (100, 0, 0.010), "B": (19, 0, 0.100)}, 1.0) is None  # too few yet
+    decision, version, reason = verdict(desired, {"A": (100, 0, 0.010), "B": (20, 0, 0.016)}, 1.0)
+    assert (decision, version) == ("rolled_back", "B") and "1.60x" in reason
+    assert verdict(desired, {"A": (100, 0, 0.010), "B": (20, 0, 0.014)}, 1.0) is None
