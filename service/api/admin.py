@@ -47,6 +47,15 @@ class SplitBody(BaseModel):
     )
 
 
+class ShadowBody(BaseModel):
+    version: str | None = Field(
+        None,
+        pattern=f"^{VERSION_NAME.pattern}$",
+        description="The version to mirror requests to (loaded if it is not); null ends shadowing.",
+    )
+    share: float = Field(1.0, gt=0, le=1, description="The share of the model's requests mirrored to it (0-1].")
+
+
 def admin_router(registry: Registry, control: Control) -> APIRouter:
     """``/admin/models...``: on only when SERVE_ADMIN_KEYS is set, and only for those keys (``app.gate``).
     Each change runs whole inside ``control.exclusive()``: its checks, the change and its answer see no other."""
@@ -177,6 +186,25 @@ def admin_router(registry: Registry, control: Control) -> APIRouter:
                     422,
                     "; ".join(reasons or ["the split's versions did not all load"]) + "; the traffic stays as it was",
                 )
+            return outcome(entry, [])
+
+    @router.put("/models/{name}/shadow", summary="Mirror a share of requests to a version", operation_id="admin_shadow")
+    async def shadow(name: str, body: ShadowBody) -> dict:
+        """The version answers a copy of that share of the model's requests after the caller's answer is ready;
+        callers see only the serving version's answers. How the shadow's answers compare is in this model's
+        ``shadow`` on GET /admin/models and in the metrics."""
+        entry = registry.entry(name)
+        version = body.version and on_disk(entry, body.version)
+        async with control.exclusive():
+            before = entry.desired.shadow
+
+            def edit(desired: Desired) -> None:
+                desired.shadow = {"version": version, "share": body.share} if version else None
+
+            await control.change(name, edit, frozenset({version} if version else ()))
+            if version is not None and (why := entry.failed_now(version)) is not None:
+                await control.change(name, lambda desired: setattr(desired, "shadow", before))
+                raise HTTPException(422, f"version {version} did not load ({why}); nothing is mirrored")
             return outcome(entry, [])
 
     return router

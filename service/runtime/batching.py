@@ -48,7 +48,7 @@ class _Pending:
     future: asyncio.Future
     batch: BatchTiming | None = None  # the forward pass this item ran in
     call: Callable[[], Any] | None = None  # instead of an item: a function run alone, in its turn (a stream's step)
-    rank: int = 1  # its priority: 0 high, 1 normal, 2 low
+    rank: int = 1  # its priority: 0 high, 1 normal, 2 low, 3 shadow (mirrored traffic: served last, shed first)
     deadline: float = math.inf  # time.monotonic() past which its answer is no longer wanted
     queued: bool = True  # still counted in the queue (not yet taken, dropped or given up)
 
@@ -88,7 +88,7 @@ class Batcher:
         # (rank, deadline, arrival, item): popped in that order; an entry no longer queued is skipped when met
         self._heap: list[tuple[int, float, int, _Pending]] = []
         self._arrivals = 0
-        self._queued = [0, 0, 0]  # items waiting, per rank
+        self._queued = [0, 0, 0, 0]  # items waiting, per rank (3: shadow traffic, service/runtime/rollouts.py)
         self._running = 0  # items in the forward pass now
         self.batch_seconds: float | None = None  # a batch's time, smoothed: what the deadline check expects
         self._wakeup = asyncio.Event()

@@ -95,6 +95,27 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.shadow_requests = Counter(
+            "model_shadow_requests",
+            "Items mirrored to a shadow version, by how its answer compared with the serving version's: agree, "
+            "disagree, error, shed (not mirrored: too many in flight, or dropped from the queue).",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.shadow_error = Histogram(
+            "model_shadow_relative_error",
+            "A shadow version's price against the serving version's, relative.",
+            ["model", "version"],
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1),
+            registry=r,
+        )
+        self.shadow_latency = Histogram(
+            "model_shadow_latency_seconds",
+            "A mirrored request's time in its shadow version (queue and forward pass).",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.canary_decisions = Counter(
             "model_canary_decisions",
             "Guarded canaries ended by the server: rolled_back (a guard crossed) or promoted.",

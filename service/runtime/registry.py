@@ -49,7 +49,7 @@ from service.runtime.drift import DriftWatcher, not_watched, watch
 from service.runtime.metrics import Metrics
 from service.runtime.payloads import PayloadLog
 from service.runtime.quotas import RateLimits
-from service.runtime.rollouts import Outcomes
+from service.runtime.rollouts import Outcomes, Shadows
 from service.runtime.tracing import Tracing
 from service.settings import PRIORITY_RANK, Settings
 
@@ -102,6 +102,7 @@ class Desired:
     guard: dict | None = None  # the split's guard (service/runtime/rollouts.py Guard), while it runs
     guard_since: float | None = None  # when the guarded split began (time.time(): the same in every worker)
     decisions: list[dict] = field(default_factory=list)  # the guards' rollbacks and promotions, newest last
+    shadow: dict | None = None  # {"version": V, "share": s}: that share of requests mirrored to V (rollouts.py)
 
     @classmethod
     def from_settings(cls, settings: Settings, model: str) -> Desired:
@@ -124,6 +125,7 @@ class ModelEntry:
     default: str | None = None  # the version that answers when none is named and no split is set
     split: dict[str, int] = field(default_factory=dict)  # the split in force (all its versions ready)
     desired: Desired = field(default_factory=Desired)
+    shadowing: Shadows | None = None  # this worker's shadow comparisons (the registry's)
     failed: dict[str, tuple[int, str]] = field(default_factory=dict)  # version -> (manifest mtime, why)
     held_back: dict[str, tuple[int, str | None]] = field(default_factory=dict)  # version -> (mtime, why), see below
     reason: str | None = None  # why nothing serves
@@ -396,7 +398,9 @@ class ModelEntry:
                 "extra": self.desired.extra,
                 "newest": self.desired.newest,
                 "guard": self.desired.guard,
+                "shadow": self.desired.shadow,
             },
+            "shadow": self.shadowing.status(self.name) if self.shadowing else None,
             "canary_decisions": self.desired.decisions,
             "versions": versions,
         }
@@ -516,6 +520,7 @@ class Registry:
 
     def __init__(self, models: list[Model], settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
+        self.shadows = Shadows(metrics)  # this worker's mirrored requests and how their answers compare
         self.device = resolve_device(settings.device)
         self.entries = {
             model.name: ModelEntry.describe(
@@ -524,6 +529,8 @@ class Registry:
             for model in models
         }
         self._lock: asyncio.Lock | None = None
+        for entry in self.entries.values():
+            entry.shadowing = self.shadows
         self.tracing = Tracing.from_environment()
         self.outcomes = Outcomes()  # each guarded model's recent requests, for its canary's guard
         self.rate_limits = RateLimits(settings.api_keys)  # shared memory: made here, before any worker forks
@@ -575,6 +582,8 @@ class Registry:
                 )
                 if self.payloads.on:
                     self.payloads.record(entry.name, chosen.name, items, outputs, self.tracing.traceparent())
+                if entry.desired.shadow:  # mirrored after the answer, on the side: the caller never waits for it
+                    self.shadows.mirror(entry, chosen.name, items, outputs)
                 return outputs, chosen.name
             finally:
                 self.count(entry, chosen, outcome, started)
@@ -672,7 +681,8 @@ class Registry:
             entry.failed.pop(name, None)
         desired = entry.desired
         target = entry.target()
-        wanted = [v for v in [target, *desired.split, *desired.extra] if v is not None]
+        shadow = desired.shadow["version"] if desired.shadow else None
+        wanted = [v for v in [target, *desired.split, *desired.extra, shadow] if v is not None]
         for name in dict.fromkeys(wanted):  # each once, the default first
             current = entry.versions.get(name)
             if current is not None and current.state == "ready":
@@ -689,7 +699,7 @@ class Registry:
             v in entry.versions and entry.versions[v].state == "ready" for v in desired.split
         )
         entry.split = dict(desired.split) if ready_split else {}
-        keep = {entry.default, *entry.split, *desired.extra}
+        keep = {entry.default, *entry.split, *desired.extra, shadow}
         for name in [v for v in entry.versions if v not in keep]:
             await self._retire(entry, name)
         self._publish(entry)

@@ -1,4 +1,14 @@
-"""Automatic canary analysis: a split may carry a guard, and the server ends the split on its own when the canary
+"""Rollouts that check answers: shadow traffic and automatic canary analysis.
+
+**Shadow traffic** (``PUT /admin/models/{m}/shadow``, ``{"version": "V", "share": 0.2}``): that share of the
+model's requests is mirrored to V once the caller's answer is ready; the caller sees only the serving version's
+answer and never waits for V, whose work is queued below every caller's (shed first, dropped after
+SHADOW_DEADLINE_S) and capped at MAX_SHADOW_ITEMS items in flight per model. How V's answers compare is exported
+(``model_shadow_requests_total{outcome}``: agree, disagree, error, shed; ``model_shadow_relative_error`` for
+prices; ``model_shadow_latency_seconds``) and shown on ``/admin/models``: the same label for classifiers, a
+price within PRICE_AGREEMENT for house prices, the same form (lines and their lengths) for poems.
+
+**Automatic canary analysis**: a split may carry a guard, and the server ends the split on its own when the canary
 crosses it (or promotes the canary once it has held long enough).
 
 ``PUT /admin/models/{m}/split`` with ``{"weights": {"A": 90, "B": 10}, "guard": {...}}``: the stable version
@@ -20,17 +30,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.errors import DeadlineUnmeetableError, PredictionTimeoutError, QueueFullError
+
 if TYPE_CHECKING:
     from service.runtime.control import Control
-    from service.runtime.registry import Desired, ModelEntry
+    from service.runtime.metrics import Metrics
+    from service.runtime.registry import Desired, ModelEntry, ModelVersion
 
 log = logging.getLogger("service.rollouts")
+SHADOW_RANK = 3  # below every caller's priority in the batcher
+MAX_SHADOW_ITEMS = 64  # mirrored items in flight per model; more are shed
+SHADOW_DEADLINE_S = 2.0
+PRICE_AGREEMENT = 0.05  # a shadow's price within 5 % of the serving version's agrees
+SHED = (QueueFullError, DeadlineUnmeetableError, PredictionTimeoutError)  # mirrored work given up, not failed
 CHECK_EVERY_S = 1.0
 KEEP_DECISIONS = 20
 
@@ -165,3 +184,93 @@ class CanaryWatch:
                 entry.name, lambda desired: apply(desired, decision, version, reason, time.time())
             )
         self.decided(entry.name, version, decision)
+
+
+def compare(answer: Any, shadow: Any) -> tuple[str, float | None]:
+    """Whether the shadow's answer agrees with the serving version's, and the relative error of a price."""
+    if isinstance(shadow, SHED):
+        return "shed", None
+    if isinstance(shadow, Exception):
+        return "error", None
+    served, mirrored = answer.model_dump(), shadow.model_dump()
+    for label in ("label", "price_range"):
+        if label in served:
+            return ("agree" if served[label] == mirrored.get(label) else "disagree"), None
+    if "sale_price" in served:
+        error = abs(mirrored["sale_price"] - served["sale_price"]) / served["sale_price"]
+        return ("agree" if error <= PRICE_AGREEMENT else "disagree"), error
+    if "lines" in served:  # a poem: the same form
+        same = [len(line) for line in served["lines"]] == [len(line) for line in mirrored["lines"]]
+        return ("agree" if same else "disagree"), None
+    return ("agree" if served == mirrored else "disagree"), None
+
+
+class Shadows:
+    """This worker's mirrored requests: sent on the side, compared, counted."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.in_flight: Counter[str] = Counter()  # items per model
+        self.outcomes: dict[tuple[str, str], Counter[str]] = {}
+        self.latencies: dict[tuple[str, str], deque[float]] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    def mirror(self, entry: ModelEntry, answered_by: str, items: list, outputs: list) -> None:
+        """Maybe mirror one answered request to the model's shadow version (on the event loop: cheap)."""
+        spec = entry.desired.shadow
+        if not spec or spec["version"] == answered_by or random.random() >= spec["share"]:
+            return
+        target = entry.versions.get(spec["version"])
+        if target is None or target.state != "ready" or target.batcher is None:
+            return
+        pairs = [(item, out) for item, out in zip(items, outputs) if not isinstance(out, Exception)]
+        if not pairs:
+            return
+        if self.in_flight[entry.name] + len(pairs) > MAX_SHADOW_ITEMS:
+            self._count(entry.name, target.name, "shed", len(pairs))
+            return
+        self.in_flight[entry.name] += len(pairs)
+        task = asyncio.get_running_loop().create_task(self._run(entry.name, target, pairs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, model: str, target: ModelVersion, pairs: list[tuple[Any, Any]]) -> None:
+        started = time.perf_counter()
+        target.active += 1  # held like a request: not unloaded under it
+        try:
+            answers = await target.live_batcher.submit(
+                [item for item, _ in pairs], None, SHADOW_RANK, time.monotonic() + SHADOW_DEADLINE_S
+            )
+        except Exception as exc:  # shed, dropped or failed as a whole
+            self._count(model, target.name, "shed" if isinstance(exc, SHED) else "error", len(pairs))
+            return
+        finally:
+            target.active -= 1
+            self.in_flight[model] -= len(pairs)
+        seconds = time.perf_counter() - started
+        self.metrics.shadow_latency.labels(model, target.name).observe(seconds)
+        self.latencies.setdefault((model, target.name), deque(maxlen=1000)).append(seconds)
+        for (_, served), mirrored in zip(pairs, answers):
+            outcome, error = compare(served, mirrored)
+            self._count(model, target.name, outcome, 1)
+            if error is not None:
+                self.metrics.shadow_error.labels(model, target.name).observe(error)
+
+    def _count(self, model: str, version: str, outcome: str, n: int) -> None:
+        self.outcomes.setdefault((model, version), Counter())[outcome] += n
+        self.metrics.shadow_requests.labels(model, version, outcome).inc(n)
+
+    def status(self, model: str) -> dict[str, Any]:
+        """Per shadow version of ``model`` seen by this worker: counts, agreement and latency."""
+        found = {}
+        for (name, version), counts in self.outcomes.items():
+            if name != model:
+                continue
+            compared = counts["agree"] + counts["disagree"]
+            latencies = sorted(self.latencies.get((name, version), ()))
+            found[version] = {
+                **dict(counts),
+                "agreement": round(counts["agree"] / compared, 4) if compared else None,
+                "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2) if latencies else None,
+            }
+        return found

@@ -106,3 +106,36 @@ def test_the_verdict_waits_for_enough_requests_and_compares_latency():
     decision, version, reason = verdict(desired, {"A": (100, 0, 0.010), "B": (20, 0, 0.016)}, 1.0)
     assert (decision, version) == ("rolled_back", "B") and "1.60x" in reason
     assert verdict(desired, {"A": (100, 0, 0.010), "B": (20, 0, 0.014)}, 1.0) is None
+
+
+def test_shadow_traffic_is_compared_and_never_answers_a_caller(tmp_path):
+    app = two_versions(tmp_path, canary_fails=True)  # the shadow fails on every x divisible by 5
+
+    async def scenario():
+        async with serving(app) as client:
+            put = await client.put(
+                "/admin/models/doubler/shadow", json={"version": CANARY, "share": 1.0}, headers=ADMIN
+            )
+            assert put.status_code == 200, put.text
+            answers = []
+            for wave in range(5):  # 20 at a time: within the cap on mirrored items in flight, so none is shed
+                xs = range(20 * wave + 1, 20 * wave + 21)
+                answers += await asyncio.gather(*(client.post("/doubler", json={"x": x}) for x in xs))
+                await asyncio.sleep(0.2)  # the mirrored copies finish on the side
+            status = (await client.get("/admin/models", headers=ADMIN)).json()["workers"][0]["models"]["doubler"]
+            ended = await client.put("/admin/models/doubler/shadow", json={"version": None}, headers=ADMIN)
+            metrics = (await client.get("/metrics")).text
+        return answers, status, ended.json(), metrics
+
+    answers, status, ended, metrics = asyncio.run(scenario())
+    assert {a.status_code for a in answers} == {200}  # the shadow's bug never reaches a caller
+    assert {a.headers["x-model-version"] for a in answers} == {STABLE}
+    compared = status["shadow"][CANARY]
+    assert compared["agree"] == 80 and compared["error"] == 20 and compared["agreement"] == 1.0
+    assert compared["p50_ms"] is not None and status["desired"]["shadow"] == {"version": CANARY, "share": 1.0}
+    assert (
+        ended["desired"]["shadow"] is None
+        and CANARY not in ended["versions"]
+        or (ended["versions"][CANARY]["state"] != "ready")
+    )
+    assert f'model_shadow_requests_total{{model="doubler",outcome="error",version="{CANARY}"}} 20.0' in metrics
