@@ -32,6 +32,7 @@ DESIRED = "desired.json"
 LOCK = "desired.lock"
 SYNC_POLL_S = 0.2  # how often a worker looks for a new generation of the desired state
 SYNC_TIMEOUT_S = 120  # how long an admin call waits for the other workers to apply it
+REPORT_S = 1.0  # how often a worker rewrites its report: another worker's figures on /admin/models are this old
 
 
 class Control:
@@ -163,11 +164,15 @@ class Control:
     async def _watch(self) -> None:
         poll_s = self.registry.settings.model_poll_s
         next_scan = time.monotonic() + (poll_s or 0)
+        next_report = time.monotonic() + REPORT_S
         while True:
             await asyncio.sleep(min(SYNC_POLL_S, poll_s or SYNC_POLL_S))
             try:
                 if self.folder is not None:
                     await self._sync()
+                    if time.monotonic() >= next_report:  # its live figures (drift, shadows) for the others to show
+                        self._write_report()
+                        next_report = time.monotonic() + REPORT_S
                 if poll_s and time.monotonic() >= next_scan:
                     await self._scan()
                     next_scan = time.monotonic() + poll_s
