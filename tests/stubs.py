@@ -57,6 +57,7 @@ class Doubler(Predictor):
     def setup(self, artifact, device) -> None:
         # a version with "fail_every": n fails (a server error) on every x divisible by n: a canary's bug
         self.fail_every = artifact.manifest.hyperparameters.get("fail_every")
+        self.offset = artifact.manifest.hyperparameters.get("offset", 0)  # a version that answers differently
         self.batch_sizes: list[int] = []
         self.decoded_on: set[str] = set()
         self.streamed_on: set[str] = set()  # the threads streams were planned on
@@ -87,7 +88,7 @@ class Doubler(Predictor):
         return [
             RuntimeError("this version's bug")
             if self.fail_every and item.x % self.fail_every == 0
-            else Doubled(y=2 * item.x)
+            else Doubled(y=2 * item.x + self.offset)
             if item.x >= 0
             else InputError("x must not be negative", "x")
             for item in batch

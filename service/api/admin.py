@@ -36,7 +36,7 @@ class SplitBody(BaseModel):
             "Let the server judge the canary: it ends the split on its own (pinning the version with the largest "
             "weight) when a guard is crossed over the window, or pins the canary after promote_after_s."
         ),
-        examples=[{"max_error_ratio": 0.02, "max_p99_ratio": 1.5, "window_s": 30, "promote_after_s": 300}],
+        examples=[{"max_error_ratio": 0.02, "max_p99_ratio": 1.5, "min_agreement": 0.9, "window_s": 30}],
     )
     weights: dict[str, SplitWeight] = Field(
         description=(

@@ -584,6 +584,8 @@ class Registry:
                     self.payloads.record(entry.name, chosen.name, items, outputs, self.tracing.traceparent())
                 if entry.desired.shadow:  # mirrored after the answer, on the side: the caller never waits for it
                     self.shadows.mirror(entry, chosen.name, items, outputs)
+                if entry.desired.guard:  # a guarded canary's answer, compared with the stable version's
+                    self.shadows.replay_canary(entry, chosen.name, items, outputs, self.outcomes)
                 return outputs, chosen.name
             finally:
                 self.count(entry, chosen, outcome, started)

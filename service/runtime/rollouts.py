@@ -33,6 +33,8 @@ import logging
 import random
 import time
 from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -65,6 +67,15 @@ class Guard(BaseModel):
     max_p99_ratio: float | None = Field(
         None, gt=0, description="Roll back when the canary's p99 latency over the stable version's is above."
     )
+    min_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=(
+            "Roll back when the canary's answers agree with the stable version's less often than this (each canary "
+            "answer is replayed on the stable version, on the side, as shadow traffic is)."
+        ),
+    )
     window_s: float = Field(30, ge=1, le=3600, description="The sliding window the guards are judged over.")
     min_requests: int = Field(20, ge=1, description="Judge a canary only once it has this many requests in the window.")
     promote_after_s: float | None = Field(
@@ -77,35 +88,68 @@ class Outcomes:
 
     def __init__(self) -> None:
         self.seen: dict[str, deque[tuple[float, str, bool, float]]] = {}
+        self.compared: dict[str, deque[tuple[float, str, bool]]] = {}  # a canary's answers replayed on the stable
 
     def add(self, model: str, version: str, failed: bool, seconds: float) -> None:
         self.seen.setdefault(model, deque(maxlen=100_000)).append((time.monotonic(), version, failed, seconds))
 
-    def window(self, model: str, seconds: float) -> dict[str, tuple[int, int, float]]:
-        """Per version: requests, errors and p99 latency over the last ``seconds``."""
-        recent = self.seen.get(model, deque())
+    def agreed(self, model: str, version: str, agree: bool) -> None:
+        self.compared.setdefault(model, deque(maxlen=100_000)).append((time.monotonic(), version, agree))
+
+    def window(self, model: str, seconds: float) -> dict[str, Stats]:
+        """Per version, over the last ``seconds``: requests, errors, p99 latency, and answers compared with the
+        stable version's and how many agreed."""
         since = time.monotonic() - seconds
-        while recent and recent[0][0] < since:
-            recent.popleft()
+        seen, compared = self.seen.get(model, deque()), self.compared.get(model, deque())
+        while seen and seen[0][0] < since:
+            seen.popleft()
+        while compared and compared[0][0] < since:
+            compared.popleft()
         by_version: dict[str, list[tuple[bool, float]]] = {}
-        for _, version, failed, took in recent:
+        for _, version, failed, took in seen:
             by_version.setdefault(version, []).append((failed, took))
         stats = {}
         for version, rows in by_version.items():
             latencies = sorted(took for _, took in rows)
-            stats[version] = (len(rows), sum(failed for failed, _ in rows), latencies[int(0.99 * (len(latencies) - 1))])
+            stats[version] = Stats(
+                len(rows), sum(failed for failed, _ in rows), latencies[int(0.99 * (len(latencies) - 1))]
+            )
+        for _, version, agree in self.compared.get(model, ()):
+            found = stats.setdefault(version, Stats(0, 0, 0.0))
+            found.compared += 1
+            found.agreed += agree
         return stats
 
 
-def verdict(desired: Desired, stats: dict[str, tuple[int, int, float]], now: float) -> tuple[str, str, str] | None:
+@dataclass
+class Stats:
+    requests: int
+    errors: int
+    p99_s: float
+    compared: int = 0
+    agreed: int = 0
+
+
+def verdict(desired: Desired, stats: dict[str, Stats], now: float) -> tuple[str, str, str] | None:
     """(decision, version, reason) for a guarded split, or None: keep going."""
     guard = Guard(**desired.guard) if desired.guard else None
     if guard is None or len(desired.split) < 2:
         return None
     stable = max(desired.split, key=lambda v: desired.split[v])
-    s_count, _, s_p99 = stats.get(stable, (0, 0, 0.0))
+    none = Stats(0, 0, 0.0)
+    s_count, s_p99 = stats.get(stable, none).requests, stats.get(stable, none).p99_s
     for canary in (v for v in desired.split if v != stable):
-        count, errors, p99 = stats.get(canary, (0, 0, 0.0))
+        found = stats.get(canary, none)
+        count, errors, p99 = found.requests, found.errors, found.p99_s
+        if guard.min_agreement is not None and found.compared >= guard.min_requests:
+            agreement = found.agreed / found.compared
+            if agreement < guard.min_agreement:
+                return (
+                    "rolled_back",
+                    canary,
+                    f"its answers agree with the stable version's in {agreement:.3f} of {found.compared} compared over "
+                    f"the last {guard.window_s:g} s, below min_agreement {guard.min_agreement:g}",
+                )
         if count < guard.min_requests:
             continue
         ratio = errors / count
@@ -229,12 +273,34 @@ class Shadows:
         if self.in_flight[entry.name] + len(pairs) > MAX_SHADOW_ITEMS:
             self._count(entry.name, target.name, "shed", len(pairs))
             return
-        self.in_flight[entry.name] += len(pairs)
-        task = asyncio.get_running_loop().create_task(self._run(entry.name, target, pairs))
+        self._start(entry.name, target, pairs, None)
+
+    def replay_canary(
+        self, entry: ModelEntry, answered_by: str, items: list, outputs: list, outcomes: Outcomes
+    ) -> None:
+        """A guarded canary's answer, replayed on the stable version on the side, for its ``min_agreement``."""
+        guard, split = entry.desired.guard, entry.desired.split
+        if not guard or guard.get("min_agreement") is None or answered_by not in split:
+            return
+        stable = max(split, key=lambda v: split[v])
+        target = entry.versions.get(stable)
+        if answered_by == stable or target is None or target.state != "ready" or target.batcher is None:
+            return
+        pairs = [(item, out) for item, out in zip(items, outputs) if not isinstance(out, Exception)]
+        if pairs and self.in_flight[entry.name] + len(pairs) <= MAX_SHADOW_ITEMS:
+            self._start(entry.name, target, pairs, lambda agree: outcomes.agreed(entry.name, answered_by, agree))
+
+    def _start(self, model: str, target: ModelVersion, pairs: list, agreed: Callable[[bool], None] | None) -> None:
+        self.in_flight[model] += len(pairs)
+        task = asyncio.get_running_loop().create_task(self._run(model, target, pairs, agreed))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, model: str, target: ModelVersion, pairs: list[tuple[Any, Any]]) -> None:
+    async def _run(
+        self, model: str, target: ModelVersion, pairs: list[tuple[Any, Any]], agreed: Callable[[bool], None] | None
+    ) -> None:
+        """Answer ``pairs``' items with ``target`` below every caller and compare: as shadow traffic (counted), or
+        for a canary's guard (``agreed`` hears each comparison)."""
         started = time.perf_counter()
         target.active += 1  # held like a request: not unloaded under it
         try:
@@ -242,11 +308,18 @@ class Shadows:
                 [item for item, _ in pairs], None, SHADOW_RANK, time.monotonic() + SHADOW_DEADLINE_S
             )
         except Exception as exc:  # shed, dropped or failed as a whole
-            self._count(model, target.name, "shed" if isinstance(exc, SHED) else "error", len(pairs))
+            if agreed is None:
+                self._count(model, target.name, "shed" if isinstance(exc, SHED) else "error", len(pairs))
             return
         finally:
             target.active -= 1
             self.in_flight[model] -= len(pairs)
+        if agreed is not None:
+            for (_, served), replayed in zip(pairs, answers):
+                outcome, _ = compare(served, replayed)
+                if outcome in ("agree", "disagree"):
+                    agreed(outcome == "agree")
+            return
         seconds = time.perf_counter() - started
         self.metrics.shadow_latency.labels(model, target.name).observe(seconds)
         self.latencies.setdefault((model, target.name), deque(maxlen=1000)).append(seconds)

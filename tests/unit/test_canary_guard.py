@@ -10,7 +10,7 @@ import httpx
 
 from service.app import create_app
 from service.runtime.registry import Desired
-from service.runtime.rollouts import verdict
+from service.runtime.rollouts import Stats, verdict
 from service.settings import Settings
 from tests.stubs import DOUBLER, write_stub_artifacts
 
@@ -28,9 +28,11 @@ async def serving(app):
             yield client
 
 
-def two_versions(tmp_path, canary_fails: bool):
+def two_versions(tmp_path, canary_fails: bool, canary: dict | None = None):
     write_stub_artifacts(tmp_path, version=STABLE)
-    write_stub_artifacts(tmp_path, version=CANARY, hyperparameters={"fail_every": 5} if canary_fails else {})
+    write_stub_artifacts(
+        tmp_path, version=CANARY, hyperparameters=canary or ({"fail_every": 5} if canary_fails else {})
+    )
     settings = Settings(artifacts_dir=tmp_path, admin_keys=["admin"], model_versions={"doubler": STABLE})
     return create_app(settings, models=[DOUBLER])
 
@@ -102,10 +104,31 @@ def test_a_healthy_canary_is_promoted_after_its_time(tmp_path):
 
 def test_the_verdict_waits_for_enough_requests_and_compares_latency():
     desired = Desired(split={"A": 90, "B": 10}, guard={"max_p99_ratio": 1.5, "min_requests": 20}, guard_since=0.0)
-    assert verdict(desired, {"A": (100, 0, 0.010), "B": (19, 0, 0.100)}, 1.0) is None  # too few yet
-    decision, version, reason = verdict(desired, {"A": (100, 0, 0.010), "B": (20, 0, 0.016)}, 1.0)
+    assert verdict(desired, {"A": Stats(100, 0, 0.010), "B": Stats(19, 0, 0.100)}, 1.0) is None  # too few yet
+    decision, version, reason = verdict(desired, {"A": Stats(100, 0, 0.010), "B": Stats(20, 0, 0.016)}, 1.0)
     assert (decision, version) == ("rolled_back", "B") and "1.60x" in reason
-    assert verdict(desired, {"A": (100, 0, 0.010), "B": (20, 0, 0.014)}, 1.0) is None
+    assert verdict(desired, {"A": Stats(100, 0, 0.010), "B": Stats(20, 0, 0.014)}, 1.0) is None
+
+
+def test_a_canary_that_answers_differently_is_rolled_back_for_its_agreement(tmp_path):
+    app = two_versions(tmp_path, canary_fails=False, canary={"offset": 1})  # every answer 1 off the stable's
+
+    async def scenario():
+        async with serving(app) as client:
+            await client.put(
+                "/admin/models/doubler/split",
+                json={"weights": {STABLE: 50, CANARY: 50}, "guard": {"min_agreement": 0.9, "min_requests": 10}},
+                headers=ADMIN,
+            )
+            for i in range(60):
+                await client.post("/doubler", json={"x": i})
+                await asyncio.sleep(0.03)
+            return (await client.get("/admin/models", headers=ADMIN)).json()["workers"][0]["models"]["doubler"]
+
+    status = asyncio.run(scenario())
+    (decision,) = status["canary_decisions"]
+    assert decision["decision"] == "rolled_back" and "min_agreement 0.9" in decision["reason"]
+    assert status["default"] == STABLE and status["split"] == {}
 
 
 def test_shadow_traffic_is_compared_and_never_answers_a_caller(tmp_path):
