@@ -63,13 +63,16 @@ def example(model: Model) -> dict:
     return model.predictor_class().example
 
 
-def start_server(port: int, batching: dict) -> subprocess.Popen:
+def start_server(port: int, batching: dict | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """One uvicorn process on ``port`` (access log off), with ``batching`` as every model's policy and ``env`` on
+    top of this environment's (its own OTEL_* and payload-record settings left out)."""
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SERVE_PAYLOAD"))},
         "SERVE_BENCHMARK_ROUTES": "true",
-        "SERVE_DEFAULT_BATCHING": json.dumps(batching),
+        **({"SERVE_DEFAULT_BATCHING": json.dumps(batching)} if batching else {}),
         "SERVE_LOG_LEVEL": "WARNING",
         "SERVE_MAX_QUEUE": "4096",
+        **(env or {}),
     }
     process = subprocess.Popen(
         [

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.load import LUA, wait_ready, wrk
+from benchmarks.load import LUA, start_server, wrk
 from service.catalog import get
 
 RESULTS = Path(__file__).parent / "results"
@@ -80,32 +80,6 @@ def start_nginx(work: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.1)
     process.kill()
     raise RuntimeError("nginx did not start")
-
-
-def start_server(port: int, extra_env: dict[str, str]) -> subprocess.Popen:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SERVE_PAYLOAD"))},
-        "SERVE_MODELS": json.dumps(list(ROUTES)),
-        "SERVE_LOG_LEVEL": "WARNING",
-        **extra_env,
-    }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "service.app:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--http",
-            "service.api.server:GuardedHttpProtocol",
-        ],
-        env=env,
-    )
-    return wait_ready(process, f"http://127.0.0.1:{port}/readyz")
 
 
 def counter(text: str, name: str, **labels: str) -> float:
@@ -168,7 +142,7 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for side in sides if round_ % 2 == 0 else reversed(list(sides)):
                     port = free_port()
-                    server = start_server(port, sides[side])
+                    server = start_server(port, env={"SERVE_MODELS": json.dumps(list(ROUTES)), **sides[side]})
                     try:
                         for name in ROUTES:
                             result = wrk(

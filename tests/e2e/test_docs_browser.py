@@ -3,45 +3,25 @@
 from __future__ import annotations
 
 import os
-import shutil
 from urllib.parse import urlparse
 
 import pytest
 
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-# Flags that keep Chromium from calling home on a closed network.
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 
 @pytest.fixture(scope="module")
-def browser_page():
-    if not CHROMIUM:
-        pytest.skip("Chromium not found (apt-get install chromium, or set $CHROMIUM); .ci/run installs it")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
-    )
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
-        page.outside = []  # requests that tried to leave the machine
+def browser_page(browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})
+    page.outside = []  # requests that tried to leave the machine
 
-        def only_local(route):
-            if urlparse(route.request.url).hostname in ("127.0.0.1", "localhost"):
-                return route.continue_()
-            page.outside.append(route.request.url)
-            return route.abort()
+    def only_local(route):
+        if urlparse(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            return route.continue_()
+        page.outside.append(route.request.url)
+        return route.abort()
 
-        page.route("**/*", only_local)
-        yield page
-        browser.close()
+    page.route("**/*", only_local)
+    yield page
+    page.close()
 
 
 def test_swagger_ui_renders_every_route_offline_and_try_it_out_works(browser_page, server, client):

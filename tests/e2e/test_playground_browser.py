@@ -8,10 +8,7 @@ import io
 import os
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ROOT
-from tests.e2e.test_docs_browser import CHROMIUM, FLAGS
 
 SCREENSHOTS = Path(os.environ.get("SCREENSHOT_DIR") or ROOT / "test-artifacts" / "screenshots")
 KEY = "playground-test-key"  # the server has no keys: any key is accepted, and the page must send it
@@ -22,19 +19,6 @@ WATCH_POEM = """() => {
   new MutationObserver(() => window.poemSteps.push(text.querySelectorAll(".ch").length))
     .observe(text, { childList: true });
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM:
-        pytest.skip("Chromium not found (apt-get install chromium, or set $CHROMIUM); .ci/run installs it")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
-    )
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield browser
-        browser.close()
 
 
 def watched_page(context, origin: str):
