@@ -105,6 +105,11 @@ class Batcher:
     def depth(self) -> int:
         return sum(self._queued)
 
+    @property
+    def busy(self) -> bool:
+        """Items waiting, or a batch running: callers' work that side work (a shadow's) must not slow."""
+        return bool(self._running or self.depth)
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 

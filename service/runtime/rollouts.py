@@ -2,8 +2,9 @@
 
 **Shadow traffic** (``PUT /admin/models/{m}/shadow``, ``{"version": "V", "share": 0.2}``): that share of the
 model's requests is mirrored to V once the caller's answer is ready; the caller sees only the serving version's
-answer and never waits for V, whose work is queued below every caller's (shed first, dropped after
-SHADOW_DEADLINE_S) and capped at MAX_SHADOW_ITEMS items in flight per model. How V's answers compare is exported
+answer and never waits for V. Shadow work is shed first: a copy starts only while the serving version has no
+request queued or running, it is queued below every caller's (dropped after SHADOW_DEADLINE_S), and at most
+MAX_SHADOW_ITEMS items are in flight per model; what is shed is counted. How V's answers compare is exported
 (``model_shadow_requests_total{outcome}``: agree, disagree, error, shed; ``model_shadow_relative_error`` for
 prices; ``model_shadow_latency_seconds``) and shown on ``/admin/models``: the same label for classifiers, a
 price within PRICE_AGREEMENT for house prices, the same form (lines and their lengths) for poems.
@@ -260,7 +261,9 @@ class Shadows:
         self._tasks: set[asyncio.Task] = set()
 
     def mirror(self, entry: ModelEntry, answered_by: str, items: list, outputs: list) -> None:
-        """Maybe mirror one answered request to the model's shadow version (on the event loop: cheap)."""
+        """Maybe mirror one answered request to the model's shadow version (on the event loop: cheap). Shed
+        when callers are waiting: a copy starts only while the version that answered has nothing queued or
+        running, so it takes no CPU from a caller's request."""
         spec = entry.desired.shadow
         if not spec or spec["version"] == answered_by or random.random() >= spec["share"]:
             return
@@ -270,7 +273,9 @@ class Shadows:
         pairs = [(item, out) for item, out in zip(items, outputs) if not isinstance(out, Exception)]
         if not pairs:
             return
-        if self.in_flight[entry.name] + len(pairs) > MAX_SHADOW_ITEMS:
+        serving = entry.versions.get(answered_by)
+        busy = serving is not None and serving.batcher is not None and serving.batcher.busy
+        if busy or self.in_flight[entry.name] + len(pairs) > MAX_SHADOW_ITEMS:
             self._count(entry.name, target.name, "shed", len(pairs))
             return
         self._start(entry.name, target, pairs, None)
