@@ -21,9 +21,11 @@ FLAGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's headless Chromium driven by Playwright, for the page tests (skipped, saying why, without them)."""
+    """Debian's headless Chromium driven by Playwright, for the page tests (skipped, saying why, without them).
+    Per module, never longer: Playwright's sync API runs an event loop in this thread while it is open, and every
+    test that calls asyncio.run() after it would fail."""
     if not CHROMIUM:
         pytest.skip("Chromium not found (apt-get install chromium, or set $CHROMIUM); .ci/run installs it")
     sync_api = pytest.importorskip(
