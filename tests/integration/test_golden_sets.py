@@ -9,10 +9,11 @@ import httpx
 import pytest
 import torch
 
-from service.artifacts import MANIFEST, Artifact, version_folders, write_artifact
+from service.artifacts import Artifact, version_folders
 from service.catalog import get
 from service.runtime.golden import GOLDEN_FILE, GoldenMismatch, check, difference
 from tests.conftest import example, running_server
+from tests.unit.test_artifact_safety import rehash
 
 ADMIN = {"X-API-Key": "admin-key"}
 
@@ -27,18 +28,7 @@ def reversed_weights(source, target) -> str:
     state = torch.load(folder / "model.pt", weights_only=True)
     state["linear.weight"] = -state["linear.weight"]  # the ordinal net's one score
     torch.save(state, folder / "model.pt")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    (folder / MANIFEST).unlink()
-    write_artifact(
-        folder,
-        name=manifest["name"],
-        hyperparameters=manifest["hyperparameters"],
-        metrics=manifest["metrics"],
-        metrics_method=manifest["metrics_method"],
-        data_files=[],
-        version=version,
-        gate=None,
-    )
+    rehash(folder, version)
     return version
 
 

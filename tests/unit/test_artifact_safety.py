@@ -37,8 +37,9 @@ from tests.conftest import ARTIFACTS, example, serving, version_dir
 PHONE, HOUSE = catalog.get("phone-price"), catalog.get("house-price")
 
 
-def rehash(folder: Path) -> None:
-    """What an attacker who can write the folder does after changing a file: a manifest with the new hashes."""
+def rehash(folder: Path, version: str | None = None) -> None:
+    """What an attacker who can write the folder does after changing a file: a manifest with the new hashes
+    (under ``version`` where the folder was copied to a new version's name)."""
     old = json.loads((folder / MANIFEST).read_text())
     write_artifact(
         folder,
@@ -48,7 +49,7 @@ def rehash(folder: Path) -> None:
         metrics_method=old["metrics_method"],
         data_files=[],
         extra=old["extra"],
-        version=old["version"],
+        version=version or old["version"],
     )
 
 
