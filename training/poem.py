@@ -26,7 +26,7 @@ from torch import nn
 from service import catalog
 from service.artifacts import Manifest
 from service.nets import char_rnn
-from service.nets.char_rnn import BOS, UNK, CharRNN, for_serving, serving_precision
+from service.nets.char_rnn import BOS, UNK, CharRNN, StepNet, for_serving, serving_precision
 from training.common import History, Options, plot_history, pyplot, save_artifact, seed_everything, train_loop
 
 MODEL = catalog.get("poem")
@@ -107,13 +107,15 @@ def batches_forever(buckets: dict[int, torch.Tensor], batch_size: int, generator
             yield chunks[k]
 
 
-def loss_of(net: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def loss_of(net: nn.Module | StepNet, batch: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each next character given <bos> and the characters before it."""
     logits, _ = net(batch[:, :-1])
     return nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
-def perplexity(net: nn.Module, buckets: dict[int, torch.Tensor], batch_size: int = 512) -> tuple[float, float]:
+def perplexity(
+    net: nn.Module | StepNet, buckets: dict[int, torch.Tensor], batch_size: int = 512
+) -> tuple[float, float]:
     """(mean cross-entropy, perplexity) per predicted character over every poem in ``buckets``."""
     total, count = 0.0, 0
     for rows in buckets.values():

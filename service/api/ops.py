@@ -85,7 +85,9 @@ def ops_router(registry: Registry) -> APIRouter:
             report=f"/models/{entry.name}/report",
             hyperparameters=detailed.hyperparameters if detailed else {},
             libraries=detailed.libraries if detailed else {},
-            batching=dict(entry.batcher.policy.model_dump(), threads=entry.batcher.threads)
+            batching=dict(
+                entry.batcher.policy.model_dump(), threads=entry.batcher.threads, continuous=entry.batcher.continuous
+            )
             if entry.batcher
             else registry.settings.policy(entry.name).model_dump(),
             input_schema=schemas[entry.name][0],

@@ -4,7 +4,7 @@ A model supplies plain functions; the server owns HTTP, batching, the worker thr
 framing. Required: ``Input``, ``Output``, ``example``, ``summary``, ``setup`` and ``predict``. Optional:
 ``upload`` + ``decode`` (an extra route taking a file), ``stream_event`` + ``stream`` (Server-Sent Events),
 ``input_schema`` (an input schema read from the artifact), ``drift_columns`` (what drift is watched on, against
-the artifact's profile.json).
+the artifact's profile.json), ``generates`` + ``running_batch`` (a generator served by continuous batching).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
@@ -77,6 +77,28 @@ class StrictInput(BaseModel):
         return data
 
 
+class RunningBatch(ABC):
+    """The requests a generating model is answering now, advanced together one piece per :meth:`step`
+    (continuous batching, service/runtime/generation.py): requests join and leave between steps."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Requests running."""
+
+    @abstractmethod
+    def join(self, key: Hashable, item: Any) -> None:
+        """Start answering ``item`` at the next step; raise InputError (a 422) for an input it cannot answer."""
+
+    @abstractmethod
+    def step(self) -> list[tuple[Hashable, str | BaseModel]]:
+        """One piece (text) for each running request, then the whole Output of each that is complete (which
+        has left the batch)."""
+
+    @abstractmethod
+    def leave(self, key: Hashable) -> None:
+        """Stop answering ``key`` (its caller has gone)."""
+
+
 @dataclass(frozen=True)
 class UploadRoute:
     """``POST /{name}/{path}``: a multipart file plus query options, decoded by ``Predictor.decode``."""
@@ -108,6 +130,9 @@ class Predictor(ABC):
     description: ClassVar[str] = ""
     threads: ClassVar[int | None] = None  # intra-op threads of this model's worker unless settings say otherwise
     max_batch_size: ClassVar[int | None] = None  # cap on the batching policy, for a model that gains nothing above it
+    # A generator: the server runs ``running_batch`` under continuous batching (requests join and leave between
+    # steps, at most the policy's max_batch_size at once) instead of calling ``predict`` once per batch.
+    generates: ClassVar[bool] = False
     upload: ClassVar[UploadRoute | None] = None  # an extra route taking a file; write ``decode`` too
     stream_event: ClassVar[str | None] = (
         None  # set to stream: POST /{name}/stream (and "stream": true); write ``stream``
@@ -177,6 +202,10 @@ class Predictor(ABC):
     @abstractmethod
     def predict(self, batch: list[Any]) -> Sequence[BaseModel | Exception]:
         """Preprocess a batch, run one forward pass, return one output (or InputError) per item, in order."""
+
+    def running_batch(self) -> RunningBatch:
+        """For models that set ``generates``: an empty batch of requests to advance step by step."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
 
     def decode(self, data: bytes, options: Any) -> Any:
         """For models with ``upload``: turn the file into an item ``predict`` takes (``options``: an instance of

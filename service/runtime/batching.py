@@ -42,7 +42,7 @@ class BatchTiming:
     ended_ns: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Pending:
     item: Any
     future: asyncio.Future
@@ -51,6 +51,13 @@ class _Pending:
     rank: int = 1  # its priority: 0 high, 1 normal, 2 low, 3 shadow (mirrored traffic: served last, shed first)
     deadline: float = math.inf  # time.monotonic() past which its answer is no longer wanted
     queued: bool = True  # still counted in the queue (not yet taken, dropped or given up)
+    pieces: Pieces | None = None  # a stream's pieces, as a generating model writes them (generation.py)
+
+
+class Pieces(asyncio.Queue):
+    """A stream's pieces as a generating model writes them, then None; ``gone`` once its caller has left."""
+
+    gone = False
 
 
 def _timed(function: Callable[..., Any], *args: Any) -> tuple[Any, int, int]:
@@ -68,6 +75,8 @@ async def _result_or_error(future: asyncio.Future) -> Any:
 
 
 class Batcher:
+    continuous = False  # one forward pass per batch (ContinuousBatcher: one step per piece, requests joining)
+
     def __init__(
         self,
         name: str,
@@ -143,7 +152,13 @@ class Batcher:
         return await self._enqueue(items, meta, None, rank, deadline)
 
     async def _enqueue(
-        self, items: list, meta: dict | None, call: Callable[[], Any] | None, rank: int, deadline: float | None
+        self,
+        items: list,
+        meta: dict | None,
+        call: Callable[[], Any] | None,
+        rank: int,
+        deadline: float | None,
+        pieces: Pieces | None = None,
     ) -> list:
         if self._closing:
             raise QueueFullError(f"{self.name} is shutting down")
@@ -152,7 +167,10 @@ class Batcher:
         self._check_deadline(len(items), rank, deadline - now)
         self._make_room(len(items), rank)
         loop = asyncio.get_running_loop()
-        pending = [_Pending(item, loop.create_future(), call=call, rank=rank, deadline=deadline) for item in items]
+        pending = [
+            _Pending(item, loop.create_future(), call=call, rank=rank, deadline=deadline, pieces=pieces)
+            for item in items
+        ]
         for p in pending:
             self._arrivals += 1
             heapq.heappush(self._heap, (rank, deadline, self._arrivals, p))
@@ -190,7 +208,7 @@ class Batcher:
         if self.batch_seconds is None:
             return  # nothing measured yet
         ahead = sum(self._queued[: rank + 1])
-        batches = math.ceil((ahead + count) / self.policy.max_batch_size) + (1 if self._running else 0)
+        batches = self._batches_before_done(ahead + count)
         needed = batches * self.batch_seconds
         if needed > left_s:
             self._dropped("unmeetable", count)
@@ -200,6 +218,10 @@ class Batcher:
                 f"its deadline leaves {max(left_s, 0) * 1000:.0f} ms; retry later or allow more time "
                 "(X-Request-Timeout)"
             )
+
+    def _batches_before_done(self, items: int) -> int:
+        """How many batch times until the last of ``items`` (the newcomers and those ahead of them) is answered."""
+        return math.ceil(items / self.policy.max_batch_size) + (1 if self._running else 0)
 
     def _make_room(self, count: int, rank: int) -> None:
         """Places for ``count`` items: lower-priority items waiting give theirs (latest deadline first, each
@@ -227,12 +249,12 @@ class Batcher:
             "in Retry-After, or send smaller batches (the server's SERVE_MAX_QUEUE sets the size)"
         )
 
-    def _next_batch(self) -> list[_Pending]:
-        """The next items by priority and deadline, up to the batch size; a call waiting first is a batch of its
-        own. An item whose deadline has passed is answered 504 here, never computed."""
+    def _next_batch(self, most: int | None = None) -> list[_Pending]:
+        """The next items by priority and deadline, up to ``most`` (default: the batch size); a call waiting first
+        is a batch of its own. An item whose deadline has passed is answered 504 here, never computed."""
         batch: list[_Pending] = []
-        now, expired = time.monotonic(), 0
-        while self._heap and len(batch) < self.policy.max_batch_size:
+        now, expired, most = time.monotonic(), 0, most or self.policy.max_batch_size
+        while self._heap and len(batch) < most:
             p = self._heap[0][3]
             if p.queued and p.call is not None and batch:
                 break

@@ -43,9 +43,10 @@ from service.errors import (
 )
 from service.models.base import InputError, Predictor, return_freed_memory
 from service.runtime import golden
-from service.runtime.batching import Batcher
+from service.runtime.batching import Batcher, Pieces
 from service.runtime.context import CURRENT
 from service.runtime.drift import DriftWatcher, not_watched, watch
+from service.runtime.generation import ContinuousBatcher
 from service.runtime.metrics import Metrics
 from service.runtime.payloads import PayloadLog
 from service.runtime.quotas import RateLimits
@@ -413,6 +414,9 @@ class Stream:
     def __init__(self, registry: Registry, entry: ModelEntry, version: ModelVersion):
         self.registry, self.entry, self.version = registry, entry, version
         self.pieces: Iterator[Any] = iter(())
+        self.written: Pieces | None = None  # instead of pieces, for a generating model (service/runtime/generation.py)
+        self.meta: dict[str, Any] = {}  # its batch timing (a generating model's), for its trace
+        self.enqueued_ns = 0
         self.item: Any = None  # what was asked (its payload record, with the whole answer)
         self.rank, self.deadline = PRIORITY_RANK["normal"], 0.0  # its caller's priority and deadline
         self.started, self.outcome, self.closed = time.perf_counter(), "error", False
@@ -421,7 +425,12 @@ class Stream:
 
     async def next_piece(self) -> Any:
         """The next piece (text; the whole answer last), or None once the answer is complete."""
-        piece = await self.call(next, self.pieces, None)
+        if self.written is not None:  # a generating model's: written by its running batch, step by step
+            piece = await self.written.get()
+            if isinstance(piece, Exception):
+                raise piece
+        else:
+            piece = await self.call(next, self.pieces, None)
         if piece is None:
             self.outcome = "ok"
         elif isinstance(piece, BaseModel) and self.registry.payloads.on:  # the whole answer: the stream's record
@@ -445,6 +454,11 @@ class Stream:
         if self.closed:
             return
         self.closed = True
+        if self.written is not None:
+            self.written.gone = True  # leaves the running batch at its next step, if still there
+            batches = [b for b in self.meta.get("batches", ()) if b is not None and b.ended_ns]
+            if self.enqueued_ns and batches:
+                self.registry.tracing.model_spans(self.entry.name, self.version.name, self.enqueued_ns, batches)
         self.entry.streams -= 1
         self.version.active -= 1
         self.registry.count(self.entry, self.version, outcome or self.outcome, self.started)
@@ -626,7 +640,12 @@ class Registry:
         stream.item = item
         stream.rank, stream.deadline = self.admit(entry, 1)
         try:
-            stream.pieces = await stream.call(chosen.live_predictor.stream, item)
+            batcher = chosen.live_batcher
+            if isinstance(batcher, ContinuousBatcher):  # joins the running batch; pieces come as steps complete
+                stream.written, stream.enqueued_ns = Pieces(), time.time_ns() if self.tracing.on else 0
+                await batcher.stream(item, stream.written, stream.meta, stream.rank, stream.deadline)
+            else:
+                stream.pieces = await stream.call(chosen.live_predictor.stream, item)
         except BaseException as exc:
             stream.close("invalid" if isinstance(exc, InputError) else "error")
             raise
@@ -647,9 +666,10 @@ class Registry:
         if cap and policy.max_batch_size > cap:
             policy = policy.model_copy(update={"max_batch_size": cap})
         threads = policy.threads or predictor.threads or torch.get_num_threads()
-        version.batcher = Batcher(
+        kind, work = (ContinuousBatcher, predictor) if predictor.generates else (Batcher, predictor.run)
+        version.batcher = kind(
             entry.name,
-            predictor.run,
+            work,  # type: ignore[arg-type]  # the predictor for a ContinuousBatcher, its run for a Batcher
             policy,
             threads=threads,
             max_queue=self.settings.max_queue,

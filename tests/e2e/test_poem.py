@@ -238,26 +238,33 @@ def test_stream_true_on_the_poem_route(client):
     )
 
 
-def test_concurrent_poems_are_served_one_per_pass_first_come_first_served(server):
+def test_concurrent_poems_share_steps_and_match_the_poems_written_alone(server, client):
     from tests.unit.test_runtime_api import _fire, _metric
 
-    bodies = [{"line_num": 2, "seed": seed} for seed in range(6)]
+    bodies = [{"line_num": 2, "seed": seed} for seed in range(16)]
+    alone = [poem(client, **body) for body in bodies]
+    before = httpx.get(server.url + "/metrics").text
 
     async def fire():
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             return await _fire(client, "/poem", bodies)
 
     responses = asyncio.run(fire())
-    assert [r.json()["seed"] for r in responses] == list(range(6))
-    metrics = httpx.get(server.url + "/metrics").text
-    count = _metric(metrics, "model_batch_size_count", model="poem")
-    assert count >= 6 and _metric(metrics, "model_batch_size_sum", model="poem") == count
+    assert [r.json() for r in responses] == alone
+    after = httpx.get(server.url + "/metrics").text
+
+    def grew(name: str) -> float:
+        return _metric(after, name, model="poem") - _metric(before, name, model="poem")
+
+    steps, rows = grew("model_batch_size_count"), grew("model_batch_size_sum")
+    assert rows == 16 * 24, "every character of every poem is one row of a step"
+    assert steps < rows / 2, f"16 concurrent poems took {steps:g} steps for {rows:g} characters: they shared no steps"
 
 
 def test_metadata_compares_with_the_plain_rnn(client):
     info = client.get("/models/poem").json()
     assert info["state"] == "ready" and info["batching"]["threads"] == 1
-    assert info["batching"]["max_batch_size"] == 1  # capped by the model whatever the default policy says
+    assert info["batching"]["continuous"] and info["batching"]["max_batch_size"] == 64  # poems written at once
     metrics = info["metrics"]
     assert metrics["val_perplexity"] < 0.9 * metrics["baseline_plain_rnn_val_perplexity"]
     assert metrics["val_perplexity_as_served_on_cpu"] < 1.02 * metrics["val_perplexity"]

@@ -3,23 +3,28 @@
 The form is never left to chance: clause lengths, the "，"/"。" at clause ends, acrostic characters and the
 rhyme are enforced by masking the logits before each draw, so every poem has the requested shape on the
 first try; with ``meter: "regulated"`` the tone pattern (平仄) and the Pingshui rhyme group are masks too
-(service/models/poem/meter.py). Each poem is sampled on its own with a ``torch.Generator`` seeded per request,
-so a seed and the same parameters give the same poem whatever else the server is doing.
+(service/models/poem/meter.py).
+
+Poems are written together, one character per step for every poem running (:class:`PoemBatch`; the server adds
+and removes poems between steps, service/runtime/generation.py). A poem's answer never depends on the others:
+each draws from its own random stream seeded by the request, its constraints are masks of its own row, and the
+net's numbers for a row are the same whatever rows run beside it (service/nets/char_rnn.py). So a seed and the
+same parameters give the same poem, byte for byte, alone or among 63 others.
 """
 
 from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool, model_validator
 
 from service.artifacts import Artifact
-from service.models.base import InputError, JsonFloat, JsonInt, Predictor, StrictInput, json_number
+from service.models.base import InputError, JsonFloat, JsonInt, Predictor, RunningBatch, StrictInput, json_number
 from service.models.poem.meter import TABLE_SOURCE, Meter, Pattern, Walk, patterns
 from service.models.poem.rhymes import HANZI, RHYME_MODEL, is_hanzi, rhyme_of
 from service.nets import char_rnn
@@ -236,9 +241,7 @@ class Poem(Predictor):
     # the idle OpenMP threads of the other models' workers fight it for the cores (a 4x7 poem in-process on
     # a worker thread: 50 ms with 1 thread, 82 ms with 2 once another worker had run).
     threads = 1
-    # Poems are sampled one after another (see predict), so a batch only makes each caller wait for the
-    # others' poems: with batches of 1 the queue is first come, first served.
-    max_batch_size = 1
+    generates = True  # continuous batching: the batching policy's max_batch_size caps the poems written at once
     summary = "Write a classical Chinese poem (绝句, 律诗 or 藏头诗)"
     description = (
         "A character-level GRU trained on 36k Tang poems, sampled one character at a time under the "
@@ -267,20 +270,20 @@ class Poem(Predictor):
 
     def plan(self, request: PoemRequest) -> Plan:
         """Lay out the poem's slots; raises InputError for a character the model cannot write."""
-        for field in ("start", "acrostic"):
-            for char in getattr(request, field) or "":
+        for name in ("start", "acrostic"):
+            for char in getattr(request, name) or "":
                 if char not in self.ids:
                     raise InputError(
-                        f"'{char}' in {field} is not in the model's vocabulary of "
+                        f"'{char}' in {name} is not in the model's vocabulary of "
                         f"{len(self.tokens) - 2} characters (too rare in the training poems, or "
                         "not a Chinese character); choose another character",
-                        field,
+                        name,
                     )
                 if not is_hanzi(char):
                     raise InputError(
-                        f"'{char}' in {field} is punctuation; send only characters, the form "
+                        f"'{char}' in {name} is punctuation; send only characters, the form "
                         "adds the punctuation itself",
-                        field,
+                        name,
                     )
         length, clauses = request.line_length, request.clauses
         regulated = request.meter == "regulated"  # then the meter's walk places the rhymes, not the slots
@@ -354,47 +357,6 @@ class Poem(Predictor):
             message += 'No pattern accepts it; choose other characters, or send meter "free".'
         raise InputError(message, field)
 
-    def characters(self, plan: Plan) -> Iterator[str]:
-        """Yield the poem one character at a time, keeping the recurrent state between steps.
-
-        Grad mode is set per step rather than around the loop: a streaming response may resume this
-        generator on a different thread, and grad mode is thread-local.
-        """
-        generator = torch.Generator().manual_seed(plan.seed)
-        token, state, rhymes = self.ids[BOS], None, torch.zeros_like(self.hanzi)
-        walk = self.meter.walk(plan.pattern, plan.forced or {}) if plan.pattern else None
-        for n, slot in enumerate(plan.slots):
-            with torch.inference_mode():
-                out, state = self.net.features(torch.tensor([[token]], device=self.device), state)
-                if slot >= 0:
-                    token = slot
-                elif walk is not None:  # regulated: the tones and the Pingshui rhyme so far decide
-                    logits = self.net.head(out[0, -1:])[0].float().cpu()
-                    token = self._draw(logits, walk.allowed(n), plan, generator)
-                    walk.take(n, token)
-                else:
-                    allowed = {FREE: self.hanzi, RHYME_SET: self.rhyme_leads, RHYME_MATCH: rhymes}[slot]
-                    logits = self.net.head(out[0, -1:])[0].float().cpu()  # 2-D in: int8 linear needs it
-                    token = self._draw(logits, allowed, plan, generator)
-                    if slot == RHYME_SET:
-                        group = self.rhyme_class[token]
-                        assert group is not None  # drawn among rhyme_leads, which all have a rhyme group
-                        rhymes = self.rhyme_masks[group].clone()
-                    if slot != FREE:
-                        rhymes[token] = False  # a rhyme character is used once
-            yield self.tokens[token]
-
-    @staticmethod
-    def _draw(logits: torch.Tensor, allowed: torch.Tensor, plan: Plan, generator: torch.Generator) -> int:
-        """Sample one token id among ``allowed`` with the plan's temperature and top-k."""
-        logits = logits.double().masked_fill(~allowed, float("-inf"))
-        # float64 and shifted so the best is 0: a tiny temperature then gives 0 and -inf (greedy), never NaN
-        logits = (logits - logits.max()) / plan.temperature
-        if plan.top_k:
-            kth = logits.topk(min(plan.top_k, int(allowed.sum()))).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
-
     def response(self, plan: Plan, chars: list[str]) -> PoemResponse:
         poem = "".join(chars)
         lines = [poem[i : i + plan.row_chars] for i in range(0, len(poem), plan.row_chars)]
@@ -420,24 +382,134 @@ class Poem(Predictor):
             clauses=[ClauseTones(standard=s, tones=t) for s, t in zip(p.lines, walk.tones(tokens))],
         )
 
+    def running_batch(self) -> PoemBatch:
+        return PoemBatch(self)
+
     def predict(self, batch: list[PoemRequest]) -> list[PoemResponse | Exception]:
-        outputs: list[PoemResponse | Exception] = []
-        for request in batch:  # one at a time: a batched forward pass could change a seeded poem's draws
+        """The poems written together, as the server writes them (the same answers as one at a time)."""
+        running, outputs = self.running_batch(), dict[Hashable, PoemResponse | Exception]()
+        for i, request in enumerate(batch):
             try:
-                plan = self.plan(request)
+                running.join(i, request)
             except InputError as exc:
-                outputs.append(exc)
-                continue
-            outputs.append(self.response(plan, list(self.characters(plan))))
-        return outputs
+                outputs[i] = exc
+        while len(running):
+            outputs.update((key, piece) for key, piece in running.step() if isinstance(piece, PoemResponse))
+        return [outputs[i] for i in range(len(batch))]
 
-    def stream(self, request: PoemRequest) -> Iterator[str | PoemResponse]:
-        plan = self.plan(request)  # an InputError here is a 422 before any event is sent
-        return self._pieces(plan)
+    def stream(self, request: PoemRequest) -> Iterator[str | BaseModel]:
+        running = self.running_batch()
+        running.join(None, request)  # an InputError here is a 422 before any event is sent
+        return running.pieces()
 
-    def _pieces(self, plan: Plan) -> Iterator[str | PoemResponse]:
-        chars = []
-        for char in self.characters(plan):
-            chars.append(char)
-            yield char
-        yield self.response(plan, chars)
+
+@dataclass(eq=False)
+class Row:
+    """One poem being written: its plan, its own random stream, and the state of its constraints."""
+
+    key: Hashable
+    plan: Plan
+    random: random.Random
+    rhymes: torch.Tensor  # the characters still allowed to rhyme (free verse)
+    walk: Walk | None  # the tones and rhyme group so far (regulated verse)
+    token: int  # the character fed to the net next
+    chars: list[str] = field(default_factory=list)
+
+
+VECTOR_COLUMNS = 64  # the sampling rows are padded to a multiple: each value then takes the vectorised exp
+
+
+class PoemBatch(RunningBatch):
+    """The poems being written, advanced together one character per :meth:`step`; their hidden states are
+    one (layers, rows, hidden) tensor, row i for ``rows[i]``."""
+
+    def __init__(self, poem: Poem):
+        self.poem, self.rows = poem, list[Row]()
+        self.state = poem.net.initial_state(0)
+        self.columns = -(-len(poem.tokens) // VECTOR_COLUMNS) * VECTOR_COLUMNS
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def join(self, key: Hashable, item: PoemRequest) -> None:
+        poem = self.poem
+        plan = poem.plan(item)
+        walk = poem.meter.walk(plan.pattern, plan.forced or {}) if plan.pattern else None
+        rhymes = torch.zeros_like(poem.hanzi)
+        self.rows.append(Row(key, plan, random.Random(plan.seed), rhymes, walk, poem.ids[BOS]))
+        self.state = torch.cat([self.state, poem.net.initial_state(1)], 1)
+
+    def pieces(self) -> Iterator[str | BaseModel]:
+        """Every piece until each poem is written (a tool's stream of one poem)."""
+        while self.rows:
+            yield from (piece for _, piece in self.step())
+
+    def leave(self, key: Hashable) -> None:
+        self._keep([i for i, row in enumerate(self.rows) if row.key is not key])
+
+    def _keep(self, kept: list[int]) -> None:
+        if len(kept) < len(self.rows):
+            self.rows = [self.rows[i] for i in kept]
+            self.state = self.state[:, kept]
+
+    def step(self) -> list[tuple[Hashable, str | BaseModel]]:
+        poem, rows = self.poem, self.rows
+        slots = [row.plan.slots[len(row.chars)] for row in rows]
+        sampling = [slot < 0 for slot in slots]
+        tokens = torch.tensor([row.token for row in rows], device=poem.device)
+        logits, self.state = poem.net.step(
+            tokens, self.state, None if all(sampling) else torch.tensor(sampling, device=poem.device)
+        )
+        drawing = [(row, slot) for row, slot in zip(rows, slots) if slot < 0]
+        drawn = iter(self._draw(logits.cpu(), drawing) if drawing else [])
+        pieces: list[tuple[Hashable, str | BaseModel]] = []
+        for row, slot in zip(rows, slots):
+            n = len(row.chars)
+            row.token = slot if slot >= 0 else next(drawn)
+            if slot < 0 and row.walk is not None:
+                row.walk.take(n, row.token)
+            elif slot == RHYME_SET:
+                group = poem.rhyme_class[row.token]
+                assert group is not None  # drawn among rhyme_leads, which all have a rhyme group
+                row.rhymes = poem.rhyme_masks[group].clone()
+            if slot in (RHYME_SET, RHYME_MATCH):
+                row.rhymes[row.token] = False  # a rhyme character is used once
+            row.chars.append(poem.tokens[row.token])
+            pieces.append((row.key, row.chars[-1]))
+        done = [row for row in rows if len(row.chars) == len(row.plan.slots)]
+        pieces += [(row.key, poem.response(row.plan, row.chars)) for row in done]
+        if done:
+            self._keep([i for i, row in enumerate(rows) if len(row.chars) < len(row.plan.slots)])
+        return pieces
+
+    def _draw(self, logits: torch.Tensor, drawing: list[tuple[Row, int]]) -> list[int]:
+        """One token id per sampling row, among its allowed characters, with its temperature and top-k, by the
+        inverse of its distribution at one uniform number from its own stream. Every operation works on a row
+        alone (exactly rounded arithmetic, or the same code for each row), so the draw does not depend on the
+        other rows."""
+        poem, vocab = self.poem, logits.shape[1]
+        masks = [
+            row.walk.allowed(len(row.chars))
+            if row.walk is not None
+            else {FREE: poem.hanzi, RHYME_SET: poem.rhyme_leads, RHYME_MATCH: row.rhymes}[slot]
+            for row, slot in drawing
+        ]
+        allowed = torch.nn.functional.pad(torch.stack(masks), (0, self.columns - vocab))  # padding: never
+        x = torch.nn.functional.pad(logits.double(), (0, self.columns - vocab)).masked_fill_(~allowed, float("-inf"))
+        # per row: its temperature, and one uniform number from its stream
+        settings = torch.tensor(
+            [[row.plan.temperature, row.random.random()] for row, _ in drawing], dtype=torch.float64
+        )
+        # float64 and shifted so the best is 0: a tiny temperature then gives 0 and -inf (greedy), never NaN
+        x.sub_(x.amax(1, keepdim=True)).div_(settings[:, :1])
+        for i, (row, _) in enumerate(drawing):
+            if row.plan.top_k:
+                kth = x[i].topk(min(row.plan.top_k, vocab)).values[-1]
+                x[i].masked_fill_(x[i] < kth, float("-inf"))
+        cdf = x.exp_().cumsum_(1)
+        total = cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, settings[:, 1:] * total, right=True)[:, 0].tolist()
+        for i, token in enumerate(drawn):
+            if token == self.columns:  # the uniform number times the total rounded up to the total
+                drawn[i] = int(torch.searchsorted(cdf[i], total[i]))  # the last character with a weight
+        return drawn
