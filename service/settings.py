@@ -155,11 +155,12 @@ class Settings(BaseSettings):
         ),
     )
     max_streams: int = Field(
-        4,
+        64,
         ge=1,
         description=(
-            "Concurrent Server-Sent-Event streams per model; more get 503 with Retry-After. Each stream's pieces "
-            "share the model's worker with its ordinary requests, so this also bounds how long those wait."
+            "Concurrent Server-Sent-Event streams per model (per worker process); more get 503 with Retry-After. "
+            "A generating model writes each stream as one request of its running batch, so a stream costs what a "
+            "request costs; this bounds the open connections and the pieces held for slow clients."
         ),
     )
     stream_timeout_s: float = Field(60.0, gt=0, description="Longest one stream may run before it is ended.")
