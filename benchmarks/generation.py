@@ -105,15 +105,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] if ordered else 0.0
 
 
-async def one_stream(client: httpx.AsyncClient, firsts: list[float]) -> str:
+async def one_stream(client: httpx.AsyncClient, firsts: list[float], refusals: dict[str, str]) -> str:
     """One ``POST /poem/stream`` read to its end; the time to its first ``event: char`` line goes to ``firsts``.
-    Returns how it ended: "complete" (the whole poem came last), "incomplete", "non_2xx" or "transport_error"."""
+    Returns how it ended: "complete" (the whole poem came last), "incomplete", "status <code>" (a non-2xx answer,
+    its first body kept in ``refusals``) or "transport_error"."""
     start, last = time.perf_counter(), None
     try:
         async with client.stream("POST", "/poem/stream", json=BODY) as response:
             if not 200 <= response.status_code < 300:
-                await response.aread()
-                return "non_2xx"
+                refusals.setdefault(str(response.status_code), (await response.aread()).decode(errors="replace"))
+                return f"status {response.status_code}"
             async for line in response.aiter_lines():
                 if line.startswith("event: "):
                     if last is None and line == "event: char":
@@ -129,11 +130,12 @@ async def streams(url: str, clients: int, seconds: float) -> dict:
     (p50/p99 ms), streams completed per second and how the others ended."""
     firsts: list[float] = []
     ends: Counter[str] = Counter()
+    refusals: dict[str, str] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async def client_loop(client: httpx.AsyncClient, deadline: float) -> None:
         while time.perf_counter() < deadline:
-            ends[await one_stream(client, firsts)] += 1
+            ends[await one_stream(client, firsts, refusals)] += 1
 
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         start = time.perf_counter()
@@ -147,6 +149,7 @@ async def streams(url: str, clients: int, seconds: float) -> dict:
         "ttfc_p99_ms": round(percentile(firsts, 99) * 1000, 3),
         "errors": sum(n for end, n in ends.items() if end != "complete"),
         "ends": dict(ends),
+        "refusals": refusals,
     }
 
 
