@@ -68,6 +68,12 @@ class RateLimitedError(ServiceError):
         self.retry_after, self.headers = retry_after, headers
 
 
+class InjectedFaultError(ServiceError):
+    """A failure made on purpose (SERVE_FAULT_INJECTION) to rehearse a canary's rollback."""
+
+    status = 500
+
+
 class ProtocolError(ServiceError):
     """A v2 request that does not follow the protocol or the model's tensors (400 unless said otherwise)."""
 

@@ -42,6 +42,15 @@ class BatchPolicy(BaseModel):
 
 
 Priority = Literal["high", "normal", "low"]
+
+
+class FaultInjection(BaseModel):
+    """One version made to fail a share of its answers (SERVE_FAULT_INJECTION), as Istio's fault injection does."""
+
+    version: str = Field(description="The version that fails (the canary under test).")
+    error_ratio: float = Field(gt=0, le=1, description="The share of its instances answered 500, spread evenly.")
+
+
 PRIORITY_RANK: dict[str, int] = {"high": 0, "normal": 1, "low": 2}  # a model's queue serves the lowest first
 
 
@@ -262,6 +271,14 @@ class Settings(BaseSettings):
         description=(
             'A weighted split between versions per model (a canary), e.g. {"fashion": {"A": 90, "B": 10}}; '
             "weights are whole numbers from 1 to 1,000,000."
+        ),
+    )
+    fault_injection: dict[str, FaultInjection] = Field(
+        default_factory=dict,
+        description=(
+            "Chaos testing, off by default: per model, one version answers a share of its instances with a 500 "
+            '("injected fault") after computing them, e.g. {"fashion": {"version": "2026.11.25.123948", '
+            '"error_ratio": 0.2}}: a rehearsal that a guarded canary is rolled back before it reaches everyone.'
         ),
     )
     model_poll_s: float | None = Field(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from service.artifacts import (
 )
 from service.catalog import Model
 from service.errors import (
+    InjectedFaultError,
     ModelUnavailableError,
     NotFoundError,
     QueueFullError,
@@ -535,6 +537,7 @@ class Registry:
     def __init__(self, models: list[Model], settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
         self.shadows = Shadows(metrics)  # this worker's mirrored requests and how their answers compare
+        self._faults: dict[str, int] = {}  # instances answered per model by a version under SERVE_FAULT_INJECTION
         self.device = resolve_device(settings.device)
         self.entries = {
             model.name: ModelEntry.describe(
@@ -590,6 +593,8 @@ class Registry:
             meta = {} if meta is None else meta
             try:
                 outputs = await chosen.live_batcher.submit(items, meta, rank, deadline)
+                if (fault := self.settings.fault_injection.get(entry.name)) and fault.version == chosen.name:
+                    outputs = self._inject_faults(entry, outputs, fault.error_ratio)
                 failed = [out for out in outputs if isinstance(out, Exception)]
                 outcome = (
                     "ok" if not failed else "invalid" if all(isinstance(f, InputError) for f in failed) else "error"
@@ -605,6 +610,17 @@ class Registry:
                 self.count(entry, chosen, outcome, started)
                 if enqueued_ns and "batches" in meta:
                     self.tracing.model_spans(entry.name, chosen.name, enqueued_ns, meta["batches"])
+
+    def _inject_faults(self, entry: ModelEntry, outputs: list, ratio: float) -> list:
+        """SERVE_FAULT_INJECTION: ``ratio`` of the version's instances, spread evenly (the n-th fails when n x ratio
+        passes a whole number), answered with an InjectedFaultError in place of what it computed."""
+        injected = []
+        for output in outputs:
+            n = self._faults[entry.name] = self._faults.get(entry.name, 0) + 1
+            fails = math.floor(n * ratio) > math.floor((n - 1) * ratio)
+            message = f"injected fault: SERVE_FAULT_INJECTION fails {ratio:.0%} of this version's answers"
+            injected.append(InjectedFaultError(message) if fails else output)
+        return injected
 
     def admit(self, entry: ModelEntry, instances: int) -> tuple[int, float]:
         """The caller's place in the model's queue, its priority rank and its deadline (its X-Request-Timeout or

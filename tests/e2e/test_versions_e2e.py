@@ -3,6 +3,7 @@ the times to a corrupted version, with nothing lost; a change reaching every wor
 worker serving what the others do, and admin calls at once applied one after the other."""
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -246,3 +247,56 @@ def test_admin_calls_at_once_are_applied_one_after_the_other(fashion_repo):
             assert versions_seen(url) == {last}
     finally:
         stop(server)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the worker processes with pgrep")
+def test_a_canary_failing_a_fifth_of_its_answers_is_rolled_back_under_load_over_two_workers(tmp_path):
+    """The phone model's committed version as stable and a copy as the canary, made to fail a fifth of its answers
+    (SERVE_FAULT_INJECTION), guarded with max_error_ratio 0.02: out of the split within its window plus a few
+    seconds while 64 clients keep sending, and only the stable version answers after."""
+    phone, canary = catalog.get("phone-price"), "2099.01.01.000000"
+    model_dir = tmp_path / "artifacts" / phone.folder
+    model_dir.mkdir(parents=True)
+    stable = version_dir(ARTIFACTS / phone.folder).name
+    shutil.copytree(ARTIFACTS / phone.folder / stable, model_dir / stable)
+    add_version(model_dir, canary)
+    server, url = start_workers(
+        models='["phone-price"]',
+        artifacts_dir=str(tmp_path / "artifacts"),
+        admin_keys=f'["{ADMIN_KEY}"]',
+        model_versions=json.dumps({"phone-price": stable}),
+        fault_injection=json.dumps({"phone-price": {"version": canary, "error_ratio": 0.2}}),
+    )
+    window_s = 5
+    try:
+        with Load(url, "/phone-price", example("phone-price")) as load:
+            time.sleep(1)
+            guard = {"max_error_ratio": 0.02, "window_s": window_s, "min_requests": 20}
+            split = httpx.put(
+                url + "/admin/models/phone-price/split",
+                json={"weights": {stable: 80, canary: 20}, "guard": guard},
+                headers=ADMIN,
+            )
+            assert split.status_code == 200, split.text
+            guarded = time.monotonic()
+            time.sleep(window_s + 4)
+        workers = workers_reporting(server, url)
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        stop(server)
+
+    answers = load.answers
+    # a canary's answer: its 200s carry its version; its failures (500) carry none, and only it fails
+    by_canary = [start for start, _, status, version in answers if version == canary or status == 500]
+    assert by_canary and any(status == 500 for _, _, status, _ in answers), "the canary answered, and failed, first"
+    cut = max(by_canary)
+    assert cut - guarded < window_s + 3, f"the canary still answered {cut - guarded:.1f} s after the guard was set"
+    after = [(status, version) for start, _, status, version in answers if start > cut]
+    assert len(after) > 500 and set(after) == {(200, stable)}, "only the stable version answers after the rollback"
+    for worker in workers:
+        state = worker["models"]["phone-price"]
+        assert state["default"] == stable and state["split"] == {}, state
+    decisions = [d for w in workers for d in w["models"]["phone-price"]["canary_decisions"]]
+    assert decisions and {(d["decision"], d["version"]) for d in decisions} == {("rolled_back", canary)}
+    assert "max_error_ratio 0.02" in decisions[0]["reason"]
+    assert 'model_canary_decisions_total{decision="rolled_back",model="phone-price"' in metrics
