@@ -15,9 +15,12 @@ or is refused itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +51,7 @@ class _Pending:
     future: asyncio.Future
     batch: BatchTiming | None = None  # the forward pass this item ran in
     call: Callable[[], Any] | None = None  # instead of an item: a function run alone, in its turn (a stream's step)
-    rank: int = 1  # its priority: 0 high, 1 normal, 2 low, 3 shadow (mirrored traffic: served last, shed first)
+    rank: int = 1  # its priority: 0 high, 1 normal, 2 low, 3 shadow (SIDE_RANK: mirrored traffic)
     deadline: float = math.inf  # time.monotonic() past which its answer is no longer wanted
     queued: bool = True  # still counted in the queue (not yet taken, dropped or given up)
     pieces: Pieces | None = None  # a stream's pieces, as a generating model writes them (generation.py)
@@ -58,6 +61,18 @@ class Pieces(asyncio.Queue):
     """A stream's pieces as a generating model writes them, then None; ``gone`` once its caller has left."""
 
     gone = False
+
+
+SIDE_RANK = 3  # shadow copies (service/runtime/rollouts.py): served last, shed first, on the lowest priority
+
+
+def _side_thread(threads: int | None) -> None:
+    """The side worker: its torch threads, and nice 19 for this thread (Linux: per thread; the OpenMP threads it
+    starts inherit it). Where that cannot be set the copies still run last in the queue."""
+    if threads:
+        torch.set_num_threads(threads)
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _timed(function: Callable[..., Any], *args: Any) -> tuple[Any, int, int]:
@@ -107,6 +122,7 @@ class Batcher:
             thread_name_prefix=f"model-{name}",
             initializer=functools.partial(torch.set_num_threads, threads) if threads else None,
         )
+        self._side_executor: ThreadPoolExecutor | None = None  # batches of shadow copies alone, started on first use
         self._task: asyncio.Task | None = None
         self._closing = False
 
@@ -129,6 +145,8 @@ class Batcher:
         if self._task is not None:
             await self._task
         self._executor.shutdown(wait=True)
+        if self._side_executor is not None:
+            self._side_executor.shutdown(wait=True)
 
     async def call(
         self, function: Callable, *args: Any, meta: dict | None = None, rank: int = 1, deadline: float | None = None
@@ -249,6 +267,20 @@ class Batcher:
             "in Retry-After, or send smaller batches (the server's SERVE_MAX_QUEUE sets the size)"
         )
 
+    def _executor_for(self, batch: list[_Pending]) -> ThreadPoolExecutor:
+        """A batch of shadow copies alone runs on a thread of the lowest scheduling priority (nice 19): when callers'
+        work wants the cores, the kernel gives it them at once rather than sharing them with the copies."""
+        if any(p.rank < SIDE_RANK for p in batch):
+            return self._executor
+        if self._side_executor is None:
+            self._side_executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"shadow-{self.name}",
+                initializer=_side_thread,
+                initargs=(self.threads,),
+            )
+        return self._side_executor
+
     def _next_batch(self, most: int | None = None) -> list[_Pending]:
         """The next items by priority and deadline, up to ``most`` (default: the batch size); a call waiting first
         is a batch of its own. An item whose deadline has passed is answered 504 here, never computed."""
@@ -296,7 +328,7 @@ class Batcher:
                         outputs = [result]
                     else:
                         outputs, timing.run_started_ns, timing.run_ended_ns = await loop.run_in_executor(
-                            self._executor, _timed, self._predict, [p.item for p in batch]
+                            self._executor_for(batch), _timed, self._predict, [p.item for p in batch]
                         )
                     if len(outputs) != len(batch):
                         raise RuntimeError(f"{self.name} returned {len(outputs)} outputs for {len(batch)} inputs")

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import DeadlineUnmeetableError, PredictionTimeoutError, QueueFullError
+from service.runtime.batching import SIDE_RANK
 
 if TYPE_CHECKING:
     from service.runtime.control import Control
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from service.runtime.registry import Desired, ModelEntry, ModelVersion
 
 log = logging.getLogger("service.rollouts")
-SHADOW_RANK = 3  # below every caller's priority in the batcher
+SHADOW_RANK = SIDE_RANK  # below every caller's priority in the batcher, on its lowest-priority thread
 MAX_SHADOW_ITEMS = 64  # mirrored items in flight per model; more are shed
 SHADOW_DEADLINE_S = 2.0
 PRICE_AGREEMENT = 0.05  # a shadow's price within 5 % of the serving version's agrees

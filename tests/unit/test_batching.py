@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
 import pytest
 
 from service.models.base import InputError
-from service.runtime.batching import Batcher, PredictionTimeoutError, QueueFullError
+from service.runtime.batching import SIDE_RANK, Batcher, PredictionTimeoutError, QueueFullError
 from service.settings import BatchPolicy
 
 
@@ -145,3 +146,21 @@ def test_each_worker_keeps_its_own_torch_thread_count():
     main_threads = torch.get_num_threads()
     assert run(body()) == (1, 2)
     assert torch.get_num_threads() == main_threads
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice values are a Linux feature")
+def test_shadow_copies_alone_run_on_a_lowest_priority_thread_and_callers_never_do():
+    niceness: dict[str, int] = {}
+
+    def predict(items: list) -> list:
+        niceness[items[0]] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return items
+
+    async def body(batcher):
+        await batcher.submit(["copy"], rank=SIDE_RANK)
+        await batcher.submit(["caller"], rank=1)
+        await batcher.submit(["copy again"], rank=SIDE_RANK)
+
+    run(_with_batcher(predict, body=body))
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness == {"copy": 19, "caller": base, "copy again": 19}
