@@ -359,16 +359,22 @@ class EventStream(StreamingResponse):
     async def _events(stream: Stream, timeout_s: float) -> AsyncIterator[str]:
         name, event = stream.entry.name, stream.version.live_predictor.stream_event
         deadline = asyncio.get_running_loop().time() + timeout_s
+
+        def text(piece: Any) -> str:
+            if isinstance(piece, BaseModel):
+                return f"event: {name}\ndata: {piece.model_dump_json()}\n\n"
+            return f"event: {event}\ndata: {json.dumps({event: piece}, ensure_ascii=False)}\n\n"
+
         try:
             while True:
                 async with asyncio.timeout_at(deadline):  # around the await only, never around a yield
-                    piece = await stream.next_piece()
-                if piece is None:
+                    pieces = [await stream.next_piece()]
+                    while pieces[-1] is not None and stream.has_piece():  # pieces written while the last was sent
+                        pieces.append(await stream.next_piece())
+                if events := "".join(text(piece) for piece in pieces if piece is not None):
+                    yield events  # one write for all of them
+                if pieces[-1] is None:
                     return
-                if isinstance(piece, BaseModel):
-                    yield f"event: {name}\ndata: {piece.model_dump_json()}\n\n"
-                else:
-                    yield f"event: {event}\ndata: {json.dumps({event: piece}, ensure_ascii=False)}\n\n"
         except TimeoutError:
             detail = f"the stream ran longer than {timeout_s:g} s (SERVE_STREAM_TIMEOUT_S)"
             yield f"event: error\ndata: {json.dumps({'detail': detail})}\n\n"

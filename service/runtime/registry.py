@@ -427,19 +427,27 @@ class Stream:
 
     async def next_piece(self) -> Any:
         """The next piece (text; the whole answer last), or None once the answer is complete."""
+        if self.closed:
+            return None
         if self.written is not None:  # a generating model's: written by its running batch, step by step
             piece = await self.written.get()
             if isinstance(piece, Exception):
                 raise piece
         else:
             piece = await self.call(next, self.pieces, None)
-        if piece is None:
-            self.outcome = "ok"
-        elif isinstance(piece, BaseModel) and self.registry.payloads.on:  # the whole answer: the stream's record
-            self.registry.payloads.record(
-                self.entry.name, self.version.name, [self.item], [piece], self.registry.tracing.traceparent()
-            )
+        if isinstance(piece, BaseModel):  # the whole answer
+            if self.registry.payloads.on:  # the stream's record
+                self.registry.payloads.record(
+                    self.entry.name, self.version.name, [self.item], [piece], self.registry.tracing.traceparent()
+                )
+            # done with its place and its version before the last event is sent: a client that opens its next
+            # stream as soon as it has read this one finds the place free
+            self.close("ok")
         return piece
+
+    def has_piece(self) -> bool:
+        """A piece is ready now (a generating model's stream): the next ``next_piece`` returns without waiting."""
+        return self.written is not None and not self.written.empty()
 
     async def call(self, function: Callable, *args: Any) -> Any:
         """One of the stream's steps on its version's worker, in its turn in the queue (traced like a batch)."""

@@ -52,7 +52,7 @@ def traced():
                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
                 "OTEL_SERVICE_NAME": "course-models-test",
-                "SERVE_MODELS": '["phone-price", "fashion"]',
+                "SERVE_MODELS": '["phone-price", "fashion", "poem"]',
                 "SERVE_GRPC_PORT": str(grpc_port),
             }
         )
@@ -60,6 +60,22 @@ def traced():
             yield server, receiver, grpc_port
         finally:
             server.stop()
+
+
+@pytest.mark.parametrize("path", ["/poem", "/poem/stream"])
+def test_a_poem_written_in_the_running_batch_is_traced_like_a_batch(traced, path):
+    """Continuous batching: the queue wait, then the poem's time in the running batch (its size when it finished)
+    and its generation, under the request's span, for a whole answer and for a stream."""
+    server, receiver, _ = traced
+    header, trace_id, parent = traceparent(10 + len(path))
+    with server.client() as client:
+        answer = client.post(path, json={"line_num": 2, "seed": 4}, headers={"traceparent": header})
+        version = client.get("/models/poem").json()["version"]
+    assert answer.status_code == 200
+    spans = receiver.trace(trace_id, at_least=4)
+    (server_span,) = [s for s in spans if s.parent_span_id == parent]
+    assert server_span.name == f"POST {path}"
+    check_model_spans(spans, server_span, "poem", version)
 
 
 def test_json_route_spans_join_the_callers_trace(traced):

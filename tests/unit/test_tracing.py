@@ -33,8 +33,8 @@ def test_a_streams_planning_and_pieces_are_traced(stub_app, receiver):
     (server,) = [s for s in spans if s.parent_span_id == PARENT]
     assert server.name == "POST /doubler/stream" and server.attributes["http.response.status_code"] == 200
     batches = [s for s in spans if s.name == "batch"]
-    # planning, then one step per piece: "13.0" gives 4 characters, then the whole answer, then the end
-    assert len(batches) == 1 + 4 + 1 + 1
+    # planning, then one step per piece: "13.0" gives 4 characters, then the whole answer (which ends it)
+    assert len(batches) == 1 + 4 + 1
     assert all(b.parent_span_id == server.span_id and b.attributes["batch.size"] == 1 for b in batches)
     assert len([s for s in spans if s.name == "forward"]) == len(batches)
 
