@@ -37,28 +37,9 @@ LEFT = object()  # a delivery saying the request left the batch unanswered (its 
 class ContinuousBatcher(Batcher):
     continuous = True
 
-    def __init__(
-        self,
-        name: str,
-        predictor: Predictor,
-        policy: BatchPolicy,
-        *,
-        max_queue: int,
-        timeout_s: float,
-        threads: int | None = None,
-        observe: Callable[[int, float, int], None] | None = None,
-        dropped: Callable[[str, int], None] | None = None,
-    ):
-        super().__init__(
-            name,
-            predictor.run,
-            policy,
-            max_queue=max_queue,
-            timeout_s=timeout_s,
-            threads=threads,
-            observe=observe,
-            dropped=dropped,
-        )
+    def __init__(self, name: str, predictor: Predictor, policy: BatchPolicy, **options: Any):
+        """As :class:`Batcher`'s (``options``: its keyword arguments), for a predictor that ``generates``."""
+        super().__init__(name, predictor.run, policy, **options)
         self.predictor = predictor
         self._lock = threading.Lock()  # guards the two fields below, shared with the worker thread
         self._joining: list[_Pending] = []  # taken from the queue, to join at the worker's next step
