@@ -198,12 +198,15 @@ class Batcher:
             # asyncio.timeout_at rather than wait_for(gather(...)): no extra tasks per request on the hot path
             async with asyncio.timeout_at(loop.time() + (deadline - now)):
                 outputs = [await _result_or_error(p.future) for p in pending]
+                if time.monotonic() > deadline:  # computed, but the loop got to it after the deadline: not wanted
+                    raise TimeoutError
             if meta is not None:
                 meta["batches"] = batches = [p.batch for p in pending]
                 meta["batch_size"] = max((b.size for b in batches if b is not None), default=0)
             return outputs
         except TimeoutError:
-            self._dropped("expired", sum(1 for p in pending if p.future.cancelled() or not p.future.done()))
+            unanswered = sum(1 for p in pending if p.future.cancelled() or not p.future.done())
+            self._dropped("expired", unanswered or len(pending))  # none: all answered, too late
             raise PredictionTimeoutError(
                 f"{self.name} did not answer within the request's deadline ({deadline - now:.3g} s: its "
                 "X-Request-Timeout or gRPC deadline, else the model's default)"
