@@ -79,7 +79,7 @@ test: $(BIN)/.dev  ## run the whole test suite (tests/unit, tests/integration, t
 	$(BIN)/python -m pytest -q
 
 # test-fast: tests/unit and tests/integration as three pytest runs at once (the integration tests mostly wait on
-# their servers' timeouts): about 35 s on 2 cores, where one run of both folders takes about 65 s.
+# their servers' timeouts): 59 s on 2 cores (243 tests), where one run of both folders takes longer.
 test-fast: $(BIN)/.dev  ## unit and integration tests: stub model, small artifacts, no training (under a minute)
 	@$(MAKE) --no-print-directory -j3 --output-sync=target test-fast-unit test-fast-connections test-fast-integration
 
