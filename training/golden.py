@@ -9,7 +9,6 @@ broken export, a preprocessor from another version. Written into the version fol
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from service.artifacts import Artifact
 from service.catalog import get
-from service.runtime.golden import GOLDEN_FILE, answer
+from service.runtime.golden import GOLDEN_FILE, answer, computed_on
 
 
 def write(folder: Path, model: str, inputs: list[dict[str, Any]], tolerance: dict[str, float]) -> int:
@@ -30,7 +29,7 @@ def write(folder: Path, model: str, inputs: list[dict[str, Any]], tolerance: dic
     cases = [{"input": instance, "output": answer(predictor, schema, instance)} for instance in inputs]
     golden = {
         "format": 1,
-        "computed_on": {"device": "cpu", "machine": platform.machine(), "torch": torch.__version__.split("+")[0]},
+        "computed_on": computed_on(torch.device("cpu")),
         "tolerance": tolerance,
         "cases": cases,
     }

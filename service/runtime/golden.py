@@ -9,8 +9,8 @@ make the trained model: weights from another version or model, a broken export o
 each change the answers.
 
 Numbers compare within ``abs + rel x |expected|``; everything else (labels, names, poems) must be equal. Answers
-computed on another kind of machine (an accelerator, another CPU architecture or torch release, whose kernels
-round differently) are compared by their shape only, and the check says so. A version without a golden set
+computed on another kind of machine (an accelerator, another CPU architecture, vector kernels or torch release,
+whose kernels round differently) are compared by their shape only, and the check says so. A version without a golden set
 (trained before they existed) loads with a warning.
 """
 
@@ -76,15 +76,25 @@ def difference(expected: Any, actual: Any, tolerance: dict[str, float], exact: b
     return None
 
 
+def computed_on(device: torch.device) -> dict[str, str]:
+    """What decides how answers round: the device, the machine, torch's release and, on a CPU, the vector kernels
+    torch picked for it (AVX512, AVX2, ...: their exp, sigmoid and tanh may round differently, and a poem is
+    sampled from them)."""
+    made = {"device": device.type, "machine": platform.machine(), "torch": torch.__version__.split("+")[0]}
+    if device.type == "cpu":
+        made["cpu"] = torch.backends.cpu.get_cpu_capability()
+    return made
+
+
 def check(predictor: Any, artifact: Artifact, device: torch.device) -> str:
     """Replay the version's golden set; what was checked (for the log), or ArtifactError naming the first case
     that differs. A version without one: a note saying so."""
     if GOLDEN_FILE not in artifact.manifest.files:
         return "no golden set (trained before golden sets): its answers were not checked at load"
     golden = artifact.load_json(GOLDEN_FILE)
-    made = golden.get("computed_on", {})
-    here = {"device": device.type, "machine": platform.machine(), "torch": torch.__version__.split("+")[0]}
-    exact = all(made.get(k) == v for k, v in here.items())
+    made, here = golden.get("computed_on", {}), computed_on(device)
+    # a set from before the CPU's kernels were recorded ("cpu") counts as made on kernels like these
+    exact = all(made.get(k, v if k == "cpu" else None) == v for k, v in here.items())
     schema = predictor.input_schema(artifact)
     tolerance = golden.get("tolerance", {})
     for n, case in enumerate(golden["cases"], 1):

@@ -80,3 +80,35 @@ def test_a_version_with_another_models_weights_is_refused_at_load(quick_artifact
     assert versions[bad]["state"] == "failed" and "golden set" in versions[bad]["reason"]
     assert versions[good.name]["golden"].startswith("golden set: 28 answers")
     assert 'model_golden_checks_total{model="phone-price",outcome="failed"} 1.0' in metrics
+
+
+def test_answers_computed_on_other_vector_kernels_are_compared_by_shape(quick_artifacts, tmp_path):
+    """A golden set records the CPU's vector kernels (their exp and tanh may round differently): one made on
+    others is compared by shape only, one made on these exactly, and one from before they were recorded as made
+    here."""
+    (source,) = version_folders(quick_artifacts("phone-price") / "phone_price").values()
+    here = torch.backends.cpu.get_cpu_capability()
+
+    def with_golden(made_on: str | None, name: str) -> str:
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        golden = json.loads((folder / GOLDEN_FILE).read_text())
+        assert golden["computed_on"]["cpu"] == here  # what training records
+        golden["cases"][0]["output"]["price_range"] = (golden["cases"][0]["output"]["price_range"] + 1) % 4
+        if made_on is None:
+            del golden["computed_on"]["cpu"]
+        else:
+            golden["computed_on"]["cpu"] = made_on
+        (folder / GOLDEN_FILE).write_text(json.dumps(golden))
+        rehash(folder)
+        predictor = get("phone-price").predictor_class()()
+        artifact = Artifact(folder)
+        predictor.load(artifact, torch.device("cpu"))
+        try:
+            return check(predictor, artifact, torch.device("cpu"))
+        except GoldenMismatch as exc:
+            return f"refused: {exc}"
+
+    assert "by shape only" in with_golden("OTHER_KERNELS", "other")
+    assert with_golden(here, "same").startswith("refused: ") and "case 1 of 28" in with_golden(here, "same2")
+    assert with_golden(None, "older").startswith("refused: ")
