@@ -67,8 +67,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--share", type=float, default=1.0, help="the share of requests offered for mirroring")
     args = parser.parse_args()
-    samples: dict[str, dict[str, list[dict]]] = {side: {r: [] for r in ROUTES} for side in ("no shadow", "shadow 1.0")}
+    shadowed = f"shadow {args.share:g}"
+    samples: dict[str, dict[str, list[dict]]] = {side: {r: [] for r in ROUTES} for side in ("no shadow", shadowed)}
     agreement: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -108,13 +110,11 @@ def main() -> None:
                         pass
                     time.sleep(0.3)
                 time.sleep(1)
-                order = ["no shadow", "shadow 1.0"] if round_ % 2 == 0 else ["shadow 1.0", "no shadow"]
+                order = ["no shadow", shadowed] if round_ % 2 == 0 else [shadowed, "no shadow"]
                 for side in order:
                     for name in ROUTES:
-                        version = SHADOW if side == "shadow 1.0" else None
-                        answer = httpx.put(
-                            f"{url}/admin/models/{name}/shadow", json={"version": version}, headers=ADMIN, timeout=120
-                        )
+                        spec = {"version": SHADOW, "share": args.share} if side == shadowed else {"version": None}
+                        answer = httpx.put(f"{url}/admin/models/{name}/shadow", json=spec, headers=ADMIN, timeout=120)
                         answer.raise_for_status()
                     for name in ROUTES:
                         result = wrk(f"{url}/{name}", bodies[name], script, args.clients, args.duration)
