@@ -264,7 +264,7 @@ class Shadows:
     def mirror(self, entry: ModelEntry, answered_by: str, items: list, outputs: list) -> None:
         """Maybe mirror one answered request to the model's shadow version (on the event loop: cheap). Shed
         when callers are waiting: a copy starts only while the version that answered has nothing queued or
-        running and no other caller's request in hand, so it takes no CPU from a caller's request."""
+        running, so it takes no CPU from a caller's request."""
         spec = entry.desired.shadow
         if not spec or spec["version"] == answered_by or random.random() >= spec["share"]:
             return
@@ -275,8 +275,7 @@ class Shadows:
         if not pairs:
             return
         serving = entry.versions.get(answered_by)
-        # this request still holds the version (active 1): more is another caller's, on its way in or out
-        busy = serving is not None and serving.batcher is not None and (serving.batcher.busy or serving.active > 1)
+        busy = serving is not None and serving.batcher is not None and serving.batcher.busy
         if busy or self.in_flight[entry.name] + len(pairs) > MAX_SHADOW_ITEMS:
             self._count(entry.name, target.name, "shed", len(pairs))
             return
