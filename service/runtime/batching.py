@@ -240,6 +240,10 @@ class Batcher:
                 "(X-Request-Timeout)"
             )
 
+    def _measured(self, seconds: float) -> None:
+        """One batch's time into ``batch_seconds``, smoothed (what the deadline check expects a batch to take)."""
+        self.batch_seconds = seconds if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * seconds
+
     def _batches_before_done(self, items: int) -> int:
         """How many batch times until the last of ``items`` (the newcomers and those ahead of them) is answered."""
         return math.ceil(items / self.policy.max_batch_size) + (1 if self._running else 0)
@@ -344,9 +348,7 @@ class Batcher:
                 elapsed = time.perf_counter() - start
                 if call is None:  # a stream's step is no forward pass of a batch
                     self._observe(len(batch), elapsed, self.depth)
-                    self.batch_seconds = (
-                        elapsed if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * elapsed
-                    )
+                    self._measured(elapsed)
                 timing.ended_ns = time.time_ns()
                 for p, out in zip(batch, outputs):
                     p.batch = timing

@@ -161,10 +161,7 @@ class ContinuousBatcher(Batcher):
                 self._wakeup.set()
                 if p.batch is not None and p.batch.run_started_ns:
                     p.batch.ended_ns = now
-                    seconds = (now - p.batch.run_started_ns) / 1e9  # a whole generation: the deadline check's unit
-                    self.batch_seconds = (
-                        seconds if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * seconds
-                    )
+                    self._measured((now - p.batch.run_started_ns) / 1e9)  # a whole generation: the check's unit
             if piece is LEFT:
                 continue
             if p.pieces is not None and p.future.done():  # a stream that has started

@@ -690,16 +690,17 @@ class Registry:
         if cap and policy.max_batch_size > cap:
             policy = policy.model_copy(update={"max_batch_size": cap})
         threads = policy.threads or predictor.threads or torch.get_num_threads()
-        kind, work = (ContinuousBatcher, predictor) if predictor.generates else (Batcher, predictor.run)
-        version.batcher = kind(
-            entry.name,
-            work,  # type: ignore[arg-type]  # the predictor for a ContinuousBatcher, its run for a Batcher
-            policy,
-            threads=threads,
-            max_queue=self.settings.max_queue,
-            timeout_s=self.settings.request_timeout_s,
-            observe=self.metrics.batch_observer(entry.name),
-            dropped=self.metrics.drop_counter(entry.name),
+        options: dict[str, Any] = {
+            "threads": threads,
+            "max_queue": self.settings.max_queue,
+            "timeout_s": self.settings.request_timeout_s,
+            "observe": self.metrics.batch_observer(entry.name),
+            "dropped": self.metrics.drop_counter(entry.name),
+        }
+        version.batcher = (
+            ContinuousBatcher(entry.name, predictor, policy, **options)
+            if predictor.generates
+            else Batcher(entry.name, predictor.run, policy, **options)
         )
         version.batcher.start()
         version.loaded_at = time.time()
