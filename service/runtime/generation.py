@@ -161,7 +161,8 @@ class ContinuousBatcher(Batcher):
                 self._wakeup.set()
                 if p.batch is not None and p.batch.run_started_ns:
                     p.batch.ended_ns = now
-                    self._measured((now - p.batch.run_started_ns) / 1e9)  # a whole generation: the check's unit
+                    if isinstance(piece, BaseModel):  # a whole generation (the check's unit), not one cut short
+                        self._measured((now - p.batch.run_started_ns) / 1e9)
             if piece is LEFT:
                 continue
             if p.pieces is not None and p.future.done():  # a stream that has started

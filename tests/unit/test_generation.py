@@ -210,3 +210,24 @@ def test_a_queue_wait_beyond_the_cap_is_served_by_priority():
         return order
 
     assert run(scenario) == ["high", "normal", "low"]
+
+
+def test_only_complete_answers_measure_how_long_a_generation_takes():
+    model = Generator(seconds=0.002)
+
+    async def scenario():
+        b = batcher(model)
+        b.start()
+        await b.submit([10])
+        measured = b.batch_seconds
+        pieces = Pieces()
+        await b.stream(1000, pieces, None, 1, None)
+        await pieces.get()
+        pieces.gone = True  # a caller leaving after a step is no generation's time
+        await asyncio.sleep(0.05)
+        cut_short = b.batch_seconds
+        await b.stop()
+        return measured, cut_short
+
+    measured, cut_short = run(scenario)
+    assert measured is not None and measured >= 10 * 0.002 and cut_short == measured
