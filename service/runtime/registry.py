@@ -622,11 +622,10 @@ class Registry:
     def _inject_faults(self, entry: ModelEntry, outputs: list, ratio: float) -> list:
         """SERVE_FAULT_INJECTION: ``ratio`` of the version's instances, spread evenly (the n-th fails when n x ratio
         passes a whole number), answered with an InjectedFaultError in place of what it computed."""
-        injected = []
+        injected, message = [], f"injected fault: SERVE_FAULT_INJECTION fails {ratio:.0%} of this version's answers"
         for output in outputs:
             n = self._faults[entry.name] = self._faults.get(entry.name, 0) + 1
             fails = math.floor(n * ratio) > math.floor((n - 1) * ratio)
-            message = f"injected fault: SERVE_FAULT_INJECTION fails {ratio:.0%} of this version's answers"
             injected.append(InjectedFaultError(message) if fails else output)
         return injected
 
