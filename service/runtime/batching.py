@@ -208,8 +208,8 @@ class Batcher:
             unanswered = sum(1 for p in pending if p.future.cancelled() or not p.future.done())
             self._dropped("expired", unanswered or len(pending))  # none: all answered, too late
             raise PredictionTimeoutError(
-                f"{self.name} did not answer within the request's deadline ({deadline - now:.3g} s: its "
-                "X-Request-Timeout or gRPC deadline, else the model's default)"
+                f"{self.name} did not answer within the request's deadline ({max(deadline - now, 0):.3g} s left when "
+                "it was queued: its X-Request-Timeout or gRPC deadline, else the model's default)"
             ) from None
         finally:  # free the places of anything not yet taken (deadline, client gone)
             for p in pending:
