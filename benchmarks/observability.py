@@ -138,6 +138,7 @@ def main() -> None:
         }
         samples: dict[str, dict[str, list[float]]] = {side: {r: [] for r in ROUTES} for side in sides}
         records = {"sent": 0.0, "dropped_queue_full": 0.0, "dropped_sink_error": 0.0, "requests": 0}
+        spans = {"sent": 0.0, "dropped": 0.0}
         try:
             for round_ in range(args.rounds):
                 for side in sides if round_ % 2 == 0 else reversed(list(sides)):
@@ -162,6 +163,11 @@ def main() -> None:
                             records["dropped_sink_error"] += counter(
                                 text, "payload_log_dropped_total", reason="sink_error"
                             )
+                            spans["sent"] += counter(text, "trace_spans_sent_total")
+                            spans["dropped"] += sum(
+                                counter(text, "trace_spans_dropped_total", reason=reason)
+                                for reason in ("queue_full", "export_error", "exporter_down")
+                            )
                     finally:
                         server.terminate()
                         server.wait(60)
@@ -183,6 +189,8 @@ def main() -> None:
         "median_req_per_s": medians,
         "on_over_off": ratios,
         "payload_records": {**records, "expected": 2 * records["requests"]},
+        # four spans per request (its own, queue, batch, forward) when every request is traced
+        "spans": {**spans, "requests": records["requests"]},
     }
     RESULTS.mkdir(exist_ok=True)
     ratio = "" if args.trace_ratio is None else f"-ratio{args.trace_ratio:g}"
@@ -193,6 +201,7 @@ def main() -> None:
     for r in ROUTES:
         print(f"| /{r} | {medians['off'][r]:.0f} | {medians['on'][r]:.0f} | {ratios[r]:.2f} |")
     print(f"\npayload records (on): {json.dumps(summary['payload_records'])}")
+    print(f"spans (on): {json.dumps(summary['spans'])}")
 
 
 if __name__ == "__main__":

@@ -176,12 +176,12 @@ class RequestContextMiddleware:
         CURRENT.set(call)  # the registry reads the caller's key, deadline and id there
         span = trace_id = None
         if self.tracing is not None:  # the request's span, a child of the caller's traceparent if it sent one
-            span, token = self.tracing.start_request(
+            call.span = span = self.tracing.start_request(
                 scope["method"],
                 headers,
                 {"http.request.method": scope["method"], "url.path": scope["path"], "request.id": request_id},
             )
-            trace_id, traceresponse = self.tracing.ids(span)
+            trace_id, traceresponse = span.ids()
             id_headers.append((b"traceresponse", traceresponse.encode()))
         status = 500
         refused = False  # set once this middleware has answered 413 itself
@@ -278,10 +278,9 @@ class RequestContextMiddleware:
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(label, scope["method"], str(status)).inc()
             self.metrics.latency.labels(label).observe(elapsed)
-            if span is not None:
-                Tracing.end_request(
+            if span is not None and self.tracing is not None:
+                self.tracing.end_request(
                     span,
-                    token,
                     f"{scope['method']} {label}",
                     {"http.route": label, "http.response.status_code": status},
                     status >= 500,

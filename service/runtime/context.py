@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.settings import ApiKey
+
+if TYPE_CHECKING:
+    from service.runtime.tracing import RequestSpan
 
 
 @dataclass(slots=True)
@@ -19,6 +23,7 @@ class CallContext:
     key: ApiKey | None = None  # the client key it came with (its name, priority and rate limit)
     deadline: float | None = None  # time.monotonic() by which its answer is no longer wanted (X-Request-Timeout)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to its answer (rate-limit state)
+    span: RequestSpan | None = None  # its server span, when tracing is on (service/runtime/tracing.py)
 
 
 CURRENT: ContextVar[CallContext | None] = ContextVar("call", default=None)

@@ -152,6 +152,16 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.spans_sent = Counter(
+            "trace_spans_sent", "Spans the OTLP endpoint accepted (OTEL_EXPORTER_OTLP_*ENDPOINT).", registry=r
+        )
+        self.spans_dropped = Counter(
+            "trace_spans_dropped",
+            "Spans dropped: queue_full (the exporter is slower than the traffic), export_error (the endpoint "
+            "refused them or is down), exporter_down (the exporter process is not running).",
+            ["reason"],
+            registry=r,
+        )
         self._versions: dict[str, set[str]] = {}
 
         # Drift (service/runtime/drift.py): each version's recent rows against the reference profile in its

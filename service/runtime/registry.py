@@ -556,7 +556,7 @@ class Registry:
         self._lock: asyncio.Lock | None = None
         for entry in self.entries.values():
             entry.shadowing = self.shadows
-        self.tracing = Tracing.from_environment()
+        self.tracing = Tracing.from_environment(metrics)
         self.outcomes = Outcomes()  # each guarded model's recent requests, for its canary's guard
         self.rate_limits = RateLimits(settings.api_keys)  # shared memory: made here, before any worker forks
         self.payloads = PayloadLog(settings, metrics)

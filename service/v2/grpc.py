@@ -180,16 +180,17 @@ class CallGuard(grpc.aio.ServerInterceptor):
             # a little before it: the server gives up first and says why (DEADLINE_EXCEEDED, counted as expired)
             # rather than racing the caller's own cancellation
             deadline = time.monotonic() + remaining - min(0.02, remaining / 5) if remaining is not None else None
-            CURRENT.set(CallContext(request_id, self.gate.client_key(keys) if self.gate.api_keys else None, deadline))
+            call = CallContext(request_id, self.gate.client_key(keys) if self.gate.api_keys else None, deadline)
+            CURRENT.set(call)
             if self.tracing is None:
                 return await self._serve(handler.unary_unary, context, method, request_id)
-            span, token = self.tracing.start_request(  # _finish sets its status code
+            call.span = span = self.tracing.start_request(  # _finish sets its status code
                 method, metadata, {"rpc.system": "grpc", "rpc.method": method, "request.id": request_id}
             )
             try:
                 return await self._serve(handler.unary_unary, context, method, request_id)
             finally:
-                Tracing.end_request(span, token, method, {}, False)
+                self.tracing.end_request(span, method, {}, False)
 
         return grpc.stream_unary_rpc_method_handler(
             guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
@@ -282,8 +283,8 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if self.tracing is not None and (span := self.tracing.current_span()) is not None:
             span.set_attribute("rpc.grpc.status_code", code)
             if code in SERVER_FAULTS:
-                self.tracing.failed(span)
-            trace_id, traceresponse = self.tracing.ids(span)
+                span.failed = True
+            trace_id, traceresponse = span.ids()
             trailing.append(("traceresponse", traceresponse))
         log.info(
             "request",
