@@ -321,7 +321,7 @@ class Settings(BaseSettings):
         description=(
             "How records are posted to an http(s) sink: binary (one event per POST, attributes as Ce- headers, as "
             "KServe's logger sends), structured (one application/cloudevents+json event per POST) or batch "
-            "(application/cloudevents-batch+json, up to 100 events per POST)."
+            "(application/cloudevents-batch+json, up to 1,000 events per POST)."
         ),
     )
     payload_log_queue: int = Field(

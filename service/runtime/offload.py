@@ -42,14 +42,20 @@ class ChildPipe:
         delay_s: float,
         on_report: Callable[[Any], None],
         on_dropped: Callable[[str, list], None],
+        greeting: Any = None,
     ):
+        """``greeting``: what the child is told first (its settings: passed down, never through the environment)."""
         self.module, self.capacity, self.batch, self.delay_s = module, capacity, batch, delay_s
-        self.on_report, self.on_dropped = on_report, on_dropped
+        self.on_report, self.on_dropped, self.greeting = on_report, on_dropped, greeting
         self._waiting: deque[Any] = deque()
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._sender: threading.Thread | None = None
         self._child: subprocess.Popen | None = None
         self._started_at = 0.0
+
+    def has_room(self) -> bool:
+        """Whether a record put now is queued (a caller can skip the work of making one that would be dropped)."""
+        return len(self._waiting) < self.capacity
 
     def put(self, record: Any) -> None:
         """On the event loop: queue one record (dropped, reported as ``queue_full``, if the queue is full)."""
@@ -86,9 +92,11 @@ class ChildPipe:
 
     def _start_child(self) -> None:
         self._started_at = time.monotonic()
-        self._child = subprocess.Popen(
+        self._child = child = subprocess.Popen(
             [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
+        assert child.stdin is not None
+        pickle.dump(self.greeting, child.stdin)  # buffered: goes with the first records
         threading.Thread(target=self._read_reports, args=(self._child,), daemon=True).start()
 
     def _send(self) -> None:
@@ -131,15 +139,25 @@ class ChildPipe:
             self.on_report(report)
 
 
-def serve_records(handle: Callable[[list], Iterable[Any]], close: Callable[[], None] | None = None) -> None:
-    """A child's main loop: each pickled list of records from stdin through ``handle``, whose reports go back
-    on stdout, until the server closes the pipe. At the lowest CPU priority: the child's work waits for a
-    core the requests leave idle (a queue that fills meanwhile drops records, counted, rather than slowing a
-    request)."""
-    os.nice(19)
+Handler = Callable[[list], Iterable[Any]]
+
+
+def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) -> None:
+    """A child's main loop: ``setup(greeting)`` gives the handler and what to do at the end; each pickled list
+    of records from stdin goes through the handler, whose reports go back on stdout, until the server closes
+    the pipe. At the lowest CPU priority: the child's work waits for a core the requests leave idle (a queue
+    that fills meanwhile drops records, counted, rather than slowing a request)."""
+    try:  # Linux: run only when a core would otherwise idle
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source: BinaryIO = sys.stdin.buffer
     report: BinaryIO = sys.stdout.buffer
+    try:
+        handle, close = setup(pickle.load(source))
+    except EOFError:
+        return
     try:
         while True:
             try:
@@ -152,5 +170,4 @@ def serve_records(handle: Callable[[list], Iterable[Any]], close: Callable[[], N
     except BrokenPipeError:  # the server is gone: nobody to report to
         pass
     finally:
-        if close is not None:
-            close()
+        close()

@@ -1,0 +1,125 @@
+"""The payload sender: a child process of each server process that turns its payload records into CloudEvents
+and sends them to SERVE_PAYLOAD_LOG_URL (``python -m service.runtime.payload_export``, started by
+:class:`service.runtime.payloads.PayloadLog` through service/runtime/offload.py).
+
+Told its settings first (``target``, ``mode``, ``timeout_s``, ``source``, ``namespace``), then reads lists of
+records ``(request_id, model, version, time, traceparent, instances_json, predictions_json)`` and reports
+``(sent, failed)`` events per list. A sink that fails has what arrives in the next second dropped (reported
+as failed) before it is tried again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from service.runtime.offload import serve_records
+
+log = logging.getLogger("service.payload_export")
+
+REQUEST_TYPE = "org.kubeflow.serving.inference.request"
+RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
+BATCH_PAIRS = 500  # records (two events each) per POST in batch mode
+RETRY_AFTER_S = 1.0  # a failed sink is tried again after this
+
+Pair = tuple[dict[str, str], bytes, bytes]  # the attributes both events share, the request's and the response's data
+TYPES = (REQUEST_TYPE, RESPONSE_TYPE)
+
+
+def pair(record: tuple, source: str, namespace: str | None) -> Pair:
+    """A record's two events: the attributes they share (all but ``type``) and each one's data (JSON, made by
+    the server)."""
+    request_id, model, version, when, traceparent, instances, predictions = record
+    shared = {
+        "specversion": "1.0",
+        "id": request_id,
+        "source": source,
+        "time": datetime.fromtimestamp(when, UTC).isoformat(),
+        "datacontenttype": "application/json",
+        "inferenceservicename": model,
+        "component": "predictor",
+        "endpoint": version,
+    }
+    if namespace:
+        shared["namespace"] = namespace
+    if traceparent:  # CloudEvents' distributed tracing extension: the record joins the request's trace
+        shared["traceparent"] = traceparent
+    return shared, b'{"instances":' + instances + b"}", b'{"predictions":' + predictions + b"}"
+
+
+def structured(pairs: list[Pair]) -> Iterator[bytes]:
+    """Each event in CloudEvents' JSON format: its attributes and ``data``, one object (the shared attributes
+    are encoded once per pair)."""
+    for shared, *data in pairs:
+        attributes = json.dumps(shared).encode()[1:-1]
+        for kind, body in zip(TYPES, data, strict=True):
+            yield b'{"type":"' + kind.encode() + b'",' + attributes + b',"data":' + body + b"}"
+
+
+class Sender:
+    def __init__(self, target: str, mode: str, timeout_s: float):
+        self.target, self.mode = target, mode
+        self.is_http = target.startswith(("http://", "https://"))
+        self.http: Any = None
+        if self.is_http:
+            import httpx
+
+            self.http = httpx.Client(timeout=timeout_s)
+
+    def send(self, pairs: list[Pair]) -> None:
+        if not self.is_http:  # JSON Lines: one structured event per line
+            with Path(self.target.removeprefix("file://")).open("ab") as sink:
+                sink.writelines(event + b"\n" for event in structured(pairs))
+        elif self.mode == "batch":  # CloudEvents' batched content mode: a JSON array of structured events
+            for start in range(0, len(pairs), BATCH_PAIRS):
+                body = b"[" + b",".join(structured(pairs[start : start + BATCH_PAIRS])) + b"]"
+                self._post({"content-type": "application/cloudevents-batch+json"}, body)
+        elif self.mode == "structured":
+            for event in structured(pairs):
+                self._post({"content-type": "application/cloudevents+json"}, event)
+        else:  # binary, as KServe's logger sends: the attributes as Ce- headers, the data as the body
+            for shared, *data in pairs:
+                headers = {f"ce-{k}": v for k, v in shared.items() if k != "datacontenttype"}
+                headers["content-type"] = shared["datacontenttype"]
+                for kind, body in zip(TYPES, data, strict=True):
+                    self._post({**headers, "ce-type": kind}, body)
+
+    def _post(self, headers: dict[str, str], body: bytes) -> None:
+        answer = self.http.post(self.target, content=body, headers=headers)
+        if answer.status_code >= 300:
+            raise RuntimeError(f"HTTP {answer.status_code}: {answer.text[:200]}")
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+
+
+def sender(settings: dict[str, Any]) -> tuple[Callable[[list], Iterator[tuple[int, int]]], Callable[[], None]]:
+    out = Sender(settings["target"], settings["mode"], settings["timeout_s"])
+    resting_until = last_warning = 0.0
+
+    def send(records: list) -> Iterator[tuple[int, int]]:
+        nonlocal resting_until, last_warning
+        if time.monotonic() < resting_until:
+            yield 0, 2 * len(records)
+            return
+        try:
+            out.send([pair(record, settings["source"], settings["namespace"]) for record in records])
+            yield 2 * len(records), 0
+        except Exception as exc:  # a sink down or refusing: what was made is dropped; the server counts it
+            resting_until = now = time.monotonic() + RETRY_AFTER_S
+            if now - last_warning > 10:  # a dead sink must not flood the log
+                last_warning = now
+                log.warning("payload sink %s failed (%s: %s)", settings["target"], type(exc).__name__, str(exc)[:200])
+            yield 0, 2 * len(records)
+
+    return send, out.close
+
+
+if __name__ == "__main__":
+    serve_records(sender)
