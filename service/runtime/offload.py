@@ -43,10 +43,13 @@ class ChildPipe:
         on_report: Callable[[Any], None],
         on_dropped: Callable[[str, list], None],
         greeting: Any = None,
+        prepare: Callable[[Any], Any] | None = None,
     ):
-        """``greeting``: what the child is told first (its settings: passed down, never through the environment)."""
+        """``greeting``: what the child is told first (its settings: passed down, never through the environment).
+        ``prepare``: what turns a record into what the child is sent, on the sender thread (work that would
+        otherwise lengthen a request: there it fills the moments the event loop waits for the network)."""
         self.module, self.capacity, self.batch, self.delay_s = module, capacity, batch, delay_s
-        self.on_report, self.on_dropped, self.greeting = on_report, on_dropped, greeting
+        self.on_report, self.on_dropped, self.greeting, self.prepare = on_report, on_dropped, greeting, prepare
         self._waiting: deque[Any] = deque()
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._sender: threading.Thread | None = None
@@ -104,6 +107,8 @@ class ChildPipe:
             self._wake.wait(self.delay_s)
             self._wake.clear()
             records = [self._waiting.popleft() for _ in range(len(self._waiting))]
+            if records and self.prepare is not None:
+                records = [self.prepare(record) for record in records]
             if records:
                 self._deliver(records)
             if self._stopping.is_set() and not self._waiting:

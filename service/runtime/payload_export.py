@@ -10,13 +10,14 @@ as failed) before it is tried again.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from pydantic_core import to_json
 
 from service.runtime.offload import serve_records
 
@@ -56,7 +57,7 @@ def structured(pairs: list[Pair]) -> Iterator[bytes]:
     """Each event in CloudEvents' JSON format: its attributes and ``data``, one object (the shared attributes
     are encoded once per pair)."""
     for shared, *data in pairs:
-        attributes = json.dumps(shared).encode()[1:-1]
+        attributes = to_json(shared)[1:-1]
         for kind, body in zip(TYPES, data, strict=True):
             yield b'{"type":"' + kind.encode() + b'",' + attributes + b',"data":' + body + b"}"
 

@@ -89,6 +89,7 @@ class PayloadLog:
             delay_s=IDLE_S,
             on_report=self._reported,
             on_dropped=self._lost,
+            prepare=self._prepared,
             greeting={
                 "target": self.target,
                 "mode": settings.payload_log_format,
@@ -113,8 +114,12 @@ class PayloadLog:
             return
         call = CURRENT.get()
         request_id = call.request_id if call is not None else os.urandom(16).hex()
-        instances, predictions = self._json([_instance(i) for i in items]), self._json(outputs)
-        self._pipe.put((request_id, model, version, time.time(), traceparent, instances, predictions))
+        self._pipe.put((request_id, model, version, time.time(), traceparent, items, outputs))
+
+    def _prepared(self, record: tuple) -> tuple:
+        """On the sender thread: the instances and answers as JSON, by pydantic's serialiser."""
+        *head, items, outputs = record
+        return (*head, self._json([_instance(i) for i in items]), self._json(outputs))
 
     def _json(self, value: Any) -> bytes:
         """``value`` as JSON, by pydantic's serialiser (validated inputs, answers), with the named fields redacted."""

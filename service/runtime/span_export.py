@@ -11,11 +11,12 @@ timeout, compression, certificates) and retries what a collector asks it to.
 Reads lists of records (service/runtime/offload.py) and reports ``(sent, failed)`` spans per export (the
 server counts them in ``trace_spans_*_total``). Records:
 
-- ``("s", trace_id, span_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed)``:
-  a request's server span;
-- ``("m", trace_id, parent_id, trace_state, model, version, enqueued_ns, timings)``: its ``queue``,
-  ``batch`` and ``forward`` spans for each ``(size, started_ns, run_started_ns, run_ended_ns, ended_ns)``
-  of the batches it ran in.
+- ``("s", trace_id, span_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed,
+  models)``: a request's server span and, for each ``(model, version, enqueued_ns, timings)`` in ``models``,
+  its ``queue``, ``batch`` and ``forward`` spans for each ``(size, started_ns, run_started_ns, run_ended_ns,
+  ended_ns)`` of the batches it ran in;
+- ``("m", trace_id, parent_id, trace_state, model, version, enqueued_ns, timings)``: model spans recorded
+  after the request's own span ended (a stream's last steps).
 """
 
 from __future__ import annotations
@@ -105,27 +106,44 @@ class Batches:
         return taken
 
     def add(self, record: tuple) -> None:
-        if record[0] == "s":
-            _, trace_id, own_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed = record
-            span = self._room(1).add(
-                trace_id=trace_id.to_bytes(16, "big"),
-                span_id=own_id.to_bytes(8, "big"),
-                parent_span_id=parent_id.to_bytes(8, "big") if parent_id else b"",
-                trace_state=trace_state,
-                flags=LOCAL_CHILD | (IS_REMOTE if remote else 0),
-                name=name,
-                kind=Span.SPAN_KIND_SERVER,
-                start_time_unix_nano=start_ns,
-                end_time_unix_nano=end_ns,
-            )
-            if failed:
-                span.status.code = Status.STATUS_CODE_ERROR
-            set_attributes(span.attributes, attributes)
+        if record[0] == "m":
+            _, trace_id, parent_id, trace_state, *model = record
+            spans = self._room(3 * len(model[-1]))
+            self._model_spans(spans, trace_id.to_bytes(16, "big"), parent_id.to_bytes(8, "big"), trace_state, *model)
             return
-        _, trace_id, parent_id, trace_state, model, version, enqueued_ns, timings = record
-        trace_bytes, parent_bytes = trace_id.to_bytes(16, "big"), parent_id.to_bytes(8, "big")
+        _, trace_id, own_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed, models = record
+        spans = self._room(1 + 3 * sum(len(m[-1]) for m in models))
+        trace_bytes, own_bytes = trace_id.to_bytes(16, "big"), own_id.to_bytes(8, "big")
+        span = spans.add(
+            trace_id=trace_bytes,
+            span_id=own_bytes,
+            parent_span_id=parent_id.to_bytes(8, "big") if parent_id else b"",
+            trace_state=trace_state,
+            flags=LOCAL_CHILD | (IS_REMOTE if remote else 0),
+            name=name,
+            kind=Span.SPAN_KIND_SERVER,
+            start_time_unix_nano=start_ns,
+            end_time_unix_nano=end_ns,
+        )
+        if failed:
+            span.status.code = Status.STATUS_CODE_ERROR
+        set_attributes(span.attributes, attributes)
+        for model in models:
+            self._model_spans(spans, trace_bytes, own_bytes, trace_state, *model)
+
+    def _model_spans(
+        self,
+        spans: Any,
+        trace_bytes: bytes,
+        parent_bytes: bytes,
+        trace_state: str,
+        model: str,
+        version: str,
+        enqueued_ns: int,
+        timings: list[tuple[int, int, int, int, int]],
+    ) -> None:
+        """``queue`` and ``batch`` under the request's span, ``forward`` under ``batch``, for each batch."""
         internal = Span.SPAN_KIND_INTERNAL
-        spans = self._room(3 * len(timings))
         for size, started_ns, run_started_ns, run_ended_ns, ended_ns in timings:
             spans.add(
                 trace_id=trace_bytes,

@@ -82,12 +82,16 @@ class RequestSpan:
         "start_ns",
         "attributes",
         "failed",
+        "models",
+        "ended",
     )
 
     def __init__(self, trace_id: int, parent_id: int, trace_state: str, sampled: bool, attributes: dict[str, Any]):
         self.trace_id, self.span_id, self.parent_id = trace_id, random.getrandbits(64), parent_id
         self.trace_state, self.remote, self.sampled = trace_state, bool(parent_id), sampled
         self.start_ns, self.attributes, self.failed = time.time_ns(), attributes, False
+        self.models: list[tuple] = []  # its model's spans, sent with its own (one record per request)
+        self.ended = False
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.attributes[key] = value
@@ -181,12 +185,13 @@ class Tracing:
         )
 
     def end_request(self, span: RequestSpan, name: str, attributes: dict[str, Any], failed: bool) -> None:
+        span.ended = True
         if span.sampled:
             span.attributes.update(attributes)
             end_ns = time.time_ns()
             self._pipe.put(
                 ("s", span.trace_id, span.span_id, span.parent_id, span.trace_state, span.remote, name,
-                 span.start_ns, end_ns, span.attributes, failed or span.failed)
+                 span.start_ns, end_ns, span.attributes, failed or span.failed, span.models)
             )  # fmt: skip
 
     @staticmethod
@@ -210,7 +215,10 @@ class Tracing:
             (b.size, b.started_ns, b.run_started_ns, b.run_ended_ns, b.ended_ns)
             for b in {id(b): b for b in batches if b is not None}.values()
         ]
-        self._pipe.put(("m", span.trace_id, span.span_id, span.trace_state, model, version, enqueued_ns, timings))
+        if not span.ended:
+            span.models.append((model, version, enqueued_ns, timings))
+        else:  # after its answer (a stream's last steps): on their own
+            self._pipe.put(("m", span.trace_id, span.span_id, span.trace_state, model, version, enqueued_ns, timings))
 
     def _spans_sent(self, report: tuple[int, int]) -> None:
         sent, failed = report
@@ -221,7 +229,7 @@ class Tracing:
             self._warn(f"{self.endpoint} did not take {failed} spans (the exporter's log says why)")
 
     def _dropped(self, reason: str, records: list[tuple]) -> None:
-        spans = sum(1 if r[0] == "s" else 3 * len(r[-1]) for r in records)
+        spans = sum(1 + 3 * sum(len(m[-1]) for m in r[-1]) if r[0] == "s" else 3 * len(r[-1]) for r in records)
         if self.metrics is not None:
             self.metrics.spans_dropped.labels(reason).inc(spans)
         self._warn(f"dropped {spans} spans ({reason}): the span exporter cannot keep up or is not running")

@@ -1,14 +1,17 @@
 """Traces on the stub model, in process, sent over OTLP/HTTP to a real receiver: a stream's spans, a batch
-shared by concurrent requests, a refused request's span, and the OTEL_* variables that turn tracing off or
-stop the start."""
+shared by concurrent requests, a refused request's span, the OTEL_* variables that turn tracing off or stop
+the start, and what is dropped (and counted) when the collector or the exporter process is down."""
 
 import asyncio
+import time
 
 import pytest
 
+from service.runtime.offload import RESTART_AFTER_S, ChildPipe
 from service.runtime.tracing import Tracing, TracingConfigError
-from tests.conftest import serving
+from tests.conftest import free_port, serving
 from tests.receivers import OtlpReceiver
+from tests.unit.test_payloads import metric
 
 CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 TRACE_ID, PARENT = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
@@ -78,3 +81,62 @@ def test_otel_variables_turn_tracing_off_or_stop_the_start():
         Tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
     with pytest.raises(TracingConfigError, match="otlp only"):
         Tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+def test_a_dead_collector_costs_no_answer_and_its_spans_are_counted(stub_app, monkeypatch):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", dead)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+
+    async def scenario():
+        app = stub_app()
+        async with serving(app) as client:
+            answers = [await client.post("/doubler", json={"x": i}) for i in range(10)]
+            for _ in range(100):  # the exporter's report comes back after its try (a second at most)
+                metrics = (await client.get("/metrics")).text
+                if metric(metrics, "trace_spans_dropped_total", reason="export_error"):
+                    break
+                await asyncio.sleep(0.1)
+            return answers, metrics
+
+    answers, metrics = asyncio.run(scenario())
+    assert [a.status_code for a in answers] == [200] * 10
+    assert metric(metrics, "trace_spans_dropped_total", reason="export_error") >= 4  # one request's at least
+    assert metric(metrics, "trace_spans_sent_total") == 0
+
+
+def test_an_exporter_that_dies_is_started_again(stub_app, receiver):
+    """Spans recorded while the exporter process is down are dropped and counted; it is started again and the
+    next request's spans arrive."""
+
+    async def scenario():
+        app = stub_app()
+        async with serving(app) as client:
+            pipe = app.state.registry.tracing._pipe
+            pipe._child.kill()
+            pipe._child.wait()
+            pipe._started_at = time.monotonic()  # as if it had just been started: the next delivery drops
+            lost = await client.post(
+                "/doubler", json={"x": 1}, headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+            )
+            await asyncio.sleep(0.3)
+            pipe._started_at -= RESTART_AFTER_S  # a second later: the next delivery starts it again
+            kept = await client.post("/doubler", json={"x": 2}, headers={"traceparent": CALLER})
+            await asyncio.sleep(0.3)
+            return lost, kept, (await client.get("/metrics")).text
+
+    lost, kept, metrics = asyncio.run(scenario())
+    assert lost.status_code == kept.status_code == 200
+    assert metric(metrics, "trace_spans_dropped_total", reason="sender_down") == 4  # the lost request's four
+    assert len(receiver.trace(TRACE_ID, at_least=4)) == 4 and not receiver.trace("1" * 32, at_least=1, timeout_s=1)
+
+
+def test_a_full_queue_drops_records_and_reports_them():
+    dropped: list[tuple[str, int]] = []
+    pipe = ChildPipe(
+        "unused", capacity=2, batch=10, delay_s=1, on_report=print, on_dropped=lambda r, x: dropped.append((r, len(x)))
+    )
+    for n in range(5):
+        pipe.put(n)
+    assert list(pipe._waiting) == [0, 1] and dropped == [("queue_full", 1)] * 3 and not pipe.has_room()
