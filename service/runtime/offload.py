@@ -3,10 +3,10 @@
 Why a process: the server's requests, the model's worker thread and anything else in the process share one
 interpreter lock. Encoding spans and CloudEvents and posting them took 30-45 µs per request under that lock
 in a sender thread, a sixth of what a small request costs, and the request path waited for it. Here the
-event loop appends a record (a tuple of plain values) to a bounded queue; a thread pickles what waits down
-the child's stdin (when ``batch`` records wait, else every ``delay_s``), and the child (a module run with
-``python -m``, see :func:`serve_records`) does the rest at the lowest CPU priority, writing back a count of
-what it delivered and what it could not.
+event loop appends a record to a bounded queue; a thread turns what waits into plain values (``prepare``)
+and pickles them down the child's stdin (when ``batch`` records wait, else every ``delay_s``), and the child
+(a module run with ``python -m``, see :func:`serve_records`) does the rest at the lowest CPU priority,
+writing back a count of what it delivered and what it could not.
 
 A full queue, or a child that is not running, drops the records, reported by ``on_dropped``; a child that
 exited is started again, at most once a second. Nothing here ever waits on the event loop.
@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -156,6 +157,9 @@ def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) ->
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         os.nice(19)
+    # Ctrl-C in a terminal reaches the whole process group: the child goes on until the server closes the pipe
+    # (after it has handed over what waits), rather than dying with its records
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source: BinaryIO = sys.stdin.buffer
     report: BinaryIO = sys.stdout.buffer
