@@ -159,22 +159,11 @@ class Batches:
             )
             batch, forward = self._prototypes(model, version, timing)
             batch_id = span_id()
-            made = spans.add()
-            made.CopyFrom(batch)
-            made.trace_id, made.span_id, made.parent_span_id, made.trace_state = (
-                trace_bytes,
-                batch_id,
-                parent_bytes,
-                trace_state,
-            )
-            made = spans.add()
-            made.CopyFrom(forward)
-            made.trace_id, made.span_id, made.parent_span_id, made.trace_state = (
-                trace_bytes,
-                span_id(),
-                batch_id,
-                trace_state,
-            )
+            for prototype, own_id, parent in ((batch, batch_id, parent_bytes), (forward, span_id(), batch_id)):
+                made = spans.add()
+                made.CopyFrom(prototype)
+                made.trace_id, made.span_id, made.parent_span_id = trace_bytes, own_id, parent
+                made.trace_state = trace_state
 
     def _prototypes(self, model: str, version: str, timing: tuple) -> tuple[Span, Span]:
         """One batch's ``batch`` and ``forward`` spans but for their ids, made once and copied into the trace of
@@ -182,21 +171,19 @@ class Batches:
         found = self._batches.get((model, version, timing))
         if found is None:
             size, started_ns, run_started_ns, run_ended_ns, ended_ns = timing
-            batch = Span(
-                flags=LOCAL_CHILD,
-                name="batch",
-                kind=Span.SPAN_KIND_INTERNAL,
-                start_time_unix_nano=started_ns,
-                end_time_unix_nano=ended_ns,
-                attributes=self._model_attributes(model, version, size),
-            )
-            forward = Span(
-                flags=LOCAL_CHILD,
-                name="forward",
-                kind=Span.SPAN_KIND_INTERNAL,
-                start_time_unix_nano=run_started_ns,
-                end_time_unix_nano=run_ended_ns,
-                attributes=self._model_attributes(model, None, size),
+            batch, forward = (
+                Span(
+                    flags=LOCAL_CHILD,
+                    name=name,
+                    kind=Span.SPAN_KIND_INTERNAL,
+                    start_time_unix_nano=start_ns,
+                    end_time_unix_nano=end_ns,
+                    attributes=self._model_attributes(model, named_version, size),
+                )
+                for name, start_ns, end_ns, named_version in (
+                    ("batch", started_ns, ended_ns, version),
+                    ("forward", run_started_ns, run_ended_ns, None),
+                )
             )
             if len(self._batches) > 1000:  # batches a chunk of records spans: never more
                 self._batches.clear()
