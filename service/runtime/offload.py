@@ -157,9 +157,11 @@ def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) ->
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         os.nice(19)
-    # Ctrl-C in a terminal reaches the whole process group: the child goes on until the server closes the pipe
-    # (after it has handed over what waits), rather than dying with its records
+    # Ctrl-C in a terminal, or a service manager stopping the whole group (systemd's default), reaches the child
+    # too: it goes on until the server closes the pipe (after handing over what waits) or exits, rather than
+    # dying with its records
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source: BinaryIO = sys.stdin.buffer
     report: BinaryIO = sys.stdout.buffer

@@ -2,8 +2,13 @@
 OTLP/HTTP that join the caller's trace on the JSON route, an upload, v2 REST and gRPC (Triton's client);
 CloudEvents pairs at an HTTP sink; and a dead sink that costs no answer."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -238,3 +243,66 @@ def _garment_png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _senders_in_session(session: int) -> list[int]:
+    """The span exporter and payload sender processes of one server (its session: started with a new one)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if os.getsid(int(pid)) == session and (b"span_export" in cmdline or b"payload_export" in cmdline):
+                found.append(int(pid))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def test_every_worker_sends_what_it_recorded_when_the_whole_group_is_stopped():
+    """Two workers, each with its exporter and sender; SIGTERM to the whole process group (as systemd stops a
+    service) right after 40 requests, their spans still queued (exported every 5 s): every span and every
+    record still arrives, and no sender outlives its server."""
+    with OtlpReceiver() as otlp, EventSink() as sink:
+        port = free_port()
+        env = {
+            **os.environ,
+            "SERVE_WORKERS": "2",
+            "SERVE_MODELS": '["phone-price"]',
+            "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.url,
+            "SERVE_PAYLOAD_LOG_URL": sink.url + "/events",
+            "SERVE_PAYLOAD_LOG_FORMAT": "batch",
+        }
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port)],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    try:
+                        if client.get("/readyz").status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.3)
+                callers = [traceparent(1000 + i) for i in range(40)]
+                statuses = [
+                    client.post("/phone-price", json=example("phone-price"), headers={"traceparent": c[0]}).status_code
+                    for c in callers
+                ]
+                senders = _senders_in_session(server.pid)
+            os.killpg(server.pid, signal.SIGTERM)
+            assert server.wait(60) == 0
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+        assert set(statuses) == {200} and len(senders) == 4  # an exporter and a sender per worker
+        otlp.trace(callers[-1][1], at_least=4, timeout_s=10)  # the last request's, then every one's as it stands
+        assert [len(otlp.trace(trace_id, at_least=4, timeout_s=0)) for _, trace_id, _ in callers] == [4] * 40
+        assert len(sink.wait_for(80)) == 80
+        time.sleep(0.5)
+        assert _senders_in_session(server.pid) == []
