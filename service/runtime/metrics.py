@@ -158,7 +158,7 @@ class Metrics:
         self.spans_dropped = Counter(
             "trace_spans_dropped",
             "Spans dropped: queue_full (the exporter is slower than the traffic), export_error (the endpoint "
-            "refused them or is down), exporter_down (the exporter process is not running).",
+            "refused them or is down), sender_down (the exporter process is not running).",
             ["reason"],
             registry=r,
         )

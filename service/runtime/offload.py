@@ -55,7 +55,7 @@ class ChildPipe:
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._sender: threading.Thread | None = None
         self._child: subprocess.Popen | None = None
-        self._started_at = 0.0
+        self._started_at = self._last_warning = 0.0
 
     def has_room(self) -> bool:
         """Whether a record put now is queued (a caller can skip the work of making one that would be dropped)."""
@@ -70,6 +70,13 @@ class ChildPipe:
         self._waiting.append(record)
         if waiting + 1 == self.batch:
             self._wake.set()
+
+    def warn(self, message: str) -> None:
+        """A warning in the log, at most one per 10 s: a dead collector or sink must not flood it."""
+        now = time.monotonic()
+        if now - self._last_warning > 10:
+            self._last_warning = now
+            log.warning(message)
 
     def start(self) -> None:
         if self._sender is not None:

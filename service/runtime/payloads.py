@@ -8,8 +8,8 @@ sends; or ``structured``, or ``batch``: up to 1,000 events per POST), or a file 
 structured event per line). ``SERVE_PAYLOAD_LOG_SAMPLE`` picks the share of requests recorded and the fields
 named in ``SERVE_PAYLOAD_LOG_REDACT`` are replaced, at any depth, before anything leaves the process.
 
-Never in a prediction's way: the event loop turns the request's instances and answers into JSON and appends
-them to a bounded queue (a full queue drops the pair); a sender process (service/runtime/offload.py,
+Never in a prediction's way: the event loop appends the request's instances and answers to a bounded queue
+(a full queue drops the pair); a thread turns them into JSON and a sender process (service/runtime/offload.py,
 payload_export.py) makes the events and sends them. A sink that fails drops what arrives for a second, then
 is tried again. Every record dropped is counted in ``payload_log_dropped_total{reason}`` (``queue_full``,
 ``sink_error``, ``sender_down``), every one delivered in ``payload_log_sent_total``.
@@ -81,7 +81,6 @@ class PayloadLog:
         self.fields = frozenset(settings.payload_log_redact)
         self._sent = metrics.payload_sent
         self._dropped = metrics.payload_dropped
-        self._last_warning = 0.0
         self._pipe = ChildPipe(
             "service.runtime.payload_export",
             capacity=settings.payload_log_queue,
@@ -105,8 +104,8 @@ class PayloadLog:
         )
 
     def record(self, model: str, version: str, items: list, outputs: list, traceparent: str | None = None) -> None:
-        """Queue one request's pair (sampled), its data as JSON: made here, on the event loop, from the objects
-        the request holds (pydantic's serialiser, a few microseconds)."""
+        """Queue one request's pair (sampled): on the event loop, so it only appends what the request holds (its
+        JSON is made on the sender thread, :meth:`_prepared`)."""
         if self.sample < 1 and random.random() >= self.sample:
             return
         if not self._pipe.has_room():
@@ -143,14 +142,11 @@ class PayloadLog:
             self._lost("sink_error", [None] * (failed // 2))
 
     def _lost(self, reason: str, records: list) -> None:
-        """Records dropped (each a request's pair of events), counted and warned of (at most every 10 s)."""
+        """Records dropped (each a request's pair of events), counted and warned of."""
         self._dropped.labels(reason).inc(2 * len(records))
-        now = time.monotonic()
-        if now - self._last_warning > 10:  # a dead sink must not flood the log
-            self._last_warning = now
-            why = {
-                "queue_full": "the sink is slower than the traffic",
-                "sink_error": "the payload sink failed (the sender's log above says how); retrying in a second",
-                "sender_down": "the sender process is not running",
-            }[reason]
-            log.warning("payload sink %s: dropped %d records: %s", self.target, 2 * len(records), why)
+        why = {
+            "queue_full": "the sink is slower than the traffic",
+            "sink_error": "the payload sink failed (the sender's log above says how); retrying in a second",
+            "sender_down": "the sender process is not running",
+        }[reason]
+        self._pipe.warn(f"payload sink {self.target}: dropped {2 * len(records)} records: {why}")

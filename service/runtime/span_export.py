@@ -8,8 +8,9 @@ OpenTelemetry project's own protobuf classes (``opentelemetry-proto``, about 3 Â
 the SDK's OTLP/HTTP exporter, which reads its ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers,
 timeout, compression, certificates) and retries what a collector asks it to.
 
-Reads lists of records (service/runtime/offload.py) and reports ``(sent, failed)`` spans per export (the
-server counts them in ``trace_spans_*_total``). Records:
+Told the export batch size first (``{"batch_size": n}``), then reads lists of records
+(service/runtime/offload.py) and reports ``(sent, failed)`` spans per export (the server counts them in
+``trace_spans_*_total``). Records:
 
 - ``("s", trace_id, span_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed,
   models)``: a request's server span and, for each ``(model, version, enqueued_ns, timings)`` in ``models``,
@@ -38,7 +39,6 @@ SERVICE_NAME = "course-models"  # unless OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATT
 SAMPLED = 0x01
 HAS_IS_REMOTE, IS_REMOTE = 0x100, 0x200  # OTLP's span flags: whether the parent was a caller's
 LOCAL_CHILD = SAMPLED | HAS_IS_REMOTE
-BATCH_SIZE_VARIABLE, DEFAULT_BATCH_SIZE = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512
 
 
 def any_value(value: Any) -> AnyValue:
@@ -209,15 +209,16 @@ def resource() -> ResourceMessage:
     return ResourceMessage(attributes=key_values(dict(made.attributes)))
 
 
-def exporter(greeting: None) -> tuple[Callable[[list], Iterator[tuple[int, int]]], Callable[[], None]]:
-    """Records in, OTLP export requests out, posted by the SDK's exporter (its settings from OTEL_* variables)."""
+def exporter(settings: dict[str, int]) -> tuple[Callable[[list], Iterator[tuple[int, int]]], Callable[[], None]]:
+    """Records in, OTLP export requests out, posted by the SDK's exporter (its settings from OTEL_EXPORTER_OTLP_*
+    variables)."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     sdk_exporter = OTLPSpanExporter()
     # The exporter's export() takes the SDK's span objects and encodes them itself, at the cost this process
     # exists to avoid; its HTTP client (retries, headers, compression) sends the bytes built here.
     client = sdk_exporter._client
-    batches = Batches(resource(), int(os.environ.get(BATCH_SIZE_VARIABLE) or DEFAULT_BATCH_SIZE))
+    batches = Batches(resource(), settings["batch_size"])  # OTEL_BSP_MAX_EXPORT_BATCH_SIZE, read by the server
 
     def export(records: list) -> Iterator[tuple[int, int]]:
         for record in records:

@@ -77,7 +77,6 @@ class RequestSpan:
         "span_id",
         "parent_id",
         "trace_state",
-        "remote",
         "sampled",
         "start_ns",
         "attributes",
@@ -88,7 +87,7 @@ class RequestSpan:
 
     def __init__(self, trace_id: int, parent_id: int, trace_state: str, sampled: bool, attributes: dict[str, Any]):
         self.trace_id, self.span_id, self.parent_id = trace_id, random.getrandbits(64), parent_id
-        self.trace_state, self.remote, self.sampled = trace_state, bool(parent_id), sampled
+        self.trace_state, self.sampled = trace_state, sampled
         self.start_ns, self.attributes, self.failed = time.time_ns(), attributes, False
         self.models: list[tuple] = []  # its model's spans, sent with its own (one record per request)
         self.ended = False
@@ -118,7 +117,6 @@ class Tracing:
         self.endpoint = endpoint
         self.metrics = metrics
         self.sampler: Any = None
-        self._last_warning = 0.0
         if not self.on:
             return
         if exporter != "otlp":
@@ -137,6 +135,7 @@ class Tracing:
             delay_s=bsp["OTEL_BSP_SCHEDULE_DELAY"] / 1000,
             on_report=self._spans_sent,
             on_dropped=self._dropped,
+            greeting={"batch_size": bsp["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"]},
         )
         # the headers the propagators read (traceparent, tracestate, baggage): a request with none of them has no
         # caller's context to extract
@@ -190,7 +189,7 @@ class Tracing:
             span.attributes.update(attributes)
             end_ns = time.time_ns()
             self._pipe.put(
-                ("s", span.trace_id, span.span_id, span.parent_id, span.trace_state, span.remote, name,
+                ("s", span.trace_id, span.span_id, span.parent_id, span.trace_state, bool(span.parent_id), name,
                  span.start_ns, end_ns, span.attributes, failed or span.failed, span.models)
             )  # fmt: skip
 
@@ -226,16 +225,10 @@ class Tracing:
             self.metrics.spans_sent.inc(sent)
             self.metrics.spans_dropped.labels("export_error").inc(failed)
         if failed:
-            self._warn(f"{self.endpoint} did not take {failed} spans (the exporter's log says why)")
+            self._pipe.warn(f"{self.endpoint} did not take {failed} spans (the exporter's log says why)")
 
     def _dropped(self, reason: str, records: list[tuple]) -> None:
         spans = sum(1 + 3 * sum(len(m[-1]) for m in r[-1]) if r[0] == "s" else 3 * len(r[-1]) for r in records)
         if self.metrics is not None:
             self.metrics.spans_dropped.labels(reason).inc(spans)
-        self._warn(f"dropped {spans} spans ({reason}): the span exporter cannot keep up or is not running")
-
-    def _warn(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warning > 10:  # once per 10 s: a dead collector must not flood the log
-            self._last_warning = now
-            log.warning(message)
+        self._pipe.warn(f"dropped {spans} spans ({reason}): the span exporter cannot keep up or is not running")
