@@ -289,12 +289,15 @@ def test_every_worker_sends_what_it_recorded_when_the_whole_group_is_stopped():
                     except httpx.HTTPError:
                         pass
                     time.sleep(0.3)
+                senders = _senders_in_session(server.pid)
+                while len(senders) < 4 and time.monotonic() < deadline:  # /readyz answers once one worker is up
+                    time.sleep(0.3)
+                    senders = _senders_in_session(server.pid)
                 callers = [traceparent(1000 + i) for i in range(40)]
                 statuses = [
                     client.post("/phone-price", json=example("phone-price"), headers={"traceparent": c[0]}).status_code
                     for c in callers
                 ]
-                senders = _senders_in_session(server.pid)
             os.killpg(server.pid, signal.SIGTERM)
             assert server.wait(60) == 0
         finally:
