@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test test-fast test-fast-unit test-fast-connections test-fast-integration test-e2e lint train train-deps bench docs clean lock check-lock
+.PHONY: serve test test-fast test-fast-unit test-fast-waiting test-fast-integration test-e2e lint train train-deps bench docs clean lock check-lock
 
 # Installs come from the lock files, exact versions with hashes (pip's hash-checking mode):
 #   requirements.lock      what serving needs (the Docker image installs it too)
@@ -78,17 +78,19 @@ serve: $(BIN)/.serve  ## start the service on the committed artifacts
 test: $(BIN)/.dev  ## run the whole test suite (tests/unit, tests/integration, tests/e2e), as CI does
 	$(BIN)/python -m pytest -q
 
-# test-fast: tests/unit and tests/integration as three pytest runs at once (the integration tests mostly wait on
-# their servers' timeouts): 59 s on 2 cores (243 tests), where one run of both folders takes longer.
+# test-fast: tests/unit and tests/integration as three pytest runs at once, split so that each keeps a core busy:
+# the connection tests, the canary guard's and the tracing tests mostly wait (on their servers' timeouts, a
+# canary's window, an exporter's retries), so they share a run. One run of both folders takes longer.
+WAITING_TESTS := tests/integration/test_connections.py tests/unit/test_canary_guard.py tests/unit/test_tracing.py
 test-fast: $(BIN)/.dev  ## unit and integration tests: stub model, small artifacts, no training (under a minute)
-	@$(MAKE) --no-print-directory -j3 --output-sync=target test-fast-unit test-fast-connections test-fast-integration
+	@$(MAKE) --no-print-directory -j3 --output-sync=target test-fast-unit test-fast-waiting test-fast-integration
 
 test-fast-unit:
-	$(BIN)/python -m pytest -q tests/unit
-test-fast-connections:
-	$(BIN)/python -m pytest -q tests/integration/test_connections.py
+	$(BIN)/python -m pytest -q tests/unit $(addprefix --ignore=,$(filter tests/unit/%,$(WAITING_TESTS)))
+test-fast-waiting:
+	$(BIN)/python -m pytest -q $(WAITING_TESTS)
 test-fast-integration:
-	$(BIN)/python -m pytest -q tests/integration --ignore=tests/integration/test_connections.py
+	$(BIN)/python -m pytest -q tests/integration $(addprefix --ignore=,$(filter tests/integration/%,$(WAITING_TESTS)))
 
 test-e2e: $(BIN)/.dev  ## end-to-end tests: the real models, real clients, training runs, abuse suite, fuzzing, browser
 	$(BIN)/python -m pytest -q tests/e2e

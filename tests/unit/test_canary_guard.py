@@ -53,17 +53,30 @@ def test_a_failing_canary_is_rolled_back_within_its_window_under_load(tmp_path):
             )
             assert split.status_code == 200, split.text
             start = time.monotonic()
+            rolled_back_at: list[float] = []
+
+            def sending() -> bool:
+                """For the 5 s window at most, and half a second past the rollback (what comes after it)."""
+                now = time.monotonic() - start
+                return now < 5 and not (rolled_back_at and now > rolled_back_at[0] + 0.5)
+
+            async def watcher() -> None:
+                while sending() and not rolled_back_at:
+                    admin = await client.get("/admin/models", headers=ADMIN)
+                    if admin.json()["workers"][0]["models"]["doubler"]["split"] == {}:
+                        rolled_back_at.append(time.monotonic() - start)
+                    await asyncio.sleep(0.1)
 
             async def sender(n: int) -> None:
                 i = n
-                while time.monotonic() - start < 5:  # the guard acts within a second or two
+                while sending():  # the guard acts within a second or two
                     i += 64
                     answer = await client.post("/doubler", json={"x": i})
                     answers.append(
                         (time.monotonic() - start, answer.status_code, answer.headers.get("x-model-version"))
                     )
 
-            await asyncio.gather(*(sender(n) for n in range(64)))
+            await asyncio.gather(watcher(), *(sender(n) for n in range(64)))
             status = (await client.get("/admin/models", headers=ADMIN)).json()["workers"][0]["models"]["doubler"]
             metrics = (await client.get("/metrics")).text
         return answers, status, metrics
