@@ -68,9 +68,13 @@ class Sender:
         self.is_http = target.startswith(("http://", "https://"))
         self.http: Any = None
         if self.is_http:
-            import httpx
+            # urllib3's connection pool (one kept-alive connection, re-opened when the sink dropped it): a POST
+            # costs it about 180 µs of CPU here, httpx's client 445 µs, which in binary mode (a POST per event)
+            # decided how many events a sender could deliver. No retries: a POST is never sent twice.
+            import urllib3
 
-            self.http = httpx.Client(timeout=timeout_s)
+            self.http = urllib3.connection_from_url(target, timeout=urllib3.Timeout(total=timeout_s), retries=False)
+            self.path = urllib3.util.parse_url(target).request_uri
 
     def send(self, pairs: list[Pair]) -> None:
         if not self.is_http:  # JSON Lines: one structured event per line
@@ -91,9 +95,9 @@ class Sender:
                     self._post({**headers, "ce-type": kind}, body)
 
     def _post(self, headers: dict[str, str], body: bytes) -> None:
-        answer = self.http.post(self.target, content=body, headers=headers)
-        if answer.status_code >= 300:
-            raise RuntimeError(f"HTTP {answer.status_code}: {answer.text[:200]}")
+        answer = self.http.urlopen("POST", self.path, body=body, headers=headers)
+        if answer.status >= 300:
+            raise RuntimeError(f"HTTP {answer.status}: {answer.data[:200].decode(errors='replace')}")
 
     def close(self) -> None:
         if self.http is not None:
