@@ -137,7 +137,8 @@ def main() -> None:
             },
         }
         samples: dict[str, dict[str, list[float]]] = {side: {r: [] for r in ROUTES} for side in sides}
-        records = {"sent": 0.0, "dropped_queue_full": 0.0, "dropped_sink_error": 0.0, "requests": 0}
+        payload_reasons = ("queue_full", "sink_error", "sender_down")  # payload_log_dropped_total's
+        records = {"sent": 0.0, **{f"dropped_{reason}": 0.0 for reason in payload_reasons}, "requests": 0}
         spans = {"sent": 0.0, "dropped": 0.0}
         try:
             for round_ in range(args.rounds):
@@ -157,16 +158,13 @@ def main() -> None:
                             time.sleep(1)  # what the sender still holds goes out
                             text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
                             records["sent"] += counter(text, "payload_log_sent_total")
-                            records["dropped_queue_full"] += counter(
-                                text, "payload_log_dropped_total", reason="queue_full"
-                            )
-                            records["dropped_sink_error"] += counter(
-                                text, "payload_log_dropped_total", reason="sink_error"
-                            )
+                            for reason in payload_reasons:
+                                dropped = counter(text, "payload_log_dropped_total", reason=reason)
+                                records[f"dropped_{reason}"] += dropped
                             spans["sent"] += counter(text, "trace_spans_sent_total")
                             spans["dropped"] += sum(
                                 counter(text, "trace_spans_dropped_total", reason=reason)
-                                for reason in ("queue_full", "export_error", "exporter_down")
+                                for reason in ("queue_full", "export_error", "sender_down")
                             )
                     finally:
                         server.terminate()

@@ -33,6 +33,19 @@ STOP_S = 5.0  # what is queued at shutdown has this long to go out
 RESTART_AFTER_S = 1.0
 
 
+class LogLimiter:
+    """Warnings in a log, at most one per ``every_s``: a dead collector or sink must not flood it."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0):
+        self.logger, self.every_s, self._last = logger, every_s, 0.0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last > self.every_s:
+            self._last = now
+            self.logger.warning(message, *args)
+
+
 class ChildPipe:
     def __init__(
         self,
@@ -55,7 +68,8 @@ class ChildPipe:
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._sender: threading.Thread | None = None
         self._child: subprocess.Popen | None = None
-        self._started_at = self._last_warning = 0.0
+        self._started_at = 0.0
+        self._warnings = LogLimiter(log)
 
     def has_room(self) -> bool:
         """Whether a record put now is queued (a caller can skip the work of making one that would be dropped)."""
@@ -72,11 +86,8 @@ class ChildPipe:
             self._wake.set()
 
     def warn(self, message: str) -> None:
-        """A warning in the log, at most one per 10 s: a dead collector or sink must not flood it."""
-        now = time.monotonic()
-        if now - self._last_warning > 10:
-            self._last_warning = now
-            log.warning(message)
+        """A warning about this pipe's records in the log (rate-limited: :class:`LogLimiter`)."""
+        self._warnings.warning(message)
 
     def start(self) -> None:
         if self._sender is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic_core import to_json
 
-from service.runtime.offload import serve_records
+from service.runtime.offload import LogLimiter, serve_records
 
 log = logging.getLogger("service.payload_export")
 
@@ -106,10 +106,11 @@ class Sender:
 
 def sender(settings: dict[str, Any]) -> tuple[Callable[[list], Iterator[tuple[int, int]]], Callable[[], None]]:
     out = Sender(settings["target"], settings["mode"], settings["timeout_s"])
-    resting_until = last_warning = 0.0
+    resting_until = 0.0
+    warnings = LogLimiter(log)
 
     def send(records: list) -> Iterator[tuple[int, int]]:
-        nonlocal resting_until, last_warning
+        nonlocal resting_until
         if time.monotonic() < resting_until:
             yield 0, 2 * len(records)
             return
@@ -117,10 +118,8 @@ def sender(settings: dict[str, Any]) -> tuple[Callable[[list], Iterator[tuple[in
             out.send([pair(record, settings["source"], settings["namespace"]) for record in records])
             yield 2 * len(records), 0
         except Exception as exc:  # a sink down or refusing: what was made is dropped; the server counts it
-            resting_until = now = time.monotonic() + RETRY_AFTER_S
-            if now - last_warning > 10:  # a dead sink must not flood the log
-                last_warning = now
-                log.warning("payload sink %s failed (%s: %s)", settings["target"], type(exc).__name__, str(exc)[:200])
+            resting_until = time.monotonic() + RETRY_AFTER_S
+            warnings.warning("payload sink %s failed (%s: %s)", settings["target"], type(exc).__name__, str(exc)[:200])
             yield 0, 2 * len(records)
 
     return send, out.close

@@ -146,7 +146,7 @@ class PayloadLog:
         self._dropped.labels(reason).inc(2 * len(records))
         why = {
             "queue_full": "the sink is slower than the traffic",
-            "sink_error": "the payload sink failed (the sender's log above says how); retrying in a second",
+            "sink_error": "the payload sink failed (the sender's log says how); retrying in a second",
             "sender_down": "the sender process is not running",
         }[reason]
         self._pipe.warn(f"payload sink {self.target}: dropped {2 * len(records)} records: {why}")

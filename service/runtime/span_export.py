@@ -72,6 +72,14 @@ def set_attributes(into: Any, attributes: dict[str, Any]) -> None:
             pair.value.CopyFrom(any_value(value))
 
 
+def spans_in(record: tuple) -> int:
+    """How many spans a record sent to the exporter becomes: a request's own (``"s"``) and three per batch its
+    model ran in (``queue``, ``batch``, ``forward``), for each model entry it carries (``"m"``: one entry)."""
+    if record[0] == "s":
+        return 1 + 3 * sum(len(model[-1]) for model in record[-1])
+    return 3 * len(record[-1])
+
+
 def span_id() -> bytes:
     return random.getrandbits(64).to_bytes(8, "big")
 
@@ -109,11 +117,11 @@ class Batches:
     def add(self, record: tuple) -> None:
         if record[0] == "m":
             _, trace_id, parent_id, trace_state, *model = record
-            spans = self._room(3 * len(model[-1]))
+            spans = self._room(spans_in(record))
             self._model_spans(spans, trace_id.to_bytes(16, "big"), parent_id.to_bytes(8, "big"), trace_state, *model)
             return
         _, trace_id, own_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed, models = record
-        spans = self._room(1 + 3 * sum(len(m[-1]) for m in models))
+        spans = self._room(spans_in(record))
         trace_bytes, own_bytes = trace_id.to_bytes(16, "big"), own_id.to_bytes(8, "big")
         span = spans.add(
             trace_id=trace_bytes,

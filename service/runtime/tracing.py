@@ -35,6 +35,7 @@ from opentelemetry.propagators.textmap import Getter
 
 from service.runtime.context import CURRENT
 from service.runtime.offload import ChildPipe
+from service.runtime.span_export import spans_in
 
 if TYPE_CHECKING:
     from service.runtime.metrics import Metrics
@@ -228,7 +229,7 @@ class Tracing:
             self._pipe.warn(f"{self.endpoint} did not take {failed} spans (the exporter's log says why)")
 
     def _dropped(self, reason: str, records: list[tuple]) -> None:
-        spans = sum(1 + 3 * sum(len(m[-1]) for m in r[-1]) if r[0] == "s" else 3 * len(r[-1]) for r in records)
+        spans = sum(spans_in(record) for record in records)
         if self.metrics is not None:
             self.metrics.spans_dropped.labels(reason).inc(spans)
         self._pipe.warn(f"dropped {spans} spans ({reason}): the span exporter cannot keep up or is not running")
