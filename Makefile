@@ -82,15 +82,17 @@ test: $(BIN)/.dev  ## run the whole test suite (tests/unit, tests/integration, t
 # the connection tests, the canary guard's and the tracing tests mostly wait (on their servers' timeouts, a
 # canary's window, an exporter's retries), so they share a run. One run of both folders takes longer.
 WAITING_TESTS := tests/integration/test_connections.py tests/unit/test_canary_guard.py tests/unit/test_tracing.py
+# The fuzzing tools' pytest plugins (only tests/e2e uses them) cost each run a second of CPU to import.
+FAST_PYTEST := $(BIN)/python -m pytest -q -p no:schemathesis -p no:hypothesispytest
 test-fast: $(BIN)/.dev  ## unit and integration tests: stub model, small artifacts, no training (under a minute)
 	@$(MAKE) --no-print-directory -j3 --output-sync=target test-fast-unit test-fast-waiting test-fast-integration
 
 test-fast-unit:
-	$(BIN)/python -m pytest -q tests/unit $(addprefix --ignore=,$(filter tests/unit/%,$(WAITING_TESTS)))
+	$(FAST_PYTEST) tests/unit $(addprefix --ignore=,$(filter tests/unit/%,$(WAITING_TESTS)))
 test-fast-waiting:
-	$(BIN)/python -m pytest -q $(WAITING_TESTS)
+	$(FAST_PYTEST) $(WAITING_TESTS)
 test-fast-integration:
-	$(BIN)/python -m pytest -q tests/integration $(addprefix --ignore=,$(filter tests/integration/%,$(WAITING_TESTS)))
+	$(FAST_PYTEST) tests/integration $(addprefix --ignore=,$(filter tests/integration/%,$(WAITING_TESTS)))
 
 test-e2e: $(BIN)/.dev  ## end-to-end tests: the real models, real clients, training runs, abuse suite, fuzzing, browser
 	$(BIN)/python -m pytest -q tests/e2e

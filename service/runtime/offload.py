@@ -108,7 +108,10 @@ class ChildPipe:
         if self._child is not None:
             try:
                 self._child.wait(STOP_S)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # at the lowest priority, a busy host may not have let it run
+                log.warning(
+                    "%s had not sent everything %g s after shutdown began: what it held is lost", self.module, STOP_S
+                )
                 self._child.kill()
             self._child = None
 

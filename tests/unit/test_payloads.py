@@ -4,6 +4,7 @@ slow sink that fills the queue (records dropped and counted, answers unaffected)
 import asyncio
 import json
 import re
+import time
 
 import pytest
 from cloudevents.http import from_dict
@@ -73,8 +74,12 @@ def test_each_http_mode_delivers_events_a_cloudevents_consumer_reads(stub_app, m
             async with serving(stub_app(payload_log_url=sink.url, payload_log_format=mode)) as client:
                 for i in range(3):
                     await client.post("/doubler", json={"x": i}, headers={"x-request-id": f"r{i}"})
-                await asyncio.sleep(0.3)
-                return (await client.get("/metrics")).text
+                deadline = time.monotonic() + 15  # the sender process reports what it sent when it has sent it
+                while metric(text := (await client.get("/metrics")).text, "payload_log_sent_total") < 6:
+                    if time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.05)
+                return text
 
         metrics = asyncio.run(scenario())
         events = sink.wait_for(6)

@@ -32,7 +32,7 @@ def test_a_streams_planning_and_pieces_are_traced(stub_app, receiver):
 
     answer = asyncio.run(scenario())  # leaving serving() flushes the exporter
     assert answer.status_code == 200 and answer.headers["traceresponse"].startswith(f"00-{TRACE_ID}-")
-    spans = receiver.trace(TRACE_ID, at_least=1)
+    spans = receiver.trace(TRACE_ID, at_least=1 + 3 * 6)  # the request, and a queue, batch and forward span per step
     (server,) = [s for s in spans if s.parent_span_id == PARENT]
     assert server.name == "POST /doubler/stream" and server.attributes["http.response.status_code"] == 200
     batches = [s for s in spans if s.name == "batch"]
