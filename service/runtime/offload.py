@@ -172,12 +172,9 @@ Handler = Callable[[list], Iterable[Any]]
 def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) -> None:
     """A child's main loop: ``setup(greeting)`` gives the handler and what to do at the end; each pickled list
     of records from stdin goes through the handler, whose reports go back on stdout, until the server closes
-    the pipe. At the lowest CPU priority: the child's work waits for a core the requests leave idle (a queue
-    that fills meanwhile drops records, counted, rather than slowing a request)."""
-    try:  # Linux: run only when a core would otherwise idle
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
+    the pipe. The records are handled at the lowest CPU priority: that work waits for a core the requests leave
+    idle (a queue that fills meanwhile drops records, counted, rather than slowing a request). Its start (imports,
+    clients), once, is not: on a host kept busy, at that priority it could take minutes."""
     # Ctrl-C in a terminal, or a service manager stopping the whole group (systemd's default), reaches the child
     # too: it goes on until the server closes the pipe (after handing over what waits) or exits, rather than
     # dying with its records
@@ -190,6 +187,10 @@ def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) ->
         handle, close = setup(pickle.load(source))
     except EOFError:
         return
+    try:  # Linux: from now on, run only when a core would otherwise idle
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
     try:
         while True:
             try:

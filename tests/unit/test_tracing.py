@@ -25,14 +25,20 @@ def receiver(monkeypatch):
         yield otlp
 
 
+async def arrived(receiver: OtlpReceiver, trace_id: str, count: int) -> list:
+    """The trace's spans once ``count`` have arrived, waited for while the app serves: the exporter process runs at
+    the lowest CPU priority, so on a busy host the few seconds a shutdown gives it may not be enough."""
+    return await asyncio.to_thread(receiver.trace, trace_id, count, 30)
+
+
 def test_a_streams_planning_and_pieces_are_traced(stub_app, receiver):
     async def scenario():
         async with serving(stub_app()) as client:
-            return await client.post("/doubler/stream", json={"x": 6.5}, headers={"traceparent": CALLER})
+            answer = await client.post("/doubler/stream", json={"x": 6.5}, headers={"traceparent": CALLER})
+            return answer, await arrived(receiver, TRACE_ID, 1 + 3 * 6)  # the request; a queue, batch, forward per step
 
-    answer = asyncio.run(scenario())  # leaving serving() flushes the exporter
+    answer, spans = asyncio.run(scenario())
     assert answer.status_code == 200 and answer.headers["traceresponse"].startswith(f"00-{TRACE_ID}-")
-    spans = receiver.trace(TRACE_ID, at_least=1 + 3 * 6)  # the request, and a queue, batch and forward span per step
     (server,) = [s for s in spans if s.parent_span_id == PARENT]
     assert server.name == "POST /doubler/stream" and server.attributes["http.response.status_code"] == 200
     batches = [s for s in spans if s.name == "batch"]
@@ -47,15 +53,15 @@ def test_concurrent_requests_share_one_batch_span_each(stub_app, receiver):
 
     async def scenario():
         async with serving(stub_app()) as client:
-            return await asyncio.gather(
+            answers = await asyncio.gather(
                 *(client.post("/doubler", json={"x": 1, "sleep_ms": 20}, headers={"traceparent": c}) for c in callers)
             )
+            return answers, [await arrived(receiver, f"{i:032x}", 4) for i in range(1, 9)]
 
-    answers = asyncio.run(scenario())
+    answers, traces = asyncio.run(scenario())
     assert {a.status_code for a in answers} == {200}
     sizes = []
-    for i in range(1, 9):
-        spans = receiver.trace(f"{i:032x}", at_least=4)
+    for spans in traces:
         (batch,) = [s for s in spans if s.name == "batch"]
         sizes.append(batch.attributes["batch.size"])
     assert max(sizes) > 1  # some requests waited for a forward pass and ran together: each trace says so
@@ -64,11 +70,11 @@ def test_concurrent_requests_share_one_batch_span_each(stub_app, receiver):
 def test_a_refused_request_is_traced_with_its_status(stub_app, receiver):
     async def scenario():
         async with serving(stub_app(api_keys=["k"])) as client:
-            return await client.post("/doubler", json={"x": 1}, headers={"traceparent": CALLER})
+            answer = await client.post("/doubler", json={"x": 1}, headers={"traceparent": CALLER})
+            return answer, await arrived(receiver, TRACE_ID, 1)
 
-    answer = asyncio.run(scenario())
+    answer, (server,) = asyncio.run(scenario())
     assert answer.status_code == 401 and "traceresponse" in answer.headers
-    (server,) = receiver.trace(TRACE_ID, at_least=1)
     assert server.attributes["http.response.status_code"] == 401 and server.status_code == 0  # unset: a 4xx
 
 
