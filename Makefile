@@ -79,9 +79,10 @@ test: $(BIN)/.dev  ## run the whole test suite (tests/unit, tests/integration, t
 	$(BIN)/python -m pytest -q
 
 # test-fast: tests/unit and tests/integration as three pytest runs at once, split so that each keeps a core busy:
-# the connection tests, the canary guard's and the tracing tests mostly wait (on their servers' timeouts, a
-# canary's window, an exporter's retries), so they share a run. One run of both folders takes longer.
-WAITING_TESTS := tests/integration/test_connections.py tests/unit/test_canary_guard.py tests/unit/test_tracing.py
+# the connection and gRPC call-limit tests, the canary guard's and the tracing tests mostly wait (on their servers'
+# timeouts, a canary's window, an exporter's retries), so they share a run. One run of both folders takes longer.
+WAITING_TESTS := tests/integration/test_connections.py tests/integration/test_grpc_call_limits.py \
+	tests/unit/test_canary_guard.py tests/unit/test_tracing.py
 # The fuzzing tools' pytest plugins (only tests/e2e uses them) cost each run a second of CPU to import.
 FAST_PYTEST := $(BIN)/python -m pytest -q -p no:schemathesis -p no:hypothesispytest
 test-fast: $(BIN)/.dev  ## unit and integration tests: stub model, small artifacts, no training (under a minute)
