@@ -75,9 +75,10 @@ def test_each_http_mode_delivers_events_a_cloudevents_consumer_reads(stub_app, m
                 for i in range(3):
                     await client.post("/doubler", json={"x": i}, headers={"x-request-id": f"r{i}"})
                 deadline = time.monotonic() + 15  # the sender process reports what it sent when it has sent it
-                while metric(text := (await client.get("/metrics")).text, "payload_log_sent_total") < 6:
-                    if time.monotonic() > deadline:
-                        break
+                while (
+                    metric(text := (await client.get("/metrics")).text, "payload_log_sent_total") < 6
+                    and time.monotonic() < deadline
+                ):
                     await asyncio.sleep(0.05)
                 return text
 
