@@ -10,6 +10,7 @@ import torch
 
 from service import catalog
 from service.artifacts import Artifact, ArtifactError, check_compatible, sha256_file
+from service.runtime.golden import GOLDEN_FILE
 from tests.conftest import ARTIFACTS, committed, version_dir
 from training.common import Options
 
@@ -39,6 +40,8 @@ def test_committed_artifact_matches_its_manifest(folder):
     assert sum((path / n).stat().st_size for n in files) < SIZE_LIMIT
     assert manifest["metrics"] and manifest["metrics_method"] and manifest["data"]
     assert {"torch", "scikit-learn", "numpy"} <= manifest["libraries"].keys()
+    # without one, the server cannot tell these weights from wrong ones at load (it only warns)
+    assert GOLDEN_FILE in manifest["files"], "a committed version carries its golden set: retrain the model"
     Artifact(path)  # loads with the installed libraries
 
 
