@@ -104,6 +104,10 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # FastAPI's own OpenTelemetry (on whenever a global provider is set, or FASTAPI_OTEL_AUTO_CONFIGURE) would
+        # trace every request a second time, with the SDK's costly spans on the event loop: this server traces
+        # its requests itself (service/runtime/tracing.py). Off, it also skips a provider lookup per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )  # docs pages and schema added below
     control = Control(registry)
     app.state.settings, app.state.registry, app.state.metrics, app.state.control = settings, registry, metrics, control

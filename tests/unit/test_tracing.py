@@ -6,6 +6,10 @@ import asyncio
 import time
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.runtime.offload import RESTART_AFTER_S, ChildPipe
 from service.runtime.tracing import Tracing, TracingConfigError
@@ -76,6 +80,22 @@ def test_a_refused_request_is_traced_with_its_status(stub_app, receiver):
     answer, (server,) = asyncio.run(scenario())
     assert answer.status_code == 401 and "traceresponse" in answer.headers
     assert server.attributes["http.response.status_code"] == 401 and server.status_code == 0  # unset: a 4xx
+
+
+def test_fastapi_itself_traces_no_request_even_where_a_global_provider_is_set(stub_app, monkeypatch):
+    """FastAPI (0.142+) traces every request itself once a global tracer provider exists (an auto-instrumented
+    process, FASTAPI_OTEL_AUTO_CONFIGURE): each request's second server span, made by the SDK on the event loop."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+
+    async def scenario():
+        async with serving(stub_app()) as client:
+            return await client.post("/doubler", json={"x": 1}, headers={"traceparent": CALLER})
+
+    assert asyncio.run(scenario()).status_code == 200
+    assert exporter.get_finished_spans() == ()
 
 
 def test_otel_variables_turn_tracing_off_or_stop_the_start():
