@@ -6,9 +6,9 @@ no-op routes on; the earlier commit runs from a temporary ``git worktree`` with 
 environment. Every round starts each side in turn, in an order that alternates from round to round, and
 loads each route at 1 and 64 connections with ``wrk``; each figure is the median over the rounds.
 
-    python -m benchmarks.requests [--rounds 3] [--duration 3] [--previous 84ae355]
+    python -m benchmarks.requests [--rounds 3] [--duration 3] [--previous 84ae355] [--out requests.json]
 
-Writes benchmarks/results/requests.json and prints a Markdown table with the ratio this tree / earlier.
+Writes benchmarks/results/requests.json (or --out) and prints a Markdown table with the ratio this tree / earlier.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     parser.add_argument("--previous", default="84ae355", help="the commit to compare with")
+    parser.add_argument("--out", default="requests.json", help="the results file, in benchmarks/results/")
     args = parser.parse_args()
 
     work, previous, bodies = prepare("bench-requests-", args.previous, sorted({r.split("/")[0] for r in ROUTES}))
@@ -54,7 +55,7 @@ def main() -> None:
         "summary": summary,
         "samples": samples,
     }
-    (RESULTS / "requests.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / args.out).write_text(json.dumps(out, indent=2))
     print(f"| route | clients | earlier ({args.previous}) req/s (p50 ms) | this tree | ratio | errors |")
     print("|---|---:|---:|---:|---:|---:|")
     for key in summary["earlier"]:
