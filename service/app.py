@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         # A request lives for milliseconds but allocates hundreds of objects; with the default first generation
         # (700) a collection ran every few ms under load and moved the objects of every request in flight to the
         # older generations, whose collections then re-scanned them: 35 us of a /phone-price request at 64 clients.
-        # With 50,000, most requests are over before the next one: /phone-price +17 %, p99 down, 2 MB more memory.
+        # With 50,000, most requests are over before the next one (measured: docs/operations/runtime.md).
         gc.set_threshold(50_000, 10, 10)
         registry.start()
         registry.tracing.start()  # after the fork: the exporter's and the sender's threads are per process
