@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         # With 50,000, most requests are over before the next one (measured: docs/operations/runtime.md).
         gc.set_threshold(50_000, 10, 10)
         registry.start()
-        registry.tracing.start()  # after the fork: the exporter's and the sender's threads are per process
+        registry.tracing.start()  # after the fork: the exporter and sender processes are per process
         registry.payloads.start()
         await control.start()  # a worker replacing a dead one catches up with the versions the others serve
         canaries = CanaryWatch(control, registry.outcomes, metrics.canary_decided)

@@ -2,11 +2,13 @@
 
 Why a process: the server's requests, the model's worker thread and anything else in the process share one
 interpreter lock. Encoding spans and CloudEvents and posting them took 30-45 µs per request under that lock
-in a sender thread, a sixth of what a small request costs, and the request path waited for it. Here the
-event loop appends a record to a bounded queue; a thread turns what waits into plain values (``prepare``)
-and pickles them down the child's stdin (when ``batch`` records wait, else every ``delay_s``), and the child
-(a module run with ``python -m``, see :func:`serve_records`) does the rest at the lowest CPU priority,
-writing back a count of what it delivered and what it could not.
+in a sender thread, a sixth of what a small request costs, and the request path waited for it. Here a record
+(plain values) is appended to a bounded queue; every ``batch`` records (by the caller that puts the last
+one), or every ``delay_s``, what waits is pickled in one go (the names and strings records share, once) and
+goes down the child's stdin as one frame, written without ever blocking (what the pipe cannot take yet goes
+before the next frame). No thread wakes to pickle and write, so none takes the
+interpreter lock from the event loop. The child (a module run with ``python -m``, see :func:`serve_records`)
+does the rest at the lowest CPU priority, writing back a count of what it delivered and what it could not.
 
 A full queue, or a child that is not running, drops the records, reported by ``on_dropped``; a child that
 exited is started again, at most once a second. Nothing here ever waits on the event loop.
@@ -15,10 +17,12 @@ exited is started again, at most once a second. Nothing here ever waits on the e
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -29,8 +33,12 @@ from typing import Any, BinaryIO
 
 log = logging.getLogger("service.offload")
 
+PICKLE = pickle.HIGHEST_PROTOCOL
+
 STOP_S = 5.0  # what is queued at shutdown has this long to go out
 RESTART_AFTER_S = 1.0
+FRAME = struct.Struct("<I")  # a frame's header: its length (then a pickled list of records)
+PIPE_BYTES = 1 << 20  # asked of Linux for the pipe to a child (its default 64 KiB is a third of a frame)
 
 
 class LogLimiter:
@@ -57,54 +65,54 @@ class ChildPipe:
         on_report: Callable[[Any], None],
         on_dropped: Callable[[str, list], None],
         greeting: Any = None,
-        prepare: Callable[[Any], Any] | None = None,
     ):
-        """``greeting``: what the child is told first (its settings: passed down, never through the environment).
-        ``prepare``: what turns a record into what the child is sent, on the sender thread (work that would
-        otherwise lengthen a request: there it fills the moments the event loop waits for the network)."""
+        """``greeting``: what the child is told first (its settings: passed down, never through the environment)."""
         self.module, self.capacity, self.batch, self.delay_s = module, capacity, batch, delay_s
-        self.on_report, self.on_dropped, self.greeting, self.prepare = on_report, on_dropped, greeting, prepare
-        self._waiting: deque[Any] = deque()
-        self._wake, self._stopping = threading.Event(), threading.Event()
-        self._sender: threading.Thread | None = None
+        self.on_report, self.on_dropped, self.greeting = on_report, on_dropped, greeting
+        self._waiting: deque[Any] = deque()  # records not yet in a frame
+        self._unsent = memoryview(b"")  # what the pipe has not taken yet of the last frame
+        self._unsent_records: list[Any] = []  # that frame's records (dropped, counted, if its child dies)
+        self._lock = threading.Lock()  # a frame is made and written by one caller at a time
+        self._stopping = threading.Event()
+        self._ticker: threading.Thread | None = None
         self._child: subprocess.Popen | None = None
         self._started_at = 0.0
         self._warnings = LogLimiter(log)
 
     def has_room(self) -> bool:
         """Whether a record put now is queued (a caller can skip the work of making one that would be dropped)."""
-        return len(self._waiting) < self.capacity
+        return len(self._waiting) + len(self._unsent_records) < self.capacity
 
     def put(self, record: Any) -> None:
-        """On the event loop: queue one record (dropped, reported as ``queue_full``, if the queue is full)."""
-        waiting = len(self._waiting)
-        if waiting >= self.capacity:
+        """Queue one record (dropped, reported as ``queue_full``, if the queue is full); the queue goes to the child
+        as soon as ``batch`` records wait."""
+        waiting = self._waiting
+        if len(waiting) + len(self._unsent_records) >= self.capacity:
             self.on_dropped("queue_full", [record])
             return
-        self._waiting.append(record)
-        if waiting + 1 == self.batch:
-            self._wake.set()
+        waiting.append(record)
+        if len(waiting) >= self.batch and self._ticker is not None:
+            self.flush()
 
     def warn(self, message: str) -> None:
         """A warning about this pipe's records in the log (rate-limited: :class:`LogLimiter`)."""
         self._warnings.warning(message)
 
     def start(self) -> None:
-        if self._sender is not None:
+        if self._ticker is not None:
             return
         self._stopping.clear()
         self._start_child()
-        self._sender = threading.Thread(target=self._send, name=f"{self.module}-sender", daemon=True)
-        self._sender.start()
+        self._ticker = threading.Thread(target=self._tick, name=f"{self.module}-ticker", daemon=True)
+        self._ticker.start()
 
     def stop(self) -> None:
         """Hands over what waits, lets the child send it and exit (``STOP_S`` each at most)."""
-        if self._sender is None:
+        if self._ticker is None:
             return
         self._stopping.set()
-        self._wake.set()
-        self._sender.join(STOP_S)
-        self._sender = None
+        self._ticker.join(STOP_S)
+        self._ticker = None
         if self._child is not None:
             try:
                 self._child.wait(STOP_S)
@@ -115,46 +123,78 @@ class ChildPipe:
                 self._child.kill()
             self._child = None
 
+    def flush(self) -> None:
+        """What waits, handed to the child's pipe as far as the pipe takes it now, never waiting for it."""
+        with self._lock:
+            while self._unsent or self._waiting:
+                if not self._unsent:
+                    records = [self._waiting.popleft() for _ in range(len(self._waiting))]
+                    body = pickle.dumps(records, PICKLE)
+                    self._unsent, self._unsent_records = memoryview(FRAME.pack(len(body)) + body), records
+                    if not self._child_running():
+                        return
+                if not self._write():
+                    return
+
+    def _child_running(self) -> bool:
+        """Whether the child is there for the new frame: started again if it exited (the frame is dropped if it
+        did so less than a second after its start)."""
+        child = self._child
+        if child is not None and child.poll() is None:
+            return True
+        if time.monotonic() - self._started_at < RESTART_AFTER_S:
+            self._drop_unsent()
+            return False
+        status = child.returncode if child is not None else None
+        log.warning("%s exited (status %s); starting it again", self.module, status)
+        self._start_child()
+        return True
+
+    def _write(self) -> bool:
+        """Writes what is unsent; True once all of it is in the pipe."""
+        assert self._child is not None and self._child.stdin is not None
+        try:
+            written = os.write(self._child.stdin.fileno(), self._unsent)
+        except BlockingIOError:  # the pipe is full: the child is behind
+            return False
+        except (OSError, ValueError):  # a broken pipe: the child died since
+            self._drop_unsent()
+            return False
+        self._unsent = self._unsent[written:]
+        if self._unsent:
+            return False
+        self._unsent_records = []
+        return True
+
+    def _drop_unsent(self) -> None:
+        records, self._unsent, self._unsent_records = self._unsent_records, memoryview(b""), []
+        self.on_dropped("sender_down", records)
+
     def _start_child(self) -> None:
         self._started_at = time.monotonic()
         self._child = child = subprocess.Popen(
             [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         assert child.stdin is not None
-        pickle.dump(self.greeting, child.stdin)  # buffered: goes with the first records
+        with contextlib.suppress(OSError, AttributeError):  # Linux only; the default pipe works, in smaller writes
+            fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        child.stdin.write(pickle.dumps(self.greeting))
+        child.stdin.flush()
+        os.set_blocking(child.stdin.fileno(), False)
         threading.Thread(target=self._read_reports, args=(self._child,), daemon=True).start()
 
-    def _send(self) -> None:
-        while True:
-            self._wake.wait(self.delay_s)
-            self._wake.clear()
-            records = [self._waiting.popleft() for _ in range(len(self._waiting))]
-            if records and self.prepare is not None:
-                records = [self.prepare(record) for record in records]
-            if records:
-                self._deliver(records)
-            if self._stopping.is_set() and not self._waiting:
-                break
+    def _tick(self) -> None:
+        """Sends what waits every ``delay_s`` (a queue that never fills a frame), and all of it when stopping."""
+        while not self._stopping.wait(self.delay_s):
+            self.flush()
+        deadline = time.monotonic() + STOP_S
+        self.flush()
+        while (self._unsent or self._waiting) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the child reads at the lowest priority
+            self.flush()
         if self._child is not None and self._child.stdin is not None:
             with contextlib.suppress(OSError):  # the child sends what it holds, then exits
                 self._child.stdin.close()
-
-    def _deliver(self, records: list) -> None:
-        child = self._child
-        if child is None or child.poll() is not None:
-            if time.monotonic() - self._started_at < RESTART_AFTER_S:
-                self.on_dropped("sender_down", records)
-                return
-            status = child.returncode if child is not None else None
-            log.warning("%s exited (status %s); starting it again", self.module, status)
-            self._start_child()
-            child = self._child
-        assert child is not None and child.stdin is not None
-        try:
-            pickle.dump(records, child.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            child.stdin.flush()
-        except (OSError, ValueError):  # a broken pipe: the child died since
-            self.on_dropped("sender_down", records)
 
     def _read_reports(self, child: subprocess.Popen) -> None:
         assert child.stdout is not None
@@ -170,11 +210,12 @@ Handler = Callable[[list], Iterable[Any]]
 
 
 def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) -> None:
-    """A child's main loop: ``setup(greeting)`` gives the handler and what to do at the end; each pickled list
-    of records from stdin goes through the handler, whose reports go back on stdout, until the server closes
-    the pipe. The records are handled at the lowest CPU priority: that work waits for a core the requests leave
-    idle (a queue that fills meanwhile drops records, counted, rather than slowing a request). Its start (imports,
-    clients), once, is not: on a host kept busy, at that priority it could take minutes."""
+    """A child's main loop: ``setup(greeting)`` gives the handler and what to do at the end; the records of
+    each frame from stdin (its :data:`FRAME` header, then a pickled list) go through the handler,
+    whose reports go back on stdout, until the server closes the pipe. The records are handled at the lowest
+    CPU priority: that work waits for a core the requests leave idle (a queue that fills meanwhile drops
+    records, counted, rather than slowing a request). Its start (imports, clients), once, is not: on a host
+    kept busy, at that priority it could take minutes."""
     # Ctrl-C in a terminal, or a service manager stopping the whole group (systemd's default), reaches the child
     # too: it goes on until the server closes the pipe (after handing over what waits) or exits, rather than
     # dying with its records
@@ -193,10 +234,11 @@ def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) ->
         os.nice(19)
     try:
         while True:
-            try:
-                records = pickle.load(source)
-            except EOFError:  # the server closed the pipe: it is stopping (or gone)
+            header = source.read(FRAME.size)
+            if len(header) < FRAME.size:  # the server closed the pipe: it is stopping (or gone)
                 return
+            (size,) = FRAME.unpack(header)
+            records = pickle.loads(source.read(size))
             for outcome in handle(records):
                 pickle.dump(outcome, report)
             report.flush()

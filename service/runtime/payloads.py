@@ -8,9 +8,9 @@ sends; or ``structured``, or ``batch``: up to 1,000 events per POST), or a file 
 structured event per line). ``SERVE_PAYLOAD_LOG_SAMPLE`` picks the share of requests recorded and the fields
 named in ``SERVE_PAYLOAD_LOG_REDACT`` are replaced, at any depth, before anything leaves the process.
 
-Never in a prediction's way: the event loop appends the request's instances and answers to a bounded queue
-(a full queue drops the pair); a thread turns them into JSON and a sender process (service/runtime/offload.py,
-payload_export.py) makes the events and sends them. A sink that fails drops what arrives for a second, then
+Never in a prediction's way: the event loop turns the request's instances and answers into one JSON document
+(a single call of pydantic's serialiser) and appends it to a bounded queue (a full queue drops the pair); a
+sender process (service/runtime/offload.py, payload_export.py) makes the events and sends them. A sink that fails drops what arrives for a second, then
 is tried again. Every record dropped is counted in ``payload_log_dropped_total{reason}`` (``queue_full``,
 ``sink_error``, ``sender_down``), every one delivered in ``payload_log_sent_total``.
 """
@@ -88,7 +88,6 @@ class PayloadLog:
             delay_s=IDLE_S,
             on_report=self._reported,
             on_dropped=self._lost,
-            prepare=self._prepared,
             greeting={
                 "target": self.target,
                 "mode": settings.payload_log_format,
@@ -103,28 +102,24 @@ class PayloadLog:
             else "JSON Lines"
         )
 
-    def record(self, model: str, version: str, items: list, outputs: list, traceparent: str | None = None) -> None:
-        """Queue one request's pair (sampled): on the event loop, so it only appends what the request holds (its
-        JSON is made on the sender thread, :meth:`_prepared`)."""
+    def record(self, model: str, version: str, items: list, outputs: list) -> None:
+        """Queue one request's pair (sampled): what the sender process makes both events of, as one JSON document,
+        made by one call of pydantic's serialiser (validated inputs, answers), with the named fields redacted."""
         if self.sample < 1 and random.random() >= self.sample:
             return
         if not self._pipe.has_room():
             self._lost("queue_full", [None])
             return
         call = CURRENT.get()
-        request_id = call.request_id if call is not None else os.urandom(16).hex()
-        self._pipe.put((request_id, model, version, time.time(), traceparent, items, outputs))
-
-    def _prepared(self, record: tuple) -> tuple:
-        """On the sender thread: the instances and answers as JSON, by pydantic's serialiser."""
-        *head, items, outputs = record
-        return (*head, self._json([_instance(i) for i in items]), self._json(outputs))
-
-    def _json(self, value: Any) -> bytes:
-        """``value`` as JSON, by pydantic's serialiser (validated inputs, answers), with the named fields redacted."""
+        request_id, span = (call.request_id, call.span) if call is not None else (os.urandom(16).hex(), None)
+        if items and isinstance(items[0], Upload):  # an upload's request: its one file
+            items = [_instance(item) for item in items]
+        traceparent = span.traceparent if span is not None else None  # the record joins the request's trace
+        record = (request_id, model, version, time.time(), traceparent, items, outputs)
         if self.fields:
-            return json.dumps(redact(to_jsonable_python(value, fallback=_jsonable), self.fields)).encode()
-        return to_json(value, fallback=_jsonable)
+            self._pipe.put(json.dumps(redact(to_jsonable_python(record, fallback=_jsonable), self.fields)).encode())
+        else:
+            self._pipe.put(to_json(record, fallback=_jsonable))
 
     def start(self) -> None:
         if self.on:

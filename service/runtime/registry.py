@@ -437,9 +437,7 @@ class Stream:
             piece = await self.call(next, self.pieces, None)
         if isinstance(piece, BaseModel):  # the whole answer
             if self.registry.payloads.on:  # the stream's record
-                self.registry.payloads.record(
-                    self.entry.name, self.version.name, [self.item], [piece], self.registry.tracing.traceparent()
-                )
+                self.registry.payloads.record(self.entry.name, self.version.name, [self.item], [piece])
             # done with its place and its version before the last event is sent: a client that opens its next
             # stream as soon as it has read this one finds the place free
             self.close("ok")
@@ -608,7 +606,7 @@ class Registry:
                     "ok" if not failed else "invalid" if all(isinstance(f, InputError) for f in failed) else "error"
                 )
                 if self.payloads.on:
-                    self.payloads.record(entry.name, chosen.name, items, outputs, self.tracing.traceparent())
+                    self.payloads.record(entry.name, chosen.name, items, outputs)
                 if entry.desired.shadow:  # mirrored after the answer, on the side: the caller never waits for it
                     self.shadows.mirror(entry, chosen.name, items, outputs)
                 if entry.desired.guard:  # a guarded canary's answer, compared with the stable version's

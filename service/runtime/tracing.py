@@ -11,9 +11,10 @@ spans join the caller's trace; the trace id goes back in a ``traceresponse`` hea
 What a span costs the server is what decides this design. The SDK's own spans cost about 22 µs each to make
 and 21 µs to encode, four per request, under the interpreter lock the requests need: a third of what the
 server could serve. So the request's span here is a small object of its own, sampled by the SDK's sampler
-(OTEL_TRACES_SAMPLER), and a finished span is a tuple appended to a queue; a sender thread pickles the
-queue down a pipe to a child process (service/runtime/offload.py, span_export.py) that builds the OTLP
-messages and posts them. The queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE records) and sent when it holds
+(OTEL_TRACES_SAMPLER; a request without a caller's context is sampled without a call where the sampler
+samples every such request), and a finished span is a tuple appended to a queue, pickled down a pipe in
+batches to a child process (service/runtime/offload.py, span_export.py) that builds the OTLP messages and
+posts them. The queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE records) and sent when it holds
 OTEL_BSP_MAX_EXPORT_BATCH_SIZE records or every OTEL_BSP_SCHEDULE_DELAY ms; a full queue or a dead exporter
 drops spans, counted in ``trace_spans_dropped_total{reason}``, never a request's time.
 
@@ -84,6 +85,7 @@ class RequestSpan:
         "failed",
         "models",
         "ended",
+        "traceparent",
     )
 
     def __init__(self, trace_id: int, parent_id: int, trace_state: str, sampled: bool, attributes: dict[str, Any]):
@@ -92,22 +94,20 @@ class RequestSpan:
         self.start_ns, self.attributes, self.failed = time.time_ns(), attributes, False
         self.models: list[tuple] = []  # its model's spans, sent with its own (one record per request)
         self.ended = False
+        # this span as a W3C traceparent value: every answer carries it (as traceresponse, level 2: the server's
+        # span in place of the caller's), and so does the request's payload record
+        self.traceparent = f"00-{trace_id:032x}-{self.span_id:016x}-{'01' if sampled else '00'}"
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.attributes[key] = value
 
-    def traceparent(self) -> str:
-        """This span as a W3C ``traceparent`` value; as ``traceresponse`` (level 2), the server's span in place
-        of the caller's."""
-        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
-
     def ids(self) -> tuple[str, str]:
         """The trace id (for the log line) and the ``traceresponse`` header value."""
-        return f"{self.trace_id:032x}", self.traceparent()
+        return self.traceparent[3:35], self.traceparent
 
 
 class Tracing:
-    """The tracer of one server process: :meth:`start` after the fork (its exporter process and sender thread),
+    """The tracer of one server process: :meth:`start` after the fork (its exporter process),
     :meth:`stop` sends what is left."""
 
     def __init__(self, environ: Mapping[str, str], metrics: Metrics | None = None):
@@ -118,6 +118,10 @@ class Tracing:
         self.endpoint = endpoint
         self.metrics = metrics
         self.sampler: Any = None
+        # the SDK's default sampler, and always_on, sample every request that has no caller's context: such a
+        # request is sampled without asking (the sampler's call was a tenth of what tracing cost a request)
+        sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+        self._roots_sampled = sampler in ("always_on", "parentbased_always_on")
         if not self.on:
             return
         if exporter != "otlp":
@@ -148,8 +152,7 @@ class Tracing:
         return cls(os.environ, metrics)
 
     def start(self) -> None:
-        """The SDK's sampler (OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG), the exporter process and the
-        sender thread."""
+        """The SDK's sampler (OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG) and the exporter process."""
         if not self.on:
             return
         from opentelemetry.sdk.trace import TracerProvider
@@ -168,11 +171,14 @@ class Tracing:
         """A server span for one request, a child of the caller's context if it sent one (``carrier``: the
         request's headers, raw (bytes) or gRPC's metadata). The caller keeps it on the request's CallContext,
         where the model's spans and the payload record find it."""
-        parent = EMPTY
         if not self._raw_fields.isdisjoint(carrier):
             parent = propagate.extract(carrier, getter=RAW_HEADERS)
         elif not self._fields.isdisjoint(carrier):
             parent = propagate.extract(carrier)
+        elif self._roots_sampled:
+            return RequestSpan(random.getrandbits(128), 0, "", True, attributes)
+        else:
+            parent = EMPTY
         caller = trace.get_current_span(parent).get_span_context()
         trace_id = caller.trace_id if caller.is_valid else random.getrandbits(128)
         sampled = self.sampler.should_sample(parent, trace_id, name, trace.SpanKind.SERVER, attributes).decision
@@ -200,11 +206,6 @@ class Tracing:
         call = CURRENT.get()
         return call.span if call is not None else None
 
-    def traceparent(self) -> str | None:
-        """The current request's span as a ``traceparent`` value (payload records carry it), or None."""
-        span = self.current_span() if self.on else None
-        return span.traceparent() if span is not None else None
-
     def model_spans(self, model: str, version: str, enqueued_ns: int, batches: list) -> None:
         """The request's ``queue``, ``batch`` and ``forward`` spans under its span, from the times the batcher
         recorded (a request of several items may have run in several batches: a set for each)."""
@@ -213,7 +214,8 @@ class Tracing:
             return
         timings = [
             (b.size, b.started_ns, b.run_started_ns, b.run_ended_ns, b.ended_ns)
-            for b in {id(b): b for b in batches if b is not None}.values()
+            for b in (batches if len(batches) == 1 else {id(b): b for b in batches}.values())
+            if b is not None
         ]
         if not span.ended:
             span.models.append((model, version, enqueued_ns, timings))

@@ -109,6 +109,40 @@ def test_otel_variables_turn_tracing_off_or_stop_the_start():
         Tracing({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "zipkin"})
 
 
+@pytest.mark.parametrize(
+    ("sampler", "roots_sampled", "callers_sampled"),
+    [
+        ("", True, True),  # the SDK's default, parentbased_always_on: sampled without asking it
+        ("always_on", True, True),
+        ("parentbased_traceidratio", False, True),  # with OTEL_TRACES_SAMPLER_ARG=0
+        ("always_off", False, False),
+    ],
+)
+def test_each_request_is_sampled_as_the_configured_sampler_says(monkeypatch, sampler, roots_sampled, callers_sampled):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    if sampler:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", sampler)
+    else:
+        monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    tracing = Tracing.from_environment()
+    tracing.start()
+    try:
+        new = tracing.start_request("POST", {b"host": b"x"}, {})
+        joined = tracing.start_request("POST", {b"traceparent": CALLER.encode()}, {})
+    finally:
+        tracing.stop()
+    assert (
+        new.sampled is roots_sampled
+        and new.parent_id == 0
+        and new.traceparent.endswith("01" if roots_sampled else "00")
+    )
+    assert joined.sampled is callers_sampled and (f"{joined.trace_id:032x}", f"{joined.parent_id:016x}") == (
+        TRACE_ID,
+        PARENT,
+    )
+
+
 def test_a_dead_collector_costs_no_answer_and_its_spans_are_counted(stub_app, monkeypatch):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", dead)
