@@ -10,9 +10,10 @@ named in ``SERVE_PAYLOAD_LOG_REDACT`` are replaced, at any depth, before anythin
 
 Never in a prediction's way: the event loop turns the request's instances and answers into one JSON document
 (a single call of pydantic's serialiser) and appends it to a bounded queue (a full queue drops the pair); a
-sender process (service/runtime/offload.py, payload_export.py) makes the events and sends them. A sink that fails drops what arrives for a second, then
-is tried again. Every record dropped is counted in ``payload_log_dropped_total{reason}`` (``queue_full``,
-``sink_error``, ``sender_down``), every one delivered in ``payload_log_sent_total``.
+sender process (service/runtime/offload.py, payload_export.py) makes the events and sends them. A sink that
+fails drops what arrives for a second, then is tried again. Every record dropped is counted in
+``payload_log_dropped_total{reason}`` (``queue_full``, ``sink_error``, ``sender_down``), every one delivered
+in ``payload_log_sent_total``.
 """
 
 from __future__ import annotations
