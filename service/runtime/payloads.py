@@ -8,8 +8,8 @@ sends; or ``structured``, or ``batch``: up to 1,000 events per POST), or a file 
 structured event per line). ``SERVE_PAYLOAD_LOG_SAMPLE`` picks the share of requests recorded and the fields
 named in ``SERVE_PAYLOAD_LOG_REDACT`` are replaced, at any depth, before anything leaves the process.
 
-Never in a prediction's way: the event loop turns the request's instances and answers into one JSON document
-(a single call of pydantic's serialiser) and appends it to a bounded queue (a full queue drops the pair); a
+Never in a prediction's way: the event loop turns the request's instances and answers into JSON (pydantic's
+serialiser) and appends them to a bounded queue (a full queue drops the pair); a
 sender process (service/runtime/offload.py, payload_export.py) makes the events and sends them. A sink that
 fails drops what arrives for a second, then is tried again. Every record dropped is counted in
 ``payload_log_dropped_total{reason}`` (``queue_full``, ``sink_error``, ``sender_down``), every one delivered
@@ -104,8 +104,7 @@ class PayloadLog:
         )
 
     def record(self, model: str, version: str, items: list, outputs: list) -> None:
-        """Queue one request's pair (sampled): what the sender process makes both events of, as one JSON document,
-        made by one call of pydantic's serialiser (validated inputs, answers), with the named fields redacted."""
+        """Queue one request's pair (sampled): its instances and answers as JSON, the data of its two events."""
         if self.sample < 1 and random.random() >= self.sample:
             return
         if not self._pipe.has_room():
@@ -116,11 +115,13 @@ class PayloadLog:
         if items and isinstance(items[0], Upload):  # an upload's request: its one file
             items = [_instance(item) for item in items]
         traceparent = span.traceparent if span is not None else None  # the record joins the request's trace
-        record = (request_id, model, version, time.time(), traceparent, items, outputs)
+        self._pipe.put((request_id, model, version, time.time(), traceparent, self._json(items), self._json(outputs)))
+
+    def _json(self, value: Any) -> bytes:
+        """``value`` as JSON, by pydantic's serialiser (validated inputs, answers), with the named fields redacted."""
         if self.fields:
-            self._pipe.put(json.dumps(redact(to_jsonable_python(record, fallback=_jsonable), self.fields)).encode())
-        else:
-            self._pipe.put(to_json(record, fallback=_jsonable))
+            return json.dumps(redact(to_jsonable_python(value, fallback=_jsonable), self.fields)).encode()
+        return to_json(value, fallback=_jsonable)
 
     def start(self) -> None:
         if self.on:
