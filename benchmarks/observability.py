@@ -7,10 +7,13 @@ as a collector and a log sink are in production (on another machine there; on th
 share of the same cores, so the ratio is, if anything, pessimistic). Load comes from ``wrk`` (1 thread).
 
 Each of ``--rounds`` rounds starts a fresh server per side, one at a time, in swapped order every other
-round, and loads each route for ``--duration`` seconds; each figure is the median over the rounds. The "on"
-server's records sent and dropped (``payload_log_*_total``) are reported with it.
+round, and loads each route for ``--duration`` seconds; each figure is the median over the rounds, and the
+ratio is given both as the ratio of the medians and as the median of each round's ratio. With
+``--keep-servers`` both servers start once, are warmed up, and are loaded in turn each round (a pair of
+figures seconds apart rather than a minute: on a shared machine whose speed drifts, the steadier ratio). The
+"on" server's records sent and dropped (``payload_log_*_total``) are reported with it.
 
-    python -m benchmarks.observability [--rounds 3] [--duration 5] [--payload-format binary]
+    python -m benchmarks.observability [--rounds 3] [--duration 5] [--payload-format binary] [--keep-servers]
 
 Needs nginx (``apt-get install nginx-light``) and wrk. Writes benchmarks/results/observability.json.
 """
@@ -100,6 +103,11 @@ def main() -> None:
         help="sample traces with parentbased_traceidratio at this ratio (default: the SDK's, every request)",
     )
     parser.add_argument("--parts", default="traces,payloads", help="what the 'on' server turns on (comma-separated)")
+    parser.add_argument(
+        "--keep-servers",
+        action="store_true",
+        help="start each side's server once and load them in turn every round (default: fresh servers each round)",
+    )
     args = parser.parse_args()
     parts = set(args.parts.split(","))
 
@@ -140,41 +148,75 @@ def main() -> None:
         payload_reasons = ("queue_full", "sink_error", "sender_down")  # payload_log_dropped_total's
         records = {"sent": 0.0, **{f"dropped_{reason}": 0.0 for reason in payload_reasons}, "requests": 0}
         spans = {"sent": 0.0, "dropped": 0.0}
+
+        def load(side: str, port: int) -> None:
+            for name in ROUTES:
+                result = wrk(f"http://127.0.0.1:{port}/{name}", bodies[name], script, CLIENTS, args.duration)
+                samples[side][name].append(result["req_per_s"])
+                if side == "on":
+                    records["requests"] += result["requests"]
+                print(f"{side:>3} /{name}: {result['req_per_s']:.0f} req/s", flush=True)
+
+        def count(port: int) -> None:
+            """The "on" server's records and spans, sent and dropped, added up."""
+            time.sleep(1)  # what the sender still holds goes out
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            records["sent"] += counter(text, "payload_log_sent_total")
+            for reason in payload_reasons:
+                records[f"dropped_{reason}"] += counter(text, "payload_log_dropped_total", reason=reason)
+            spans["sent"] += counter(text, "trace_spans_sent_total")
+            spans["dropped"] += sum(
+                counter(text, "trace_spans_dropped_total", reason=reason)
+                for reason in ("queue_full", "export_error", "sender_down")
+            )
+
+        def start(side: str) -> tuple[int, subprocess.Popen]:
+            port = free_port()
+            return port, start_server(port, env={"SERVE_MODELS": json.dumps(list(ROUTES)), **sides[side]})
+
+        def order(round_: int) -> list[str]:
+            return list(sides) if round_ % 2 == 0 else list(reversed(list(sides)))
+
         try:
-            for round_ in range(args.rounds):
-                for side in sides if round_ % 2 == 0 else reversed(list(sides)):
-                    port = free_port()
-                    server = start_server(port, env={"SERVE_MODELS": json.dumps(list(ROUTES)), **sides[side]})
-                    try:
+            if args.keep_servers:  # both up all along, loaded in turn: the pairs are seconds apart, not minutes
+                servers = {side: start(side) for side in sides}
+                try:
+                    for side, (port, _) in servers.items():  # warm-up, not sampled (its records are counted)
                         for name in ROUTES:
-                            result = wrk(
-                                f"http://127.0.0.1:{port}/{name}", bodies[name], script, CLIENTS, args.duration
-                            )
-                            samples[side][name].append(result["req_per_s"])
-                            if side == "on":
-                                records["requests"] += result["requests"]
-                            print(f"round {round_ + 1} {side:>3} /{name}: {result['req_per_s']:.0f} req/s", flush=True)
-                        if side == "on":
-                            time.sleep(1)  # what the sender still holds goes out
-                            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-                            records["sent"] += counter(text, "payload_log_sent_total")
-                            for reason in payload_reasons:
-                                dropped = counter(text, "payload_log_dropped_total", reason=reason)
-                                records[f"dropped_{reason}"] += dropped
-                            spans["sent"] += counter(text, "trace_spans_sent_total")
-                            spans["dropped"] += sum(
-                                counter(text, "trace_spans_dropped_total", reason=reason)
-                                for reason in ("queue_full", "export_error", "sender_down")
-                            )
-                    finally:
+                            warm = wrk(f"http://127.0.0.1:{port}/{name}", bodies[name], script, CLIENTS, 2)
+                            records["requests"] += warm["requests"] if side == "on" else 0
+                    for round_ in range(args.rounds):
+                        print(f"round {round_ + 1}", flush=True)
+                        for side in order(round_):
+                            load(side, servers[side][0])
+                    count(servers["on"][0])
+                finally:
+                    for _, server in servers.values():
                         server.terminate()
                         server.wait(60)
+            else:
+                for round_ in range(args.rounds):
+                    print(f"round {round_ + 1}", flush=True)
+                    for side in order(round_):
+                        port, server = start(side)
+                        try:
+                            load(side, port)
+                            if side == "on":
+                                count(port)
+                        finally:
+                            server.terminate()
+                            server.wait(60)
         finally:
             nginx.terminate()
             nginx.wait(10)
 
     medians = {side: {r: statistics.median(v) for r, v in routes.items()} for side, routes in samples.items()}
     ratios = {r: round(medians["on"][r] / medians["off"][r], 3) for r in ROUTES}
+    # each round's on/off, measured a minute apart at most: steadier than the ratio of medians where the machine drifts
+    round_ratios = {
+        r: round(statistics.median(on / off for on, off in zip(samples["on"][r], samples["off"][r], strict=True)), 3)
+        for r in ROUTES
+    }
     summary = {
         "command": " ".join(["python -m benchmarks.observability", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -186,18 +228,20 @@ def main() -> None:
         "req_per_s": samples,
         "median_req_per_s": medians,
         "on_over_off": ratios,
+        "median_round_on_over_off": round_ratios,
         "payload_records": {**records, "expected": 2 * records["requests"]},
         # four spans per request (its own, queue, batch, forward) when every request is traced
         "spans": {**spans, "requests": records["requests"]},
     }
     RESULTS.mkdir(exist_ok=True)
     ratio = "" if args.trace_ratio is None else f"-ratio{args.trace_ratio:g}"
-    (RESULTS / f"observability-{'-'.join(sorted(parts))}-{args.payload_format}{ratio}.json").write_text(
+    kept = "-kept" if args.keep_servers else ""
+    (RESULTS / f"observability-{'-'.join(sorted(parts))}-{args.payload_format}{ratio}{kept}.json").write_text(
         json.dumps(summary, indent=2) + "\n"
     )
-    print("\n| route | off req/s | on req/s | on / off |\n|---|---:|---:|---:|")
+    print("\n| route | off req/s | on req/s | on / off | median round's on / off |\n|---|---:|---:|---:|---:|")
     for r in ROUTES:
-        print(f"| /{r} | {medians['off'][r]:.0f} | {medians['on'][r]:.0f} | {ratios[r]:.2f} |")
+        print(f"| /{r} | {medians['off'][r]:.0f} | {medians['on'][r]:.0f} | {ratios[r]:.2f} | {round_ratios[r]:.2f} |")
     print(f"\npayload records (on): {json.dumps(summary['payload_records'])}")
     print(f"spans (on): {json.dumps(summary['spans'])}")
 
