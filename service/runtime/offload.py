@@ -3,12 +3,13 @@
 Why a process: the server's requests, the model's worker thread and anything else in the process share one
 interpreter lock. Encoding spans and CloudEvents and posting them took 30-45 µs per request under that lock
 in a sender thread, a sixth of what a small request costs, and the request path waited for it. Here a record
-(plain values) is appended to a bounded queue; every ``batch`` records (by the caller that puts the last
-one), or every ``delay_s``, what waits is pickled in one go (the names and strings records share, once) and
-goes down the child's stdin as one frame, written without ever blocking (what the pipe cannot take yet goes
-before the next frame). No thread wakes to pickle and write, so none takes the
-interpreter lock from the event loop. The child (a module run with ``python -m``, see :func:`serve_records`)
-does the rest at the lowest CPU priority, writing back a count of what it delivered and what it could not.
+(plain values) is appended to a bounded queue; every ``batch`` records, or every ``delay_s`` (the pipe's
+thread), what waits is pickled in one go (the names and strings records share, once) and goes down the
+child's stdin as one frame, written without ever blocking (what the pipe cannot take yet goes before the next
+frame). A full batch is sent by the caller that puts its last record, pickling being cheap, unless the
+records need ``prepare`` (payload records' JSON): that is the thread's. The child (a module run with ``python
+-m``, see :func:`serve_records`) does the rest at the lowest CPU priority, writing back a count of what it
+delivered and what it could not.
 
 A full queue, or a child that is not running, drops the records, reported by ``on_dropped``; a child that
 exited is started again, at most once a second. Nothing here ever waits on the event loop.
@@ -65,10 +66,16 @@ class ChildPipe:
         on_report: Callable[[Any], None],
         on_dropped: Callable[[str, list], None],
         greeting: Any = None,
+        prepare: Callable[[Any], Any] | None = None,
     ):
-        """``greeting``: what the child is told first (its settings: passed down, never through the environment)."""
+        """``greeting``: what the child is told first (its settings: passed down, never through the environment).
+        ``prepare``: what turns a record into what the child is sent, where that is work a request should not wait
+        for: then the pipe's thread prepares and sends each batch (woken when ``batch`` records wait), rather than
+        the caller that puts its last record."""
         self.module, self.capacity, self.batch, self.delay_s = module, capacity, batch, delay_s
         self.on_report, self.on_dropped, self.greeting = on_report, on_dropped, greeting
+        self.prepare = prepare
+        self._wake = threading.Event()
         self._waiting: deque[Any] = deque()  # records not yet in a frame
         self._unsent = memoryview(b"")  # what the pipe has not taken yet of the last frame
         self._unsent_records: list[Any] = []  # that frame's records (dropped, counted, if its child dies)
@@ -92,7 +99,10 @@ class ChildPipe:
             return
         waiting.append(record)
         if len(waiting) >= self.batch and self._ticker is not None:
-            self.flush()
+            if self.prepare is not None:
+                self._wake.set()
+            else:
+                self.flush()
 
     def warn(self, message: str) -> None:
         """A warning about this pipe's records in the log (rate-limited: :class:`LogLimiter`)."""
@@ -111,6 +121,7 @@ class ChildPipe:
         if self._ticker is None:
             return
         self._stopping.set()
+        self._wake.set()
         self._ticker.join(STOP_S)
         self._ticker = None
         if self._child is not None:
@@ -129,6 +140,8 @@ class ChildPipe:
             while self._unsent or self._waiting:
                 if not self._unsent:
                     records = [self._waiting.popleft() for _ in range(len(self._waiting))]
+                    if self.prepare is not None:
+                        records = [self.prepare(record) for record in records]
                     body = pickle.dumps(records, PICKLE)
                     self._unsent, self._unsent_records = memoryview(FRAME.pack(len(body)) + body), records
                     if not self._child_running():
@@ -185,7 +198,9 @@ class ChildPipe:
 
     def _tick(self) -> None:
         """Sends what waits every ``delay_s`` (a queue that never fills a frame), and all of it when stopping."""
-        while not self._stopping.wait(self.delay_s):
+        while not self._stopping.is_set():
+            self._wake.wait(self.delay_s)
+            self._wake.clear()
             self.flush()
         deadline = time.monotonic() + STOP_S
         self.flush()

@@ -8,9 +8,10 @@ sends; or ``structured``, or ``batch``: up to 1,000 events per POST), or a file 
 structured event per line). ``SERVE_PAYLOAD_LOG_SAMPLE`` picks the share of requests recorded and the fields
 named in ``SERVE_PAYLOAD_LOG_REDACT`` are replaced, at any depth, before anything leaves the process.
 
-Never in a prediction's way: the event loop turns the request's instances and answers into JSON (pydantic's
-serialiser) and appends them to a bounded queue (a full queue drops the pair); a
-sender process (service/runtime/offload.py, payload_export.py) makes the events and sends them. A sink that
+Never in a prediction's way: the event loop appends the request's instances and answers to a bounded queue
+(a full queue drops the pair); a thread turns them into JSON (pydantic's serialiser: 20 µs for a garment's
+784 pixels, kept off the event loop) and a sender process (service/runtime/offload.py, payload_export.py)
+makes the events and sends them. A sink that
 fails drops what arrives for a second, then is tried again. Every record dropped is counted in
 ``payload_log_dropped_total{reason}`` (``queue_full``, ``sink_error``, ``sender_down``), every one delivered
 in ``payload_log_sent_total``.
@@ -89,6 +90,7 @@ class PayloadLog:
             delay_s=IDLE_S,
             on_report=self._reported,
             on_dropped=self._lost,
+            prepare=self._prepared,
             greeting={
                 "target": self.target,
                 "mode": settings.payload_log_format,
@@ -104,7 +106,8 @@ class PayloadLog:
         )
 
     def record(self, model: str, version: str, items: list, outputs: list) -> None:
-        """Queue one request's pair (sampled): its instances and answers as JSON, the data of its two events."""
+        """Queue one request's pair (sampled): on the event loop, so it only appends what the request holds (its
+        JSON is made on the pipe's thread, :meth:`_prepared`)."""
         if self.sample < 1 and random.random() >= self.sample:
             return
         if not self._pipe.has_room():
@@ -115,7 +118,12 @@ class PayloadLog:
         if items and isinstance(items[0], Upload):  # an upload's request: its one file
             items = [_instance(item) for item in items]
         traceparent = span.traceparent if span is not None else None  # the record joins the request's trace
-        self._pipe.put((request_id, model, version, time.time(), traceparent, self._json(items), self._json(outputs)))
+        self._pipe.put((request_id, model, version, time.time(), traceparent, items, outputs))
+
+    def _prepared(self, record: tuple) -> tuple:
+        """On the pipe's thread: the instances and answers as JSON, the data of the pair's two events."""
+        *head, items, outputs = record
+        return (*head, self._json(items), self._json(outputs))
 
     def _json(self, value: Any) -> bytes:
         """``value`` as JSON, by pydantic's serialiser (validated inputs, answers), with the named fields redacted."""
