@@ -11,10 +11,9 @@ named in ``SERVE_PAYLOAD_LOG_REDACT`` are replaced, at any depth, before anythin
 Never in a prediction's way: the event loop appends the request's instances and answers to a bounded queue
 (a full queue drops the pair); a thread turns them into JSON (pydantic's serialiser: 20 µs for a garment's
 784 pixels, kept off the event loop) and a sender process (service/runtime/offload.py, payload_export.py)
-makes the events and sends them. A sink that
-fails drops what arrives for a second, then is tried again. Every record dropped is counted in
-``payload_log_dropped_total{reason}`` (``queue_full``, ``sink_error``, ``sender_down``), every one delivered
-in ``payload_log_sent_total``.
+makes the events and sends them. A sink that fails drops what arrives for a second, then is tried again. Every
+record dropped is counted in ``payload_log_dropped_total{reason}`` (``queue_full``, ``sink_error``,
+``sender_down``), every one delivered in ``payload_log_sent_total``.
 """
 
 from __future__ import annotations
