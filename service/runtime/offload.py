@@ -34,8 +34,6 @@ from typing import Any, BinaryIO
 
 log = logging.getLogger("service.offload")
 
-PICKLE = pickle.HIGHEST_PROTOCOL
-
 STOP_S = 5.0  # what is queued at shutdown has this long to go out
 RESTART_AFTER_S = 1.0
 FRAME = struct.Struct("<I")  # a frame's header: its length (then a pickled list of records)
@@ -87,18 +85,17 @@ class ChildPipe:
         self._warnings = LogLimiter(log)
 
     def has_room(self) -> bool:
-        """Whether a record put now is queued (a caller can skip the work of making one that would be dropped)."""
+        """Whether a record put now is queued."""
         return len(self._waiting) + len(self._unsent_records) < self.capacity
 
     def put(self, record: Any) -> None:
         """Queue one record (dropped, reported as ``queue_full``, if the queue is full); the queue goes to the child
         as soon as ``batch`` records wait."""
-        waiting = self._waiting
-        if len(waiting) + len(self._unsent_records) >= self.capacity:
+        if not self.has_room():
             self.on_dropped("queue_full", [record])
             return
-        waiting.append(record)
-        if len(waiting) >= self.batch and self._ticker is not None:
+        self._waiting.append(record)
+        if len(self._waiting) >= self.batch and self._ticker is not None:
             if self.prepare is not None:
                 self._wake.set()
             else:
@@ -142,7 +139,7 @@ class ChildPipe:
                     records = [self._waiting.popleft() for _ in range(len(self._waiting))]
                     if self.prepare is not None:
                         records = [self.prepare(record) for record in records]
-                    body = pickle.dumps(records, PICKLE)
+                    body = pickle.dumps(records, pickle.HIGHEST_PROTOCOL)
                     self._unsent, self._unsent_records = memoryview(FRAME.pack(len(body)) + body), records
                     if not self._child_running():
                         return

@@ -109,9 +109,6 @@ class PayloadLog:
         JSON is made on the pipe's thread, :meth:`_prepared`)."""
         if self.sample < 1 and random.random() >= self.sample:
             return
-        if not self._pipe.has_room():
-            self._lost("queue_full", [None])
-            return
         call = CURRENT.get()
         request_id, span = (call.request_id, call.span) if call is not None else (os.urandom(16).hex(), None)
         if items and isinstance(items[0], Upload):  # an upload's request: its one file
