@@ -4,9 +4,11 @@ sends them (``python -m service.runtime.span_export``, started by :class:`servic
 Why a process of its own: the SDK's Python encoder takes about 21 µs per span and the SDK's span objects as
 much again to make, four spans per request, all under the server's interpreter lock. Here the server only
 records plain tuples and pickles them down a pipe; this process builds the OTLP messages with the
-OpenTelemetry project's own protobuf classes (``opentelemetry-proto``, about 3 µs a span) and posts them with
-the SDK's OTLP/HTTP exporter, which reads its ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers,
-timeout, compression, certificates) and retries what a collector asks it to.
+OpenTelemetry project's own protobuf classes (``opentelemetry-proto``: each span copied from one made once per
+route and status, or per batch, then given its own ids and times, under 2 µs a span) and posts them with the
+SDK's OTLP/HTTP exporter, which reads its ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers, timeout,
+compression, certificates) and retries what a collector asks it to. Its ``requests`` session reads the
+environment's proxy settings once, at the start (see :func:`session`).
 
 Told the export batch size first (``{"batch_size": n}``), then reads lists of records
 (service/runtime/offload.py) and reports ``(sent, failed)`` spans per export (the server counts them in
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, InstrumentationScope, KeyValue
@@ -34,11 +36,16 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from service.runtime.offload import serve_records
 
+if TYPE_CHECKING:
+    import requests
+
 SCOPE = InstrumentationScope(name="service")
 SERVICE_NAME = "course-models"  # unless OTEL_SERVICE_NAME (or OTEL_RESOURCE_ATTRIBUTES) names it
 SAMPLED = 0x01
 HAS_IS_REMOTE, IS_REMOTE = 0x100, 0x200  # OTLP's span flags: whether the parent was a caller's
 LOCAL_CHILD = SAMPLED | HAS_IS_REMOTE
+QUEUE = Span(flags=LOCAL_CHILD, name="queue", kind=Span.SPAN_KIND_INTERNAL)  # copied, as the other spans are
+REQUEST_ID = "request.id"  # the one attribute of a request's span that differs from request to request
 
 
 def any_value(value: Any) -> AnyValue:
@@ -92,6 +99,7 @@ class Batches:
         self.full: list[ExportTraceServiceRequest] = []
         self._attributes: dict[tuple, list[KeyValue]] = {}  # a model span's attributes, made once per kind
         self._batches: dict[tuple, tuple[Span, Span]] = {}
+        self._servers: dict[tuple, Span] = {}  # a request's span but for what is its own
         self._new()
 
     def _new(self) -> None:
@@ -123,20 +131,17 @@ class Batches:
         _, trace_id, own_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed, models = record
         spans = self._room(spans_in(record))
         trace_bytes, own_bytes = trace_id.to_bytes(16, "big"), own_id.to_bytes(8, "big")
-        span = spans.add(
-            trace_id=trace_bytes,
-            span_id=own_bytes,
-            parent_span_id=parent_id.to_bytes(8, "big") if parent_id else b"",
-            trace_state=trace_state,
-            flags=LOCAL_CHILD | (IS_REMOTE if remote else 0),
-            name=name,
-            kind=Span.SPAN_KIND_SERVER,
-            start_time_unix_nano=start_ns,
-            end_time_unix_nano=end_ns,
-        )
-        if failed:
-            span.status.code = Status.STATUS_CODE_ERROR
-        set_attributes(span.attributes, attributes)
+        span = spans.add()
+        span.CopyFrom(self._server_prototype(name, attributes, failed))
+        span.trace_id, span.span_id = trace_bytes, own_bytes
+        span.start_time_unix_nano, span.end_time_unix_nano = start_ns, end_ns
+        if parent_id:
+            span.parent_span_id = parent_id.to_bytes(8, "big")
+            span.flags = LOCAL_CHILD | (IS_REMOTE if remote else 0)
+        if trace_state:
+            span.trace_state = trace_state
+        if REQUEST_ID in attributes:
+            set_attributes(span.attributes, {REQUEST_ID: attributes[REQUEST_ID]})
         for model in models:
             self._model_spans(spans, trace_bytes, own_bytes, trace_state, *model)
 
@@ -152,26 +157,37 @@ class Batches:
         timings: list[tuple[int, int, int, int, int]],
     ) -> None:
         """``queue`` and ``batch`` under the request's span, ``forward`` under ``batch``, for each batch."""
-        internal = Span.SPAN_KIND_INTERNAL
         for timing in timings:
-            spans.add(
-                trace_id=trace_bytes,
-                span_id=span_id(),
-                parent_span_id=parent_bytes,
-                trace_state=trace_state,
-                flags=LOCAL_CHILD,
-                name="queue",
-                kind=internal,
-                start_time_unix_nano=enqueued_ns,
-                end_time_unix_nano=timing[1],  # its batch taken off the queue
-            )
             batch, forward = self._prototypes(model, version, timing)
             batch_id = span_id()
-            for prototype, own_id, parent in ((batch, batch_id, parent_bytes), (forward, span_id(), batch_id)):
+            for prototype, own_id, parent in (
+                (QUEUE, span_id(), parent_bytes),
+                (batch, batch_id, parent_bytes),
+                (forward, span_id(), batch_id),
+            ):
                 made = spans.add()
                 made.CopyFrom(prototype)
                 made.trace_id, made.span_id, made.parent_span_id = trace_bytes, own_id, parent
-                made.trace_state = trace_state
+                if trace_state:
+                    made.trace_state = trace_state
+            queue = spans[-3]  # from the request's arrival to its batch being taken off the queue
+            queue.start_time_unix_nano, queue.end_time_unix_nano = enqueued_ns, timing[1]
+
+    def _server_prototype(self, name: str, attributes: dict[str, Any], failed: bool) -> Span:
+        """A request's span but for its ids, times and request id: the same for every request to a route that
+        answered with the same status, made once and copied (a third of what making it costs)."""
+        shared = tuple((k, v) for k, v in attributes.items() if k != REQUEST_ID)
+        key = (name, failed, shared)
+        found = self._servers.get(key)
+        if found is None:
+            found = Span(flags=LOCAL_CHILD, name=name, kind=Span.SPAN_KIND_SERVER)
+            set_attributes(found.attributes, dict(shared))
+            if failed:
+                found.status.code = Status.STATUS_CODE_ERROR
+            if len(self._servers) > 10_000:  # paths a client makes up (404s): never grow without end
+                self._servers.clear()
+            self._servers[key] = found
+        return found
 
     def _prototypes(self, model: str, version: str, timing: tuple) -> tuple[Span, Span]:
         """One batch's ``batch`` and ``forward`` spans but for their ids, made once and copied into the trace of
@@ -217,12 +233,30 @@ def resource() -> ResourceMessage:
     return ResourceMessage(attributes=key_values(dict(made.attributes)))
 
 
+def session() -> requests.Session | None:
+    """The exporter's HTTP session, reading the environment's proxy and CA bundle once rather than at every POST
+    (as ``requests`` does: its scan of the whole environment was half of what a POST cost), or None where a
+    credential provider (OTEL_PYTHON_EXPORTER_OTLP_HTTP_*CREDENTIAL_PROVIDER) makes the SDK's session."""
+    if any(name.endswith("_CREDENTIAL_PROVIDER") for name in os.environ if name.startswith("OTEL_PYTHON_EXPORTER_")):
+        return None
+    import requests
+
+    made = requests.Session()
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    made.proxies = requests.utils.get_environ_proxies(endpoint)  # HTTP(S)_PROXY, unless NO_PROXY names its host
+    made.trust_env = False
+    return made
+
+
 def exporter(settings: dict[str, int]) -> tuple[Callable[[list], Iterator[tuple[int, int]]], Callable[[], None]]:
     """Records in, OTLP export requests out, posted by the SDK's exporter (its settings from OTEL_EXPORTER_OTLP_*
     variables)."""
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    sdk_exporter = OTLPSpanExporter()
+    http = session()
+    sdk_exporter = OTLPSpanExporter(session=http)
+    if http is not None and http.verify is True:  # no OTEL_EXPORTER_OTLP_*CERTIFICATE: requests' own variables
+        http.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     # The exporter's export() takes the SDK's span objects and encodes them itself, at the cost this process
     # exists to avoid; its HTTP client (retries, headers, compression) sends the bytes built here.
     client = sdk_exporter._client

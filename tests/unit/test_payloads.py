@@ -5,10 +5,12 @@ import asyncio
 import json
 import re
 import time
+from datetime import UTC, datetime
 
 import pytest
 from cloudevents.http import from_dict
 
+from service.runtime.payload_export import timestamp
 from tests.conftest import serving
 from tests.receivers import EventSink
 
@@ -119,3 +121,8 @@ def test_a_stream_is_recorded_with_its_whole_answer(stub_app, tmp_path):
     request, response = sorted(read_events(sink), key=lambda e: e["type"])
     assert request["id"] == response["id"] == "s1"
     assert request.data["instances"][0]["x"] == 6.5 and response.data == {"predictions": [{"y": 13.0}]}
+
+
+@pytest.mark.parametrize("when", [0.0, 1796540238.0, 1796540238.9999996, 1796540238.123456])
+def test_an_events_time_is_rfc3339_in_utc_to_the_microsecond(when):
+    assert datetime.fromisoformat(timestamp(when)) == datetime.fromtimestamp(when, UTC)

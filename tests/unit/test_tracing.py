@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.runtime.offload import RESTART_AFTER_S, ChildPipe
+from service.runtime.span_export import Batches, resource, session
 from service.runtime.tracing import Tracing, TracingConfigError
 from tests.conftest import free_port, serving
 from tests.receivers import OtlpReceiver
@@ -200,3 +201,60 @@ def test_a_full_queue_drops_records_and_reports_them():
     for n in range(5):
         pipe.put(n)
     assert list(pipe._waiting) == [0, 1] and dropped == [("queue_full", 1)] * 3 and not pipe.has_room()
+
+
+def test_spans_copied_from_a_routes_prototype_keep_their_own_ids_times_caller_and_status():
+    """The exporter copies each span from one made once per route and status (or per batch): every copy still
+    carries its own trace, ids, times, caller, request id and status, and none leaks into the next."""
+    timing = (2, 1_100, 1_200, 1_300, 1_400)  # one batch of two: taken, forward pass started and ended, done
+    route = {"http.request.method": "POST", "url.path": "/doubler", "http.route": "/doubler"}
+    batches = Batches(resource(), 512)
+    for trace_id, own, parent, state, remote, request_id, status, enqueued in (
+        (1, 11, 0, "", False, "first", 200, 1_050),
+        (2, 22, 33, "vendor=x", True, "second", 500, 1_060),
+        (3, 44, 0, "", False, "third", 200, 1_070),
+    ):
+        attributes = {**route, "request.id": request_id, "http.response.status_code": status}
+        batches.add(("s", trace_id, own, parent, state, remote, "POST /doubler", enqueued, 2_000 + trace_id,
+                     attributes, status >= 500, [("doubler", "v1", enqueued, [timing])]))  # fmt: skip
+    (request,) = batches.take()
+    spans = list(request.resource_spans[0].scope_spans[0].spans)
+    assert len(spans) == 3 * 4
+    for n, (trace_id, own, parent, state, flags, request_id, failed, enqueued) in enumerate(
+        (
+            (1, 11, 0, "", 0x101, "first", False, 1_050),
+            (2, 22, 33, "vendor=x", 0x301, "second", True, 1_060),
+            (3, 44, 0, "", 0x101, "third", False, 1_070),
+        )
+    ):
+        server, queue, batch, forward = spans[4 * n : 4 * n + 4]
+        trace_bytes, own_bytes = trace_id.to_bytes(16, "big"), own.to_bytes(8, "big")
+        assert {s.trace_id for s in (server, queue, batch, forward)} == {trace_bytes}
+        assert {s.trace_state for s in (server, queue, batch, forward)} == {state}
+        assert server.span_id == own_bytes and server.flags == flags
+        assert server.parent_span_id == (parent.to_bytes(8, "big") if parent else b"")
+        assert (server.start_time_unix_nano, server.end_time_unix_nano) == (enqueued, 2_000 + trace_id)
+        assert server.status.code == (2 if failed else 0)  # ERROR for a 5xx, else unset
+        attributes = {a.key: a.value for a in server.attributes}
+        assert attributes["request.id"].string_value == request_id and len(attributes) == 5
+        assert attributes["http.response.status_code"].int_value == (500 if failed else 200)
+        assert queue.name == "queue" and queue.parent_span_id == own_bytes
+        assert (queue.start_time_unix_nano, queue.end_time_unix_nano) == (enqueued, 1_100)
+        assert batch.parent_span_id == own_bytes and forward.parent_span_id == batch.span_id
+        assert (batch.start_time_unix_nano, batch.end_time_unix_nano) == (1_100, 1_400)
+        assert (forward.start_time_unix_nano, forward.end_time_unix_nano) == (1_200, 1_300)
+        assert {a.key: a.value.int_value for a in batch.attributes}["batch.size"] == 2
+        assert len({s.span_id for s in (server, queue, batch, forward)}) == 4
+
+
+def test_the_exporters_session_reads_the_proxy_once_and_leaves_a_credential_providers_alone(monkeypatch):
+    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.example:4318")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    made = session()
+    assert made is not None and made.proxies["http"] == "http://proxy.example:3128" and not made.trust_env
+    monkeypatch.setenv("NO_PROXY", "collector.example")
+    assert "http" not in session().proxies  # type: ignore[union-attr]
+    monkeypatch.setenv("OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER", "a-provider")
+    assert session() is None  # the SDK loads the provider's session itself
