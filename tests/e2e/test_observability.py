@@ -258,7 +258,7 @@ def _senders_in_session(session: int) -> list[int]:
     return found
 
 
-def test_every_worker_sends_what_it_recorded_when_the_whole_group_is_stopped():
+def test_every_worker_sends_what_it_recorded_when_the_whole_group_is_stopped(tmp_path):
     """Two workers, each with its exporter and sender; SIGTERM to the whole process group (as systemd stops a
     service) right after 40 requests, their spans still queued (exported every 5 s): every span and every
     record still arrives, and no sender outlives its server."""
@@ -280,7 +280,7 @@ def test_every_worker_sends_what_it_recorded_when_the_whole_group_is_stopped():
             env=env,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=(log := (tmp_path / "server.log").open("w")),  # its warnings say why, should records be missing
         )
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
@@ -309,6 +309,8 @@ def test_every_worker_sends_what_it_recorded_when_the_whole_group_is_stopped():
         assert set(statuses) == {200} and len(senders) == 4  # an exporter and a sender per worker
         otlp.trace(callers[-1][1], at_least=4, timeout_s=10)  # the last request's, then every one's as it stands
         assert [len(otlp.trace(trace_id, at_least=4, timeout_s=0)) for _, trace_id, _ in callers] == [4] * 40
-        assert len(sink.wait_for(80)) == 80
+        log.close()
+        warnings = [line for line in (tmp_path / "server.log").read_text().splitlines() if "WARNING" in line]
+        assert len(sink.wait_for(80)) == 80, warnings
         time.sleep(0.5)
         assert _senders_in_session(server.pid) == []
