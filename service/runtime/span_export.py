@@ -175,26 +175,26 @@ class Batches:
 
     def _server_prototype(self, name: str, attributes: dict[str, Any], failed: bool) -> Span:
         """A request's span but for its ids, times and request id: the same for every request to a route that
-        answered with the same status, made once and copied (a third of what making it costs)."""
+        answered with the same status, made once and copied (a third of what making it costs). Paths a client
+        makes up (404s) come and go: the cache is bounded."""
         shared = tuple((k, v) for k, v in attributes.items() if k != REQUEST_ID)
-        key = (name, failed, shared)
-        found = self._servers.get(key)
-        if found is None:
-            found = Span(flags=LOCAL_CHILD, name=name, kind=Span.SPAN_KIND_SERVER)
-            set_attributes(found.attributes, dict(shared))
+
+        def make() -> Span:
+            made = Span(flags=LOCAL_CHILD, name=name, kind=Span.SPAN_KIND_SERVER)
+            set_attributes(made.attributes, dict(shared))
             if failed:
-                found.status.code = Status.STATUS_CODE_ERROR
-            if len(self._servers) > 10_000:  # paths a client makes up (404s): never grow without end
-                self._servers.clear()
-            self._servers[key] = found
-        return found
+                made.status.code = Status.STATUS_CODE_ERROR
+            return made
+
+        return cached(self._servers, (name, failed, shared), make, 10_000)
 
     def _prototypes(self, model: str, version: str, timing: tuple) -> tuple[Span, Span]:
         """One batch's ``batch`` and ``forward`` spans but for their ids, made once and copied into the trace of
-        each request it served (a copy costs half of making one)."""
-        found = self._batches.get((model, version, timing))
-        if found is None:
-            size, started_ns, run_started_ns, run_ended_ns, ended_ns = timing
+        each request it served (a copy costs half of making one). A chunk of records spans a few batches: the
+        cache never holds more than 1,000."""
+        size, started_ns, run_started_ns, run_ended_ns, ended_ns = timing
+
+        def make() -> tuple[Span, Span]:
             batch, forward = (
                 Span(
                     flags=LOCAL_CHILD,
@@ -209,20 +209,24 @@ class Batches:
                     ("forward", run_started_ns, run_ended_ns, None),
                 )
             )
-            if len(self._batches) > 1000:  # batches a chunk of records spans: never more
-                self._batches.clear()
-            found = self._batches[(model, version, timing)] = batch, forward
-        return found
+            return batch, forward
+
+        return cached(self._batches, (model, version, timing), make, 1000)
 
     def _model_attributes(self, model: str, version: str | None, size: int) -> list[KeyValue]:
-        key = (model, version, size)
-        found = self._attributes.get(key)
-        if found is None:
-            named = {"model.name": model, **({"model.version": version} if version else {}), "batch.size": size}
-            found = self._attributes[key] = key_values(named)
-            if len(self._attributes) > 10_000:  # versions come and go: never grow without end
-                self._attributes.clear()
-        return found
+        """A model span's attributes, made once per kind (versions come and go: the cache is bounded)."""
+        named = {"model.name": model, **({"model.version": version} if version else {}), "batch.size": size}
+        return cached(self._attributes, (model, version, size), lambda: key_values(named), 10_000)
+
+
+def cached(cache: dict, key: Any, make: Callable[[], Any], limit: int) -> Any:
+    """``cache[key]``, made by ``make()`` the first time; past ``limit`` entries the cache starts afresh."""
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= limit:
+            cache.clear()
+        found = cache[key] = make()
+    return found
 
 
 def resource() -> ResourceMessage:
