@@ -37,6 +37,7 @@ log = logging.getLogger("service.offload")
 STOP_S = 5.0  # what is queued at shutdown has this long to go out
 RESTART_AFTER_S = 1.0
 FRAME = struct.Struct("<I")  # a frame's header: its length (then a pickled list of records)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # a child ignores them: it ends when the server closes its pipe
 PIPE_BYTES = 1 << 20  # asked of Linux for the pipe to a child (its default 64 KiB is a third of a frame)
 
 
@@ -182,9 +183,17 @@ class ChildPipe:
 
     def _start_child(self) -> None:
         self._started_at = time.monotonic()
-        self._child = child = subprocess.Popen(
-            [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        # A stop signal (Ctrl-C, a service manager's SIGTERM to the whole group) can come while the child imports,
+        # before it ignores them (serve_records) and would kill it with its records: blocked in this thread while
+        # it is started, they reach the child blocked (the mask outlives exec); a signal to this process still
+        # reaches its main thread, or this one once the mask is back
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._child = child = subprocess.Popen(
+                [sys.executable, "-m", self.module], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         assert child.stdin is not None
         with contextlib.suppress(OSError, AttributeError):  # Linux only; the default pipe works, in smaller writes
             fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
@@ -231,8 +240,9 @@ def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) ->
     # Ctrl-C in a terminal, or a service manager stopping the whole group (systemd's default), reaches the child
     # too: it goes on until the server closes the pipe (after handing over what waits) or exits, rather than
     # dying with its records
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)  # one that came while this process started (blocked) is dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source: BinaryIO = sys.stdin.buffer
     report: BinaryIO = sys.stdout.buffer

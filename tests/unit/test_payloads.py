@@ -3,13 +3,16 @@ slow sink that fills the queue (records dropped and counted, answers unaffected)
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
 from datetime import UTC, datetime
 
 import pytest
 from cloudevents.http import from_dict
 
+from service.runtime.offload import ChildPipe
 from service.runtime.payload_export import timestamp
 from tests.conftest import serving
 from tests.receivers import EventSink
@@ -126,3 +129,22 @@ def test_a_stream_is_recorded_with_its_whole_answer(stub_app, tmp_path):
 @pytest.mark.parametrize("when", [0.0, 1796540238.0, 1796540238.9999996, 1796540238.123456])
 def test_an_events_time_is_rfc3339_in_utc_to_the_microsecond(when):
     assert datetime.fromisoformat(timestamp(when)) == datetime.fromtimestamp(when, UTC)
+
+
+def test_a_stop_signal_while_the_sender_starts_loses_no_record(tmp_path):
+    """A service manager's SIGTERM to the whole group can reach the sender before its imports are done (a worker
+    started a moment before the stop): it must not die of it, and what it was given still arrives."""
+    sink = tmp_path / "records.jsonl"
+    greeting = {"target": str(sink), "mode": "binary", "timeout_s": 2, "source": "urn:t", "namespace": None}
+    reports: list = []
+    pipe = ChildPipe(
+        "service.runtime.payload_export", capacity=10, batch=10, delay_s=0.05, on_report=reports.append,
+        on_dropped=lambda reason, records: reports.append(reason), greeting=greeting,
+    )  # fmt: skip
+    pipe.start()
+    os.kill(pipe._child.pid, signal.SIGTERM)  # at once: the child is still starting its interpreter
+    os.kill(pipe._child.pid, signal.SIGINT)
+    pipe.put(("one", "doubler", "v1", time.time(), None, b'[{"x":1}]', b'[{"y":2}]'))
+    time.sleep(0.5)
+    pipe.stop()
+    assert reports == [(2, 0)] and len(read_events(sink)) == 2
