@@ -149,6 +149,7 @@ def create_app(settings: Settings | None = None, models: list[Model] | None = No
         metrics=metrics,
         gate=checks,
         tracing=registry.tracing,
+        payloads=registry.payloads,
     )
     return app
 

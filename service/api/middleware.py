@@ -20,6 +20,7 @@ from service.api.errors import error_body
 from service.runtime.context import CURRENT, CallContext
 from service.runtime.memory import TRIM_AFTER_BYTES, trim_soon
 from service.runtime.metrics import Metrics
+from service.runtime.payloads import PayloadLog
 from service.runtime.tracing import Tracing
 from service.settings import ApiKey
 
@@ -153,9 +154,12 @@ def request_deadline(value: bytes | str | None) -> float | None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app, *, metrics: Metrics, gate: Gate, tracing: Tracing | None = None):
+    def __init__(
+        self, app, *, metrics: Metrics, gate: Gate, tracing: Tracing | None = None, payloads: PayloadLog | None = None
+    ):
         self.app, self.metrics, self.gate = app, metrics, gate
         self.tracing = tracing if tracing is not None and tracing.on else None
+        self.payloads = payloads if payloads is not None and payloads.on else None
         self.inflight_bytes = 0
 
     async def __call__(self, scope, receive, send):
@@ -192,13 +196,19 @@ class RequestContextMiddleware:
             "send a smaller body (a batch: fewer instances per request)"
         }
 
+        answer: list[bytes] | None = None  # a JSON route's answer, as written, for its payload record
+
         async def send_with_id(message):
-            nonlocal status
+            nonlocal status, answer
             if refused:
                 return  # the app's own late answer to a refused body is dropped
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), *id_headers, *call.headers]
+                if call.answered_by is not None and self.payloads is not None:
+                    answer = []
+            elif answer is not None:
+                answer.append(message.get("body", b""))
             await send(message)
 
         received = 0
@@ -278,6 +288,8 @@ class RequestContextMiddleware:
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(label, scope["method"], str(status)).inc()
             self.metrics.latency.labels(label).observe(elapsed)
+            if answer is not None and self.payloads is not None:
+                self.payloads.record_sent(call, b"".join(answer), status)
             if span is not None and self.tracing is not None:
                 self.tracing.end_request(
                     span,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, StrictBool, TypeAdapter, ValidationError,
 
 from service.artifacts import VERSION_NAME
 from service.models.base import InputError, Upload, UploadRoute
+from service.runtime.context import CURRENT
 from service.runtime.registry import ModelEntry, Registry, Stream
 from service.runtime.threads import OFF_LOOP_BYTES, T, off_loop
 from service.settings import Settings
@@ -182,12 +183,20 @@ def model_router(entry: ModelEntry, registry: Registry, hot: APIRouter) -> APIRo
     router = APIRouter(tags=[name], responses=ERRORS)
 
     async def submit(
-        items: list, request: Request, response: Response, batch: bool = False, version: str | None = None
+        items: list,
+        request: Request,
+        response: Response,
+        batch: bool = False,
+        version: str | None = None,
+        json_body: bool = True,
     ) -> list:
         """The outputs, in order, from the version picked for this request (named in X-Model-Version). An item
         that failed raises: one request's error as it is; in a batch, every InputError together as one 422
-        naming each instance, like a validation error of the body."""
+        naming each instance, like a validation error of the body. A JSON body's payload record holds it as it
+        was sent (read already: kept on the request), and the answer as written."""
         meta: dict[str, int] = {}
+        if json_body and registry.payloads.on and (call := CURRENT.get()) is not None:
+            call.sent = (await request.body(), batch)
         outputs, response.headers[VERSION_HEADER] = await registry.submit(entry, items, version, meta)
         failed = [(i, out) for i, out in enumerate(outputs) if isinstance(out, Exception)]
         request.state.batch_size = meta.get("batch_size")
@@ -395,7 +404,7 @@ def add_upload_route(
         file: UploadFile = File(description=upload.file_description),
     ) -> Output:  # type: ignore[valid-type]  # the model's Output, known at run time
         with entry.upload_place(max_uploads):
-            return (await submit([Upload(await file.read(), options)], request, response))[0]
+            return (await submit([Upload(await file.read(), options)], request, response, json_body=False))[0]
 
     validation_errors = {"$ref": "#/components/schemas/HTTPValidationError"}  # the body of FastAPI's own 422s
     responses: dict[int | str, dict[str, Any]] = {

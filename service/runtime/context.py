@@ -24,6 +24,10 @@ class CallContext:
     deadline: float | None = None  # time.monotonic() by which its answer is no longer wanted (X-Request-Timeout)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # added to its answer (rate-limit state)
     span: RequestSpan | None = None  # its server span, when tracing is on (service/runtime/tracing.py)
+    # payload records of a JSON route's request: its body as sent and whether it is a batch (set by the route), then
+    # the model and version that answered it (set by the registry); the HTTP middleware records both bodies
+    sent: tuple[bytes, bool] | None = None
+    answered_by: tuple[str, str] | None = None
 
 
 CURRENT: ContextVar[CallContext | None] = ContextVar("call", default=None)

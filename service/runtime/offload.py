@@ -7,9 +7,9 @@ in a sender thread, a sixth of what a small request costs, and the request path 
 thread), what waits is pickled in one go (the names and strings records share, once) and goes down the
 child's stdin as one frame, written without ever blocking (what the pipe cannot take yet goes before the next
 frame). A full batch is sent by the caller that puts its last record, pickling being cheap, unless the
-records need ``prepare`` (payload records' JSON): that is the thread's. The child (a module run with ``python
--m``, see :func:`serve_records`) does the rest at the lowest CPU priority, writing back a count of what it
-delivered and what it could not.
+records hold objects that ``reduce`` turns into plain values as they are pickled (payload records' pydantic
+models): that is the thread's. The child (a module run with ``python -m``, see :func:`serve_records`) does
+the rest at the lowest CPU priority, writing back a count of what it delivered and what it could not.
 
 A full queue, or a child that is not running, drops the records, reported by ``on_dropped``; a child that
 exited is started again, at most once a second. Nothing here ever waits on the event loop.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import pickle
@@ -65,15 +66,18 @@ class ChildPipe:
         on_report: Callable[[Any], None],
         on_dropped: Callable[[str, list], None],
         greeting: Any = None,
-        prepare: Callable[[Any], Any] | None = None,
+        reduce: Callable[[Any], Any] | None = None,
     ):
         """``greeting``: what the child is told first (its settings: passed down, never through the environment).
-        ``prepare``: what turns a record into what the child is sent, where that is work a request should not wait
-        for: then the pipe's thread prepares and sends each batch (woken when ``batch`` records wait), rather than
-        the caller that puts its last record."""
+        ``reduce``: a pickler's ``reducer_override`` for the objects in records that the child should get as
+        plain values (it cannot import their classes); then the pipe's thread pickles and sends each batch
+        (woken when ``batch`` records wait), rather than the caller that puts its last record."""
         self.module, self.capacity, self.batch, self.delay_s = module, capacity, batch, delay_s
         self.on_report, self.on_dropped, self.greeting = on_report, on_dropped, greeting
-        self.prepare = prepare
+        # a pickler whose reducer_override is ``reduce`` (a class attribute: pickle's C pickler looks it up there)
+        self._pickler = (
+            None if reduce is None else type("Pickler", (pickle.Pickler,), {"reducer_override": staticmethod(reduce)})
+        )
         self._wake = threading.Event()
         self._waiting: deque[Any] = deque()  # records not yet in a frame
         self._unsent = memoryview(b"")  # what the pipe has not taken yet of the last frame
@@ -97,7 +101,7 @@ class ChildPipe:
             return
         self._waiting.append(record)
         if len(self._waiting) >= self.batch and self._ticker is not None:
-            if self.prepare is not None:
+            if self._pickler is not None:
                 self._wake.set()
             else:
                 self.flush()
@@ -138,14 +142,19 @@ class ChildPipe:
             while self._unsent or self._waiting:
                 if not self._unsent:
                     records = [self._waiting.popleft() for _ in range(len(self._waiting))]
-                    if self.prepare is not None:
-                        records = [self.prepare(record) for record in records]
-                    body = pickle.dumps(records, pickle.HIGHEST_PROTOCOL)
+                    body = self._pickled(records)
                     self._unsent, self._unsent_records = memoryview(FRAME.pack(len(body)) + body), records
                     if not self._child_running():
                         return
                 if not self._write():
                     return
+
+    def _pickled(self, records: list) -> bytes:
+        if self._pickler is None:
+            return pickle.dumps(records, pickle.HIGHEST_PROTOCOL)
+        frame = io.BytesIO()
+        self._pickler(frame, pickle.HIGHEST_PROTOCOL).dump(records)
+        return frame.getvalue()
 
     def _child_running(self) -> bool:
         """Whether the child is there for the new frame: started again if it exited (the frame is dropped if it

@@ -2,10 +2,11 @@
 and sends them to SERVE_PAYLOAD_LOG_URL (``python -m service.runtime.payload_export``, started by
 :class:`service.runtime.payloads.PayloadLog` through service/runtime/offload.py).
 
-Told its settings first (``target``, ``mode``, ``timeout_s``, ``source``, ``namespace``), then reads lists of
-records ``(request_id, model, version, time, traceparent, instances_json, predictions_json)`` and reports
-``(sent, failed)`` events per list. A sink that fails has what arrives in the next second dropped (reported
-as failed) before it is tried again.
+Told its settings first (``target``, ``mode``, ``timeout_s``, ``source``, ``namespace``, ``redact``), then reads
+lists of records ``(request_id, model, version, time, traceparent, instances, predictions)`` (plain values: the
+server's pydantic models come as dicts, see :func:`service.runtime.payloads.plain`), makes their JSON, the named
+fields redacted, and reports ``(sent, failed)`` events per list. A sink that fails has what arrives in the next
+second dropped (reported as failed) before it is tried again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic_core import to_json
+from pydantic_core import from_json, to_json
 
 from service.runtime.offload import LogLimiter, serve_records
 
@@ -33,6 +34,36 @@ TYPES = (REQUEST_TYPE, RESPONSE_TYPE)
 STRUCTURED_STARTS = tuple(f'{{"type":"{kind}",'.encode() for kind in TYPES)  # each event's JSON, up to its type
 
 
+REDACTED = "[redacted]"
+
+
+def redact(value: Any, fields: frozenset[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: REDACTED if k in fields else redact(v, fields) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, fields) for v in value]
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    """What pydantic's serialiser cannot write by itself: numpy's arrays (decoded tensors)."""
+    import numpy as np  # only where a record holds arrays
+
+    if isinstance(value, np.ndarray):  # whole numbers as integers (pixels): half the size, the same JSON values
+        whole = value.dtype.kind == "f" and value.size and np.array_equal(value, np.round(value))
+        return (value.astype(np.int64) if whole else value).tolist()
+    return repr(value)
+
+
+def data(value: Any, wrap: bytes, fields: frozenset[str]) -> bytes:
+    """An event's data: a JSON route's body as it was sent or answered (its JSON already), or instances or
+    predictions (plain values: the JSON made here) in ``{wrap: [...]}``; the ``fields`` named redacted at any
+    depth."""
+    if isinstance(value, bytes):
+        return to_json(redact(from_json(value), fields)) if fields else value
+    return b'{"' + wrap + b'":' + to_json(redact(value, fields) if fields else value, fallback=_jsonable) + b"}"
+
+
 @functools.lru_cache(maxsize=4)
 def _second(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
@@ -44,9 +75,8 @@ def timestamp(when: float) -> str:
     return f"{_second(seconds)}.{micros:06d}+00:00"
 
 
-def pair(record: tuple, source: str, namespace: str | None) -> Pair:
-    """A record's two events: the attributes they share (all but ``type``) and each one's data (JSON, made by
-    the server)."""
+def pair(record: tuple, source: str, namespace: str | None, redacted: frozenset[str] = frozenset()) -> Pair:
+    """A record's two events: the attributes they share (all but ``type``) and each one's data."""
     request_id, model, version, when, traceparent, instances, predictions = record
     shared = {
         "specversion": "1.0",
@@ -62,7 +92,7 @@ def pair(record: tuple, source: str, namespace: str | None) -> Pair:
         shared["namespace"] = namespace
     if traceparent:  # CloudEvents' distributed tracing extension: the record joins the request's trace
         shared["traceparent"] = traceparent
-    return shared, b'{"instances":' + instances + b"}", b'{"predictions":' + predictions + b"}"
+    return shared, data(instances, b"instances", redacted), data(predictions, b"predictions", redacted)
 
 
 def structured(pairs: list[Pair]) -> Iterator[bytes]:
@@ -120,6 +150,7 @@ def sender(settings: dict[str, Any]) -> tuple[Callable[[list], Iterator[tuple[in
     out = Sender(settings["target"], settings["mode"], settings["timeout_s"])
     resting_until = 0.0
     warnings = LogLimiter(log)
+    redacted = frozenset(settings.get("redact", ()))
 
     def send(records: list) -> Iterator[tuple[int, int]]:
         nonlocal resting_until
@@ -127,7 +158,7 @@ def sender(settings: dict[str, Any]) -> tuple[Callable[[list], Iterator[tuple[in
             yield 0, 2 * len(records)
             return
         try:
-            out.send([pair(record, settings["source"], settings["namespace"]) for record in records])
+            out.send([pair(record, settings["source"], settings["namespace"], redacted) for record in records])
             yield 2 * len(records), 0
         except Exception as exc:  # a sink down or refusing: what was made is dropped; the server counts it
             resting_until = time.monotonic() + RETRY_AFTER_S

@@ -606,7 +606,10 @@ class Registry:
                     "ok" if not failed else "invalid" if all(isinstance(f, InputError) for f in failed) else "error"
                 )
                 if self.payloads.on:
-                    self.payloads.record(entry.name, chosen.name, items, outputs)
+                    if (call := CURRENT.get()) is not None and call.sent is not None:
+                        call.answered_by = (entry.name, chosen.name)  # a JSON route's: its bodies, by the middleware
+                    else:
+                        self.payloads.record(entry.name, chosen.name, items, outputs)
                 if entry.desired.shadow:  # mirrored after the answer, on the side: the caller never waits for it
                     self.shadows.mirror(entry, chosen.name, items, outputs)
                 if entry.desired.guard:  # a guarded canary's answer, compared with the stable version's

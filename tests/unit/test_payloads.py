@@ -2,18 +2,24 @@
 slow sink that fills the queue (records dropped and counted, answers unaffected)."""
 
 import asyncio
+import io
 import json
 import os
+import pickle
 import re
 import signal
 import time
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 from cloudevents.http import from_dict
+from pydantic import BaseModel, Field
+from pydantic_core import to_json
 
 from service.runtime.offload import ChildPipe
-from service.runtime.payload_export import timestamp
+from service.runtime.payload_export import pair, timestamp
+from service.runtime.payloads import plain
 from tests.conftest import serving
 from tests.receivers import EventSink
 
@@ -46,13 +52,16 @@ def test_records_go_to_a_json_lines_file_in_pairs_with_redaction(stub_app, tmp_p
     pairs: dict[str, dict] = {}
     for event in events:
         pairs.setdefault(event["id"], {})[event["type"].rsplit(".", 1)[1]] = event
-    (instance,) = pairs["one"]["request"].data["instances"]  # as validated: with the fields' defaults
-    assert instance["x"] == "[redacted]" and instance["sleep_ms"] == 0
+    # a JSON route's record: its body as sent (no defaults added), its answer as written
+    assert pairs["one"]["request"].data == {"instances": [{"x": "[redacted]"}]}
     assert pairs["one"]["response"].data == {"predictions": [{"y": 8.0}]}
     assert pairs["one"]["request"]["inferenceservicename"] == "doubler"
-    # a batch with a refused instance: the record names its error in its place
-    batch = pairs[bad.headers["x-request-id"]]["response"].data["predictions"]
-    assert batch[0] == {"y": 2.0} and "must not be negative" in batch[1]["error"]
+    # a batch with a refused instance: the request as sent, the 422 that named the instance as the response
+    refused = pairs[bad.headers["x-request-id"]]
+    assert refused["request"].data == {"instances": [{"x": "[redacted]"}, {"x": "[redacted]"}]}
+    (error,) = refused["response"].data["detail"]
+    assert error["loc"][:3] == ["body", "instances", 1] and "must not be negative" in error["msg"]
+    assert refused["response"].data == bad.json()
     # an upload is recorded by its size and hash, not its bytes
     (file,) = pairs[upload.headers["x-request-id"]]["request"].data["instances"]
     assert file["file"]["bytes"] == 1 and len(file["file"]["sha256"]) == 64 and file["options"] == {"times": 1}
@@ -144,7 +153,48 @@ def test_a_stop_signal_while_the_sender_starts_loses_no_record(tmp_path):
     pipe.start()
     os.kill(pipe._child.pid, signal.SIGTERM)  # at once: the child is still starting its interpreter
     os.kill(pipe._child.pid, signal.SIGINT)
-    pipe.put(("one", "doubler", "v1", time.time(), None, b'[{"x":1}]', b'[{"y":2}]'))
+    pipe.put(("one", "doubler", "v1", time.time(), None, b'{"instances":[{"x":1}]}', b'{"predictions":[{"y":2}]}'))
     time.sleep(0.5)
     pipe.stop()
     assert reports == [(2, 0)] and len(read_events(sink)) == 2
+
+
+class Reading(BaseModel):
+    value: float
+
+
+class Aliased(BaseModel):
+    first_floor: int = Field(alias="1stFlrSF")  # as the house model names its fields
+    reading: Reading
+    note: str | None = None
+
+
+class PlainOnly(pickle.Unpickler):
+    """What the sender can unpickle: builtins and numpy, none of the server's classes."""
+
+    def find_class(self, module, name):
+        if module.split(".")[0] not in ("builtins", "numpy", "copyreg"):
+            raise pickle.UnpicklingError(f"the sender cannot import {module}.{name}")
+        return super().find_class(module, name)
+
+
+def test_records_of_objects_reach_the_sender_as_plain_values_and_read_as_pydantic_writes_them():
+    """Uploads, v2 and gRPC are recorded from their objects: a pydantic model goes down the pipe as its fields by
+    their JSON names (aliases too), an error as its message, an array as an array, and the sender's JSON is what
+    pydantic would have written."""
+    house = Aliased.model_validate({"1stFlrSF": 856, "reading": {"value": 0.5}})
+    pixels = np.array([[0.0, 255.0], [17.0, 3.0]], dtype=np.float32)
+    failed = ValueError("x must not be negative")
+    record = ("r1", "house-price", "v1", 1796540238.5, None, [house, pixels], [failed, object()])
+    pipe = ChildPipe(
+        "service.runtime.payload_export", capacity=4, batch=4, delay_s=1, on_report=print,
+        on_dropped=lambda reason, records: None, reduce=plain,
+    )  # fmt: skip
+    (received,) = PlainOnly(io.BytesIO(pipe._pickled([record]))).load()
+    _, request, response = pair(received, "urn:t", None)
+    assert json.loads(request) == {"instances": [json.loads(to_json(house)), [[0, 255], [17, 3]]]}
+    assert json.loads(request)["instances"][0] == {"1stFlrSF": 856, "reading": {"value": 0.5}, "note": None}
+    (error, other) = json.loads(response)["predictions"]
+    assert error == {"error": "x must not be negative"} and other.startswith("<object object at")
+    _, redacted, _ = pair(received, "urn:t", None, frozenset({"value"}))
+    assert json.loads(redacted)["instances"][0]["reading"] == {"value": "[redacted]"}
