@@ -7,6 +7,7 @@ import time
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -217,9 +218,12 @@ def test_spans_copied_from_a_routes_prototype_keep_their_own_ids_times_caller_an
         attributes = {**route, "request.id": request_id, "http.response.status_code": status}
         batches.add(("s", trace_id, own, parent, state, remote, "POST /doubler", enqueued, 2_000 + trace_id,
                      attributes, status >= 500, [("doubler", "v1", enqueued, [timing])]))  # fmt: skip
-    (request,) = batches.take()
+    ((body, count),) = batches.take()
+    request = ExportTraceServiceRequest.FromString(body)  # as a collector reads it
+    assert [s.scope.name for s in request.resource_spans[0].scope_spans] == ["service"]
+    assert {a.key for a in request.resource_spans[0].resource.attributes} >= {"service.name"}
     spans = list(request.resource_spans[0].scope_spans[0].spans)
-    assert len(spans) == 3 * 4
+    assert len(spans) == count == 3 * 4
     for n, (trace_id, own, parent, state, flags, request_id, failed, enqueued) in enumerate(
         (
             (1, 11, 0, "", 0x101, "first", False, 1_050),
