@@ -9,8 +9,9 @@ share of the same cores, so the ratio is, if anything, pessimistic). Load comes 
 Each of ``--rounds`` rounds starts a fresh server per side, one at a time, in swapped order every other
 round, and loads each route for ``--duration`` seconds; each figure is the median over the rounds, and the
 ratio is given both as the ratio of the medians and as the median of each round's ratio. With
-``--keep-servers`` both servers start once, are warmed up, and are loaded in turn each round (a pair of
-figures seconds apart rather than a minute: on a shared machine whose speed drifts, the steadier ratio). The
+``--keep-servers`` both servers start once, are warmed up, and are loaded in turn each round, one route after
+the other (a pair of figures ``--duration`` seconds apart rather than a minute: on a shared machine whose speed
+drifts, the steadier ratio). The
 "on" server's records sent and dropped (``payload_log_*_total``) are reported with it.
 
     python -m benchmarks.observability [--rounds 3] [--duration 5] [--payload-format binary] [--keep-servers]
@@ -149,8 +150,8 @@ def main() -> None:
         records = {"sent": 0.0, **{f"dropped_{reason}": 0.0 for reason in payload_reasons}, "requests": 0}
         spans = {"sent": 0.0, "dropped": 0.0}
 
-        def load(side: str, port: int) -> None:
-            for name in ROUTES:
+        def load(side: str, port: int, routes: tuple[str, ...] = ROUTES) -> None:
+            for name in routes:
                 result = wrk(f"http://127.0.0.1:{port}/{name}", bodies[name], script, CLIENTS, args.duration)
                 samples[side][name].append(result["req_per_s"])
                 if side == "on":
@@ -187,8 +188,9 @@ def main() -> None:
                             records["requests"] += warm["requests"] if side == "on" else 0
                     for round_ in range(args.rounds):
                         print(f"round {round_ + 1}", flush=True)
-                        for side in order(round_):
-                            load(side, servers[side][0])
+                        for name in ROUTES:  # each route's pair back to back: seconds apart, not a route's length
+                            for side in order(round_):
+                                load(side, servers[side][0], (name,))
                     count(servers["on"][0])
                 finally:
                     for _, server in servers.values():

@@ -1,20 +1,23 @@
 """Payload records: each prediction's request and response as a pair of CloudEvents, in KServe's logger shape.
 
 Types ``org.kubeflow.serving.inference.request`` and ``...response``, the same ``id`` (the request id), the
-model in the ``inferenceservicename`` extension and the version in ``endpoint``; the request's data is
-``{"instances": [...]}``, the response's ``{"predictions": [...]}`` (an item that failed: ``{"error": ...}``).
-They go to ``SERVE_PAYLOAD_LOG_URL``: an http(s) URL (binary mode, ``Ce-`` headers, as KServe's logger
-sends; or ``structured``, or ``batch``: up to 1,000 events per POST), or a file path (JSON Lines, one
-structured event per line). ``SERVE_PAYLOAD_LOG_SAMPLE`` picks the share of requests recorded and the fields
-named in ``SERVE_PAYLOAD_LOG_REDACT`` are replaced, at any depth, before anything leaves the process.
+model in the ``inferenceservicename`` extension and the version in ``endpoint``. A JSON route's pair holds its
+bodies, as KServe's logger records them: the request's as sent (``{"instances": [...]}``, one instance's put
+in it) and the answer as written (``{"predictions": [...]}``, likewise; or the error answered), joined by the
+HTTP middleware (:meth:`PayloadLog.record_sent`). Uploads, streams, v2 and gRPC are recorded from their
+instances and predictions (an item that failed: ``{"error": ...}``). They go to ``SERVE_PAYLOAD_LOG_URL``: an
+http(s) URL (binary mode, ``Ce-`` headers, as KServe's logger sends; or ``structured``, or ``batch``: up to
+1,000 events per POST), or a file path (JSON Lines, one structured event per line).
+``SERVE_PAYLOAD_LOG_SAMPLE`` picks the share of requests recorded and the fields named in
+``SERVE_PAYLOAD_LOG_REDACT`` are replaced, at any depth, by the sender before it sends anything.
 
-Never in a prediction's way: the event loop appends the request's instances and answers to a bounded queue (a full
-queue drops the pair); a thread pickles them down a pipe to a sender process (service/runtime/offload.py,
-payload_export.py), which makes their JSON and the events, and sends them. The pydantic models they hold go down as
-the dicts their JSON is made of (:func:`plain`): the JSON was the largest part of what a record cost the server
-under its interpreter lock (about 49 k instructions of a phone's 118 k with traces, counted with callgrind), and a
-dict pickles in a fraction of that. A sink that fails drops what arrives for a second, then is tried again. Every
-record dropped is counted in ``payload_log_dropped_total{reason}`` (``queue_full``, ``sink_error``,
+Never in a prediction's way: the event loop appends what the request holds to a bounded queue (a full queue drops
+the pair); a thread pickles it down a pipe to a sender process (service/runtime/offload.py, payload_export.py),
+which makes the events and sends them. The JSON was the largest part of what a record cost the server, under its
+interpreter lock (41 k of the 106 k instructions that traces and records added to a phone request, counted with
+callgrind): a JSON route's bodies are JSON already, and the objects of the other records go down as plain values
+(:func:`plain`) whose JSON the sender makes. A sink that fails drops what arrives for a second, then is tried
+again. Every record dropped is counted in ``payload_log_dropped_total{reason}`` (``queue_full``, ``sink_error``,
 ``sender_down``), every one delivered in ``payload_log_sent_total``.
 """
 

@@ -3,10 +3,10 @@ sends them (``python -m service.runtime.span_export``, started by :class:`servic
 
 Why a process of its own: the SDK's Python encoder takes about 21 µs per span and the SDK's span objects as
 much again to make, four spans per request, all under the server's interpreter lock. Here the server only
-records plain tuples and pickles them down a pipe; this process builds the OTLP messages with the
-OpenTelemetry project's own protobuf classes (``opentelemetry-proto``: each span copied from one made once per
-route and status, or per batch, then given its own ids and times, under 2 µs a span) and posts them with the
-SDK's OTLP/HTTP exporter, which reads its ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers, timeout,
+records plain tuples and pickles them down a pipe; this process encodes the OTLP messages (each span the
+protobuf bytes of one made once per route and status, or per batch, with the OpenTelemetry project's own
+classes, ``opentelemetry-proto``, followed by the fields that are its own: see :class:`Batches`) and posts them
+with the SDK's OTLP/HTTP exporter, which reads its ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers, timeout,
 compression, certificates) and retries what a collector asks it to. Its ``requests`` session reads the
 environment's proxy settings once, at the start (see :func:`session`).
 
