@@ -3,15 +3,18 @@ and sends them to SERVE_PAYLOAD_LOG_URL (``python -m service.runtime.payload_exp
 :class:`service.runtime.payloads.PayloadLog` through service/runtime/offload.py).
 
 Told its settings first (``target``, ``mode``, ``timeout_s``, ``source``, ``namespace``, ``redact``), then reads
-lists of records ``(request_id, model, version, time, traceparent, instances, predictions)`` (plain values: the
-server's pydantic models come as dicts, see :func:`service.runtime.payloads.plain`), makes their JSON, the named
-fields redacted, and reports ``(sent, failed)`` events per list. A sink that fails has what arrives in the next
+lists of records ``(request_id, model, version, time, traceparent, instances, predictions)`` (a JSON route's
+bodies as sent and answered, or plain values: the server's pydantic models come as dicts, see
+:func:`service.runtime.payloads.plain`), makes the events' data, the named fields redacted, and reports ``(sent,
+failed)`` events per list. A sink that fails has what arrives in the next
 second dropped (reported as failed) before it is tried again.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -55,11 +58,30 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def one_line(body: bytes) -> bytes:
+    """A body as sent, as JSON that sits inside an event on one line: UTF-8 without a byte order mark (FastAPI
+    also reads UTF-16 and UTF-32 bodies, and a UTF-8 mark), its line breaks as spaces (in JSON they can only be
+    whitespace between values: inside a string they are escaped)."""
+    if not body.isascii():
+        try:
+            if body.startswith(codecs.BOM_UTF8):
+                raise UnicodeError("a byte order mark")
+            body.decode("utf-8")
+        except UnicodeError:
+            return to_json(json.loads(body))  # json reads what FastAPI read: the encoding from the first bytes
+    if b"\n" in body or b"\r" in body:
+        return body.replace(b"\n", b" ").replace(b"\r", b" ")
+    return body
+
+
 def data(value: Any, wrap: bytes, fields: frozenset[str]) -> bytes:
-    """An event's data: a JSON route's body as it was sent or answered (its JSON already), or instances or
-    predictions (plain values: the JSON made here) in ``{wrap: [...]}``; the ``fields`` named redacted at any
-    depth."""
+    """An event's data: a JSON route's body as it was sent or answered (its JSON already: the whole data, or in a
+    1-tuple one instance or prediction), or instances or predictions (plain values: the JSON made here); what is
+    not the whole data in ``{wrap: [...]}``, and the ``fields`` named redacted at any depth."""
+    if isinstance(value, tuple):
+        value = b'{"' + wrap + b'":[' + one_line(value[0]) + b"]}"
     if isinstance(value, bytes):
+        value = one_line(value)
         return to_json(redact(from_json(value), fields)) if fields else value
     return b'{"' + wrap + b'":' + to_json(redact(value, fields) if fields else value, fallback=_jsonable) + b"}"
 

@@ -129,13 +129,15 @@ class PayloadLog:
     def record_sent(self, call: CallContext, answer: bytes, status: int) -> None:
         """Queue a JSON route's pair (sampled), from the bodies as sent: the request's (``call.sent``, read by the
         route) and the answer as written (by the HTTP middleware), each made the data of its event with a
-        concatenation, where the instances and answers as objects would cost their pickling, or their JSON."""
+        concatenation, where the instances and answers as objects would cost their pickling, or their JSON. A
+        batch's body (and an error's) goes as the event's data; one instance's (one prediction's) in a 1-tuple, put
+        in ``{"instances": [...]}`` by the sender, which also makes any body one line of UTF-8."""
         if self.sample < 1 and random.random() >= self.sample:
             return
         assert call.sent is not None and call.answered_by is not None
         (body, batch), (model, version) = call.sent, call.answered_by
-        instances = body if batch else b'{"instances":[' + body + b"]}"
-        predictions = answer if batch or status >= 300 else b'{"predictions":[' + answer + b"]}"
+        instances = body if batch else (body,)
+        predictions = answer if batch or status >= 300 else (answer,)
         traceparent = call.span.traceparent if call.span is not None else None
         self._pipe.put((call.request_id, model, version, time.time(), traceparent, instances, predictions))
 

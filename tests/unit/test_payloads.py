@@ -67,6 +67,41 @@ def test_records_go_to_a_json_lines_file_in_pairs_with_redaction(stub_app, tmp_p
     assert file["file"]["bytes"] == 1 and len(file["file"]["sha256"]) == 64 and file["options"] == {"times": 1}
 
 
+def test_bodies_recorded_as_sent_stay_one_json_line_whatever_their_layout_and_encoding(stub_app, tmp_path):
+    """A body kept as it was sent may be pretty-printed or in an encoding FastAPI also reads (UTF-16, a UTF-8 byte
+    order mark): each event is still one line of JSON Lines (and one valid event in a batch) holding its JSON."""
+    sink = tmp_path / "records.jsonl"
+    pretty = json.dumps({"x": 3, "sleep_ms": 0}, indent=2)
+    bodies = {
+        "pretty": pretty.encode(),
+        "utf-16": json.dumps({"x": 5}).encode("utf-16"),
+        "bom": b"\xef\xbb\xbf" + pretty.encode(),
+        "batch": json.dumps({"instances": [{"x": 1}, {"x": 2}]}, indent=1).encode(),
+    }
+
+    async def scenario():
+        async with serving(stub_app(payload_log_url=str(sink))) as client:
+            return {
+                name: await client.post(
+                    "/doubler/batch" if name == "batch" else "/doubler",
+                    content=body,
+                    headers={"content-type": "application/json", "x-request-id": name},
+                )
+                for name, body in bodies.items()
+            }
+
+    answers = asyncio.run(scenario())
+    assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(bodies, 200)
+    lines = sink.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 * len(bodies)  # one event per line
+    requests = {
+        event["id"]: event.data for event in map(from_dict, map(json.loads, lines)) if event["type"].endswith("request")
+    }
+    assert requests["pretty"] == requests["bom"] == {"instances": [{"x": 3, "sleep_ms": 0}]}
+    assert requests["utf-16"] == {"instances": [{"x": 5}]}
+    assert requests["batch"] == {"instances": [{"x": 1}, {"x": 2}]}
+
+
 def test_sampling_records_about_the_share_asked(stub_app, tmp_path):
     sink = tmp_path / "records.jsonl"
 
