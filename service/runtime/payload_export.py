@@ -6,8 +6,8 @@ Told its settings first (``target``, ``mode``, ``timeout_s``, ``source``, ``name
 lists of records ``(request_id, model, version, time, traceparent, instances, predictions)`` (a JSON route's
 bodies as sent and answered, or plain values: the server's pydantic models come as dicts, see
 :func:`service.runtime.payloads.plain`), makes the events' data, the named fields redacted, and reports ``(sent,
-failed)`` events per list. A sink that fails has what arrives in the next
-second dropped (reported as failed) before it is tried again.
+failed)`` events per list. A sink that fails has what arrives in the next second dropped (reported as failed)
+before it is tried again.
 """
 
 from __future__ import annotations
@@ -80,10 +80,11 @@ def data(value: Any, wrap: bytes, fields: frozenset[str]) -> bytes:
     not the whole data in ``{wrap: [...]}``, and the ``fields`` named redacted at any depth."""
     if isinstance(value, tuple):
         value = b'{"' + wrap + b'":[' + one_line(value[0]) + b"]}"
-    if isinstance(value, bytes):
+    elif isinstance(value, bytes):
         value = one_line(value)
-        return to_json(redact(from_json(value), fields)) if fields else value
-    return b'{"' + wrap + b'":' + to_json(redact(value, fields) if fields else value, fallback=_jsonable) + b"}"
+    else:
+        return b'{"' + wrap + b'":' + to_json(redact(value, fields) if fields else value, fallback=_jsonable) + b"}"
+    return to_json(redact(from_json(value), fields)) if fields else value
 
 
 @functools.lru_cache(maxsize=4)

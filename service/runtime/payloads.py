@@ -117,29 +117,35 @@ class PayloadLog:
     def record(self, model: str, version: str, items: list, outputs: list) -> None:
         """Queue one request's pair (sampled): on the event loop, so it only appends what the request holds (its
         JSON is made by the sender)."""
-        if self.sample < 1 and random.random() >= self.sample:
+        if not self._drawn():
             return
-        call = CURRENT.get()
-        request_id, span = (call.request_id, call.span) if call is not None else (os.urandom(16).hex(), None)
         if items and isinstance(items[0], Upload):  # an upload's request: its one file
             items = [_instance(item) for item in items]
-        traceparent = span.traceparent if span is not None else None  # the record joins the request's trace
-        self._pipe.put((request_id, model, version, time.time(), traceparent, items, outputs))
+        self._put(CURRENT.get(), model, version, items, outputs)
 
     def record_sent(self, call: CallContext, answer: bytes, status: int) -> None:
         """Queue a JSON route's pair (sampled), from the bodies as sent: the request's (``call.sent``, read by the
-        route) and the answer as written (by the HTTP middleware), each made the data of its event with a
-        concatenation, where the instances and answers as objects would cost their pickling, or their JSON. A
-        batch's body (and an error's) goes as the event's data; one instance's (one prediction's) in a 1-tuple, put
-        in ``{"instances": [...]}`` by the sender, which also makes any body one line of UTF-8."""
-        if self.sample < 1 and random.random() >= self.sample:
+        route) and the answer as written (by the HTTP middleware), where the instances and answers as objects would
+        cost their pickling, or their JSON. A batch's body (and an error's) goes as the event's data; one
+        instance's (one prediction's) in a 1-tuple, put in ``{"instances": [...]}`` by the sender, which also makes
+        any body one line of UTF-8."""
+        if not self._drawn():
             return
         assert call.sent is not None and call.answered_by is not None
         (body, batch), (model, version) = call.sent, call.answered_by
         instances = body if batch else (body,)
         predictions = answer if batch or status >= 300 else (answer,)
-        traceparent = call.span.traceparent if call.span is not None else None
-        self._pipe.put((call.request_id, model, version, time.time(), traceparent, instances, predictions))
+        self._put(call, model, version, instances, predictions)
+
+    def _drawn(self) -> bool:
+        """Whether this request is recorded (SERVE_PAYLOAD_LOG_SAMPLE)."""
+        return self.sample >= 1 or random.random() < self.sample
+
+    def _put(self, call: CallContext | None, model: str, version: str, instances: Any, predictions: Any) -> None:
+        """The pair's record, queued, with the request's id and span (the record joins its trace)."""
+        request_id, span = (call.request_id, call.span) if call is not None else (os.urandom(16).hex(), None)
+        traceparent = span.traceparent if span is not None else None
+        self._pipe.put((request_id, model, version, time.time(), traceparent, instances, predictions))
 
     def start(self) -> None:
         if self.on:

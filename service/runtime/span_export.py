@@ -105,6 +105,16 @@ def delimited(tag: bytes, body: bytes) -> bytes:
     return tag + length + body
 
 
+def span_field(*parts: bytes) -> bytes:
+    """One span in ScopeSpans.spans (field 2): its encoded parts, joined."""
+    return delimited(b"\x12", b"".join(parts))
+
+
+def trace_state_field(trace_state: str) -> bytes:
+    """A span's trace_state (field 3), or nothing where the trace has none."""
+    return delimited(b"\x1a", trace_state.encode()) if trace_state else b""
+
+
 REQUEST_ID_KEY = delimited(b"\x0a", REQUEST_ID.encode())  # KeyValue.key
 
 
@@ -158,12 +168,12 @@ class Batches:
         self._room(spans_in(record))
         if record[0] == "m":
             _, trace_id, parent_id, trace_state, *model = record
-            state = delimited(b"\x1a", trace_state.encode()) if trace_state else b""
+            state = trace_state_field(trace_state)
             self._model_spans(trace_id.to_bytes(16, "big"), parent_id.to_bytes(8, "big"), state, *model)
             return
         _, trace_id, own_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed, models = record
         trace_bytes, own_bytes = trace_id.to_bytes(16, "big"), own_id.to_bytes(8, "big")
-        state = delimited(b"\x1a", trace_state.encode()) if trace_state else b""
+        state = trace_state_field(trace_state)
         parts = [
             self._server_prototype(name, attributes, failed),
             b"\x0a\x10", trace_bytes, b"\x12\x08", own_bytes, TIMES.pack(0x39, start_ns, 0x41, end_ns), state,
@@ -172,7 +182,7 @@ class Batches:
             parts += (b"\x22\x08", parent_id.to_bytes(8, "big"), REMOTE_FLAGS if remote else b"")
         if REQUEST_ID in attributes:
             parts.append(request_id_attribute(attributes[REQUEST_ID]))
-        self.spans.append(delimited(b"\x12", b"".join(parts)))
+        self.spans.append(span_field(*parts))
         for model in models:
             self._model_spans(trace_bytes, own_bytes, state, *model)
 
@@ -193,10 +203,10 @@ class Batches:
             ids = random.getrandbits(192).to_bytes(24, "big")  # queue's, batch's and forward's span ids
             queue_id, batch_id, forward_id = ids[:8], ids[8:16], ids[16:]
             self.spans += (
-                delimited(b"\x12", b"".join((QUEUE, trace, b"\x12\x08", queue_id, b"\x22\x08", parent_bytes,
-                                             TIMES.pack(0x39, enqueued_ns, 0x41, timing[1]), state))),
-                delimited(b"\x12", b"".join((batch, trace, b"\x12\x08", batch_id, b"\x22\x08", parent_bytes, state))),
-                delimited(b"\x12", b"".join((forward, trace, b"\x12\x08", forward_id, b"\x22\x08", batch_id, state))),
+                span_field(QUEUE, trace, b"\x12\x08", queue_id, b"\x22\x08", parent_bytes,
+                           TIMES.pack(0x39, enqueued_ns, 0x41, timing[1]), state),
+                span_field(batch, trace, b"\x12\x08", batch_id, b"\x22\x08", parent_bytes, state),
+                span_field(forward, trace, b"\x12\x08", forward_id, b"\x22\x08", batch_id, state),
             )  # fmt: skip
 
     def _server_prototype(self, name: str, attributes: dict[str, Any], failed: bool) -> bytes:
