@@ -183,7 +183,8 @@ class RequestContextMiddleware:
             call.span = span = self.tracing.start_request(
                 scope["method"],
                 headers,
-                {"http.request.method": scope["method"], "url.path": scope["path"], "request.id": request_id},
+                {"http.request.method": scope["method"], "url.path": scope["path"]},
+                request_id,
             )
             trace_id, traceresponse = span.ids()
             id_headers.append((b"traceresponse", traceresponse.encode()))

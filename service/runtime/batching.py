@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,14 @@ class BatchTiming:
     run_started_ns: int = 0
     run_ended_ns: int = 0
     ended_ns: int = 0
+    _tuple: tuple[int, int, int, int, int] | None = field(default=None, repr=False)
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        """``(size, started_ns, run_started_ns, run_ended_ns, ended_ns)`` once the batch has ended: one tuple,
+        made once, that the spans of each of its requests share."""
+        if self._tuple is None or not self._tuple[-1]:
+            self._tuple = (self.size, self.started_ns, self.run_started_ns, self.run_ended_ns, self.ended_ns)
+        return self._tuple
 
 
 @dataclass(slots=True, eq=False)

@@ -14,12 +14,13 @@ Told the export batch size first (``{"batch_size": n}``), then reads lists of re
 (service/runtime/offload.py) and reports ``(sent, failed)`` spans per export (the server counts them in
 ``trace_spans_*_total``). Records:
 
-- ``("s", trace_id, span_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed,
-  models)``: a request's server span and, for each ``(model, version, enqueued_ns, timings)`` in ``models``,
-  its ``queue``, ``batch`` and ``forward`` spans for each ``(size, started_ns, run_started_ns, run_ended_ns,
-  ended_ns)`` of the batches it ran in;
-- ``("m", trace_id, parent_id, trace_state, model, version, enqueued_ns, timings)``: model spans recorded
-  after the request's own span ended (a stream's last steps).
+- ``("s", traceparent, parent_id, trace_state, name, start_ns, end_ns, attributes, request_id, failed, models)``:
+  a request's server span (its trace and span ids in ``traceparent``, its caller's span id in ``parent_id``, 0
+  for none; ``attributes`` those it shares with its route's other requests) and, for each ``(model, version,
+  enqueued_ns, timings)`` in ``models``, its ``queue``, ``batch`` and ``forward`` spans for each ``(size,
+  started_ns, run_started_ns, run_ended_ns, ended_ns)`` of the batches it ran in;
+- ``("m", traceparent, trace_state, model, version, enqueued_ns, timings)``: model spans recorded after the
+  request's own span ended (a stream's last steps).
 """
 
 from __future__ import annotations
@@ -87,7 +88,17 @@ def spans_in(record: tuple) -> int:
     return 3 * len(record[-1])
 
 
-LENGTHS = [bytes((n,)) for n in range(128)]  # a length under 128 is one byte in protobuf's varint
+def varint(size: int) -> bytes:
+    """A length in protobuf's varint encoding."""
+    encoded = bytearray()
+    while size > 0x7F:
+        encoded.append(size & 0x7F | 0x80)
+        size >>= 7
+    encoded.append(size)
+    return bytes(encoded)
+
+
+VARINTS = [varint(n) for n in range(1 << 14)]  # every length a span has (two bytes at most), encoded once
 TIMES = struct.Struct("<BQBQ")  # a span's start_time_unix_nano (field 7) and end_time_unix_nano (8): fixed64
 REMOTE_FLAGS = b"\x85\x01" + struct.pack("<I", LOCAL_CHILD | IS_REMOTE)  # field 16 (fixed32), after the prototype's
 
@@ -95,14 +106,7 @@ REMOTE_FLAGS = b"\x85\x01" + struct.pack("<I", LOCAL_CHILD | IS_REMOTE)  # field
 def delimited(tag: bytes, body: bytes) -> bytes:
     """A length-delimited protobuf field: its tag, the body's length (varint), the body."""
     size = len(body)
-    if size < 128:
-        return tag + LENGTHS[size] + body
-    length = bytearray()
-    while size > 0x7F:
-        length.append(size & 0x7F | 0x80)
-        size >>= 7
-    length.append(size)
-    return tag + length + body
+    return tag + (VARINTS[size] if size < 1 << 14 else varint(size)) + body
 
 
 def span_field(*parts: bytes) -> bytes:
@@ -115,14 +119,21 @@ def trace_state_field(trace_state: str) -> bytes:
     return delimited(b"\x1a", trace_state.encode()) if trace_state else b""
 
 
+def request_id_attribute(request_id: str) -> bytes:
+    """A span's ``request.id`` attribute (field 9: a KeyValue, its value an AnyValue's string_value), encoded."""
+    value = delimited(b"\x0a", request_id.encode())
+    return delimited(b"\x4a", REQUEST_ID_KEY + delimited(b"\x12", value))
+
+
 REQUEST_ID_KEY = delimited(b"\x0a", REQUEST_ID.encode())  # KeyValue.key
+# a request id's attribute but for the id: one per length (an id is a plain token of 64 characters at most)
+REQUEST_ID_PREFIXES = [request_id_attribute("x" * n)[:-n] for n in range(1, 65)]
 
 
-def request_id_attribute(value: Any) -> bytes:
-    """A span's ``request.id`` attribute (field 9, a KeyValue), encoded."""
-    if isinstance(value, str):
-        return delimited(b"\x4a", REQUEST_ID_KEY + delimited(b"\x12", delimited(b"\x0a", value.encode())))
-    return delimited(b"\x4a", KeyValue(key=REQUEST_ID, value=any_value(value)).SerializeToString())
+def ids(traceparent: str) -> tuple[bytes, bytes]:
+    """A span's trace id field (``trace_id``, field 1, as every span of its trace has it) and its span id, from its
+    traceparent (the server's records carry them so)."""
+    return b"\x0a\x10" + bytes.fromhex(traceparent[3:35]), bytes.fromhex(traceparent[36:52])
 
 
 class Batches:
@@ -167,29 +178,34 @@ class Batches:
     def add(self, record: tuple) -> None:
         self._room(spans_in(record))
         if record[0] == "m":
-            _, trace_id, parent_id, trace_state, *model = record
-            state = trace_state_field(trace_state)
-            self._model_spans(trace_id.to_bytes(16, "big"), parent_id.to_bytes(8, "big"), state, *model)
+            _, traceparent, trace_state, *model = record
+            self._model_spans(*ids(traceparent), trace_state_field(trace_state), *model)
             return
-        _, trace_id, own_id, parent_id, trace_state, remote, name, start_ns, end_ns, attributes, failed, models = record
-        trace_bytes, own_bytes = trace_id.to_bytes(16, "big"), own_id.to_bytes(8, "big")
+        _, traceparent, parent_id, trace_state, name, start_ns, end_ns, attributes, request_id, failed, models = record
+        trace, own = ids(traceparent)
         state = trace_state_field(trace_state)
-        parts = [
-            self._server_prototype(name, attributes, failed),
-            b"\x0a\x10", trace_bytes, b"\x12\x08", own_bytes, TIMES.pack(0x39, start_ns, 0x41, end_ns), state,
-        ]  # fmt: skip
-        if parent_id:
-            parts += (b"\x22\x08", parent_id.to_bytes(8, "big"), REMOTE_FLAGS if remote else b"")
-        if REQUEST_ID in attributes:
-            parts.append(request_id_attribute(attributes[REQUEST_ID]))
-        self.spans.append(span_field(*parts))
+        server = self._servers.get((name, failed, *attributes, *attributes.values()))
+        if server is None:
+            server = self._server_prototype(name, attributes, failed)
+        parent = b"\x22\x08" + parent_id.to_bytes(8, "big") + REMOTE_FLAGS if parent_id else b""  # a caller's
+        request = request_id.encode()
+        request = (
+            REQUEST_ID_PREFIXES[len(request) - 1] + request
+            if 0 < len(request) <= 64
+            else request_id_attribute(request_id)
+        )
+        self.spans.append(
+            span_field(
+                server, trace, b"\x12\x08", own, TIMES.pack(0x39, start_ns, 0x41, end_ns), state, parent, request
+            )
+        )
         for model in models:
-            self._model_spans(trace_bytes, own_bytes, state, *model)
+            self._model_spans(trace, own, state, *model)
 
     def _model_spans(
         self,
-        trace_bytes: bytes,
-        parent_bytes: bytes,
+        trace: bytes,
+        parent_id: bytes,
         state: bytes,
         model: str,
         version: str,
@@ -197,71 +213,65 @@ class Batches:
         timings: list[tuple[int, int, int, int, int]],
     ) -> None:
         """``queue`` and ``batch`` under the request's span, ``forward`` under ``batch``, for each batch."""
-        trace = b"\x0a\x10" + trace_bytes
+        parent = b"\x22\x08" + parent_id
         for timing in timings:
-            batch, forward = self._prototypes(model, version, timing)
-            ids = random.getrandbits(192).to_bytes(24, "big")  # queue's, batch's and forward's span ids
-            queue_id, batch_id, forward_id = ids[:8], ids[8:16], ids[16:]
+            prototypes = self._batches.get((model, version, timing))
+            batch, forward = prototypes if prototypes is not None else self._prototypes(model, version, timing)
+            made = random.getrandbits(192).to_bytes(24, "big")  # queue's, batch's and forward's span ids
+            batch_id = made[8:16]
             self.spans += (
-                span_field(QUEUE, trace, b"\x12\x08", queue_id, b"\x22\x08", parent_bytes,
-                           TIMES.pack(0x39, enqueued_ns, 0x41, timing[1]), state),
-                span_field(batch, trace, b"\x12\x08", batch_id, b"\x22\x08", parent_bytes, state),
-                span_field(forward, trace, b"\x12\x08", forward_id, b"\x22\x08", batch_id, state),
+                span_field(QUEUE, trace, b"\x12\x08", made[:8], parent, TIMES.pack(0x39, enqueued_ns, 0x41, timing[1]),
+                           state),
+                span_field(batch, trace, b"\x12\x08", batch_id, parent, state),
+                span_field(forward, trace, b"\x12\x08", made[16:], b"\x22\x08", batch_id, state),
             )  # fmt: skip
 
     def _server_prototype(self, name: str, attributes: dict[str, Any], failed: bool) -> bytes:
         """A request's span but for its ids, times and request id, encoded: the same for every request to a route
         that answered with the same status, made once. Paths a client makes up (404s) come and go: the cache is
         bounded."""
-        shared = tuple((k, v) for k, v in attributes.items() if k != REQUEST_ID)
-
-        def make() -> bytes:
-            made = Span(flags=LOCAL_CHILD, name=name, kind=Span.SPAN_KIND_SERVER)
-            set_attributes(made.attributes, dict(shared))
-            if failed:
-                made.status.code = Status.STATUS_CODE_ERROR
-            return made.SerializeToString()
-
-        return cached(self._servers, (name, failed, shared), make, 10_000)
+        made = Span(flags=LOCAL_CHILD, name=name, kind=Span.SPAN_KIND_SERVER)
+        set_attributes(made.attributes, attributes)
+        if failed:
+            made.status.code = Status.STATUS_CODE_ERROR
+        return cache(self._servers, (name, failed, *attributes, *attributes.values()), made.SerializeToString(), 10_000)
 
     def _prototypes(self, model: str, version: str, timing: tuple) -> tuple[bytes, bytes]:
         """One batch's ``batch`` and ``forward`` spans but for their ids, encoded once for every request it
         served. A chunk of records spans a few batches: the cache never holds more than 1,000."""
         size, started_ns, run_started_ns, run_ended_ns, ended_ns = timing
-
-        def make() -> tuple[bytes, bytes]:
-            batch, forward = (
-                Span(
-                    flags=LOCAL_CHILD,
-                    name=name,
-                    kind=Span.SPAN_KIND_INTERNAL,
-                    start_time_unix_nano=start_ns,
-                    end_time_unix_nano=end_ns,
-                    attributes=self._model_attributes(model, named_version, size),
-                ).SerializeToString()
-                for name, start_ns, end_ns, named_version in (
-                    ("batch", started_ns, ended_ns, version),
-                    ("forward", run_started_ns, run_ended_ns, None),
-                )
+        batch, forward = (
+            Span(
+                flags=LOCAL_CHILD,
+                name=name,
+                kind=Span.SPAN_KIND_INTERNAL,
+                start_time_unix_nano=start_ns,
+                end_time_unix_nano=end_ns,
+                attributes=self._model_attributes(model, named_version, size),
+            ).SerializeToString()
+            for name, start_ns, end_ns, named_version in (
+                ("batch", started_ns, ended_ns, version),
+                ("forward", run_started_ns, run_ended_ns, None),
             )
-            return batch, forward
-
-        return cached(self._batches, (model, version, timing), make, 1000)
+        )
+        return cache(self._batches, (model, version, timing), (batch, forward), 1000)
 
     def _model_attributes(self, model: str, version: str | None, size: int) -> list[KeyValue]:
         """A model span's attributes, made once per kind (versions come and go: the cache is bounded)."""
-        named = {"model.name": model, **({"model.version": version} if version else {}), "batch.size": size}
-        return cached(self._attributes, (model, version, size), lambda: key_values(named), 10_000)
+        found = self._attributes.get((model, version, size))
+        if found is None:
+            named = {"model.name": model, **({"model.version": version} if version else {}), "batch.size": size}
+            found = cache(self._attributes, (model, version, size), key_values(named), 10_000)
+        return found
 
 
-def cached(cache: dict, key: Any, make: Callable[[], Any], limit: int) -> Any:
-    """``cache[key]``, made by ``make()`` the first time; past ``limit`` entries the cache starts afresh."""
-    found = cache.get(key)
-    if found is None:
-        if len(cache) >= limit:
-            cache.clear()
-        found = cache[key] = make()
-    return found
+def cache(into: dict, key: Any, value: Any, limit: int) -> Any:
+    """``value`` kept as ``into[key]`` (its callers look there first), and returned; past ``limit`` entries the
+    cache starts afresh."""
+    if len(into) >= limit:
+        into.clear()
+    into[key] = value
+    return value
 
 
 def resource() -> ResourceMessage:

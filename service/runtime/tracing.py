@@ -75,28 +75,43 @@ class RequestSpan:
     """One request's server span: its ids, its caller's, and what it records (only if ``sampled``)."""
 
     __slots__ = (
-        "trace_id",
-        "span_id",
+        "traceparent",
         "parent_id",
         "trace_state",
         "sampled",
         "start_ns",
         "attributes",
+        "request_id",
         "failed",
         "models",
         "ended",
-        "traceparent",
     )
 
-    def __init__(self, trace_id: int, parent_id: int, trace_state: str, sampled: bool, attributes: dict[str, Any]):
-        self.trace_id, self.span_id, self.parent_id = trace_id, random.getrandbits(64), parent_id
-        self.trace_state, self.sampled = trace_state, sampled
-        self.start_ns, self.attributes, self.failed = time.time_ns(), attributes, False
+    def __init__(
+        self,
+        trace_id: int,
+        parent_id: int,
+        trace_state: str,
+        sampled: bool,
+        attributes: dict[str, Any],
+        request_id: str,
+    ):
+        # this span as a W3C traceparent value: every answer carries it (as traceresponse, level 2: the server's
+        # span in place of the caller's), and so does the request's payload record; its record carries its ids
+        # so too (a string pickles as a copy, a 128-bit number as a conversion)
+        self.traceparent = f"00-{trace_id:032x}-{random.getrandbits(64):016x}-{'01' if sampled else '00'}"
+        self.parent_id, self.trace_state, self.sampled = parent_id, trace_state, sampled
+        self.start_ns, self.attributes, self.request_id, self.failed = time.time_ns(), attributes, request_id, False
         self.models: list[tuple] = []  # its model's spans, sent with its own (one record per request)
         self.ended = False
-        # this span as a W3C traceparent value: every answer carries it (as traceresponse, level 2: the server's
-        # span in place of the caller's), and so does the request's payload record
-        self.traceparent = f"00-{trace_id:032x}-{self.span_id:016x}-{'01' if sampled else '00'}"
+
+    @property
+    def trace_id(self) -> int:
+        return int(self.traceparent[3:35], 16)
+
+    @property
+    def span_id(self) -> int:
+        return int(self.traceparent[36:52], 16)
 
     def set_attribute(self, key: str, value: Any) -> None:
         self.attributes[key] = value
@@ -167,17 +182,22 @@ class Tracing:
 
     # -- one request (on the event loop) ------------------------------------------------------------------
 
-    def start_request(self, name: str, carrier: Mapping, attributes: dict[str, Any]) -> RequestSpan:
+    def start_request(
+        self, name: str, carrier: Mapping, attributes: dict[str, Any], request_id: str, raw: bool = True
+    ) -> RequestSpan:
         """A server span for one request, a child of the caller's context if it sent one (``carrier``: the
-        request's headers, raw (bytes) or gRPC's metadata). The caller keeps it on the request's CallContext,
-        where the model's spans and the payload record find it."""
-        if not self._raw_fields.isdisjoint(carrier):
-            parent = propagate.extract(carrier, getter=RAW_HEADERS)
-        elif not self._fields.isdisjoint(carrier):
-            parent = propagate.extract(carrier)
-        elif self._roots_sampled:
-            return RequestSpan(random.getrandbits(128), 0, "", True, attributes)
+        request's headers, raw (bytes) as ASGI has them, or else gRPC's metadata). ``attributes``: those its
+        route shares with other requests (the exporter encodes them once per route), ``request_id`` its own. The
+        caller keeps it on the request's CallContext, where the model's spans and the payload record find it."""
+        if raw:
+            parent = (
+                propagate.extract(carrier, getter=RAW_HEADERS) if not self._raw_fields.isdisjoint(carrier) else None
+            )
         else:
+            parent = propagate.extract(carrier) if not self._fields.isdisjoint(carrier) else None
+        if parent is None:
+            if self._roots_sampled:
+                return RequestSpan(random.getrandbits(128), 0, "", True, attributes, request_id)
             parent = EMPTY
         caller = trace.get_current_span(parent).get_span_context()
         trace_id = caller.trace_id if caller.is_valid else random.getrandbits(128)
@@ -188,16 +208,16 @@ class Tracing:
             caller.trace_state.to_header() if caller.is_valid else "",
             sampled.is_sampled(),
             attributes,
+            request_id,
         )
 
     def end_request(self, span: RequestSpan, name: str, attributes: dict[str, Any], failed: bool) -> None:
         span.ended = True
         if span.sampled:
             span.attributes.update(attributes)
-            end_ns = time.time_ns()
             self._pipe.put(
-                ("s", span.trace_id, span.span_id, span.parent_id, span.trace_state, bool(span.parent_id), name,
-                 span.start_ns, end_ns, span.attributes, failed or span.failed, span.models)
+                ("s", span.traceparent, span.parent_id, span.trace_state, name, span.start_ns, time.time_ns(),
+                 span.attributes, span.request_id, failed or span.failed, span.models)
             )  # fmt: skip
 
     @staticmethod
@@ -212,15 +232,16 @@ class Tracing:
         span = self.current_span()
         if span is None or not span.sampled:  # an in-process caller, or the sampler said no
             return
+        # a batch's times, one tuple that its requests share (pickled once in a frame, as the exporter needs it)
         timings = [
-            (b.size, b.started_ns, b.run_started_ns, b.run_ended_ns, b.ended_ns)
+            b.as_tuple()
             for b in (batches if len(batches) == 1 else {id(b): b for b in batches}.values())
             if b is not None
         ]
         if not span.ended:
             span.models.append((model, version, enqueued_ns, timings))
         else:  # after its answer (a stream's last steps): on their own
-            self._pipe.put(("m", span.trace_id, span.span_id, span.trace_state, model, version, enqueued_ns, timings))
+            self._pipe.put(("m", span.traceparent, span.trace_state, model, version, enqueued_ns, timings))
 
     def _spans_sent(self, report: tuple[int, int]) -> None:
         sent, failed = report

@@ -185,7 +185,7 @@ class CallGuard(grpc.aio.ServerInterceptor):
             if self.tracing is None:
                 return await self._serve(handler.unary_unary, context, method, request_id)
             call.span = span = self.tracing.start_request(  # _finish sets its status code
-                method, metadata, {"rpc.system": "grpc", "rpc.method": method, "request.id": request_id}
+                method, metadata, {"rpc.system": "grpc", "rpc.method": method}, request_id, raw=False
             )
             try:
                 return await self._serve(handler.unary_unary, context, method, request_id)

@@ -130,8 +130,8 @@ def test_each_request_is_sampled_as_the_configured_sampler_says(monkeypatch, sam
     tracing = Tracing.from_environment()
     tracing.start()
     try:
-        new = tracing.start_request("POST", {b"host": b"x"}, {})
-        joined = tracing.start_request("POST", {b"traceparent": CALLER.encode()}, {})
+        new = tracing.start_request("POST", {b"host": b"x"}, {}, "one")
+        joined = tracing.start_request("POST", {b"traceparent": CALLER.encode()}, {}, "two")
     finally:
         tracing.stop()
     assert (
@@ -210,14 +210,16 @@ def test_spans_copied_from_a_routes_prototype_keep_their_own_ids_times_caller_an
     timing = (2, 1_100, 1_200, 1_300, 1_400)  # one batch of two: taken, forward pass started and ended, done
     route = {"http.request.method": "POST", "url.path": "/doubler", "http.route": "/doubler"}
     batches = Batches(resource(), 512)
-    for trace_id, own, parent, state, remote, request_id, status, enqueued in (
-        (1, 11, 0, "", False, "first", 200, 1_050),
-        (2, 22, 33, "vendor=x", True, "second", 500, 1_060),
-        (3, 44, 0, "", False, "third", 200, 1_070),
+    # request ids of one character and of the 64 a client's may have, at the ends of the exporter's table
+    for trace_id, own, parent, state, request_id, status, enqueued in (
+        (1, 11, 0, "", "f", 200, 1_050),
+        (2, 22, 33, "vendor=x", "second", 500, 1_060),
+        (3, 44, 0, "", "t" * 64, 200, 1_070),
     ):
-        attributes = {**route, "request.id": request_id, "http.response.status_code": status}
-        batches.add(("s", trace_id, own, parent, state, remote, "POST /doubler", enqueued, 2_000 + trace_id,
-                     attributes, status >= 500, [("doubler", "v1", enqueued, [timing])]))  # fmt: skip
+        traceparent = f"00-{trace_id:032x}-{own:016x}-01"
+        batches.add(("s", traceparent, parent, state, "POST /doubler", enqueued, 2_000 + trace_id,
+                     {**route, "http.response.status_code": status}, request_id, status >= 500,
+                     [("doubler", "v1", enqueued, [timing])]))  # fmt: skip
     ((body, count),) = batches.take()
     request = ExportTraceServiceRequest.FromString(body)  # as a collector reads it
     assert [s.scope.name for s in request.resource_spans[0].scope_spans] == ["service"]
@@ -226,9 +228,9 @@ def test_spans_copied_from_a_routes_prototype_keep_their_own_ids_times_caller_an
     assert len(spans) == count == 3 * 4
     for n, (trace_id, own, parent, state, flags, request_id, failed, enqueued) in enumerate(
         (
-            (1, 11, 0, "", 0x101, "first", False, 1_050),
+            (1, 11, 0, "", 0x101, "f", False, 1_050),
             (2, 22, 33, "vendor=x", 0x301, "second", True, 1_060),
-            (3, 44, 0, "", 0x101, "third", False, 1_070),
+            (3, 44, 0, "", 0x101, "t" * 64, False, 1_070),
         )
     ):
         server, queue, batch, forward = spans[4 * n : 4 * n + 4]
