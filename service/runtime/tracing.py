@@ -89,17 +89,21 @@ class RequestSpan:
 
     def __init__(
         self,
-        trace_id: int,
+        trace_id: int | None,
         parent_id: int,
         trace_state: str,
         sampled: bool,
         attributes: dict[str, Any],
         request_id: str,
     ):
+        if trace_id is None:  # a new trace: its id and this span's from 192 random bits, in hex in one go
+            ids = random.getrandbits(192).to_bytes(24, "big").hex()
+        else:
+            ids = f"{trace_id:032x}{random.getrandbits(64):016x}"
         # this span as a W3C traceparent value: every answer carries it (as traceresponse, level 2: the server's
         # span in place of the caller's), and so does the request's payload record; its record carries its ids
         # so too (a string pickles as a copy, a 128-bit number as a conversion)
-        self.traceparent = f"00-{trace_id:032x}-{random.getrandbits(64):016x}-{'01' if sampled else '00'}"
+        self.traceparent = f"00-{ids[:32]}-{ids[32:]}-{'01' if sampled else '00'}"
         self.parent_id, self.trace_state, self.sampled = parent_id, trace_state, sampled
         self.start_ns, self.attributes, self.request_id, self.failed = time.time_ns(), attributes, request_id, False
         self.models: list[tuple] = []  # its model's spans, sent with its own (one record per request)
@@ -197,7 +201,7 @@ class Tracing:
             parent = propagate.extract(carrier) if not self._fields.isdisjoint(carrier) else None
         if parent is None:
             if self._roots_sampled:
-                return RequestSpan(random.getrandbits(128), 0, "", True, attributes, request_id)
+                return RequestSpan(None, 0, "", True, attributes, request_id)
             parent = EMPTY
         caller = trace.get_current_span(parent).get_span_context()
         trace_id = caller.trace_id if caller.is_valid else random.getrandbits(128)
@@ -229,7 +233,8 @@ class Tracing:
     def model_spans(self, model: str, version: str, enqueued_ns: int, batches: list) -> None:
         """The request's ``queue``, ``batch`` and ``forward`` spans under its span, from the times the batcher
         recorded (a request of several items may have run in several batches: a set for each)."""
-        span = self.current_span()
+        call = CURRENT.get()
+        span = call.span if call is not None else None
         if span is None or not span.sampled:  # an in-process caller, or the sampler said no
             return
         # a batch's times, one tuple that its requests share (pickled once in a frame, as the exporter needs it)

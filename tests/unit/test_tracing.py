@@ -3,6 +3,7 @@ shared by concurrent requests, a refused request's span, the OTEL_* variables th
 the start, and what is dropped (and counted) when the collector or the exporter process is down."""
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -137,6 +138,7 @@ def test_each_request_is_sampled_as_the_configured_sampler_says(monkeypatch, sam
     assert (
         new.sampled is roots_sampled
         and new.parent_id == 0
+        and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]", new.traceparent)
         and new.traceparent.endswith("01" if roots_sampled else "00")
     )
     assert joined.sampled is callers_sampled and (f"{joined.trace_id:032x}", f"{joined.parent_id:016x}") == (
