@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from pydantic_core import to_json
 
 from service.runtime.offload import ChildPipe
-from service.runtime.payload_export import pair, timestamp
+from service.runtime.payload_export import pair, sender, structured, structured_pairs, timestamp
 from service.runtime.payloads import plain
 from tests.conftest import serving
 from tests.receivers import EventSink
@@ -173,6 +173,46 @@ def test_a_stream_is_recorded_with_its_whole_answer(stub_app, tmp_path):
 @pytest.mark.parametrize("when", [0.0, 1796540238.0, 1796540238.9999996, 1796540238.123456])
 def test_an_events_time_is_rfc3339_in_utc_to_the_microsecond(when):
     assert datetime.fromisoformat(timestamp(when)) == datetime.fromtimestamp(when, UTC)
+
+
+def test_events_formatted_by_the_sender_read_as_their_attributes_and_data_would_be_written(tmp_path):
+    """The sender formats each event's JSON (no dict serialised per record): whatever its strings hold (quotes,
+    backslashes, line breaks, non-ASCII, %), every event reads as the attributes and data ``json`` would write, in
+    JSON Lines, a batch and structured mode alike."""
+    source, namespace = 'urn:"host"\\%s', "ns-é"
+    records = [
+        ("r1", "phone-price", "2026.12.05.143948", 1796540238.9999996, "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+         b'{\n"instances": [{"x": 1, "ram": 2}]}', (b'{"y": 2}',)),
+        ('odd"id\\\n\u00e9%d', 'model"%', "v\\1", 0.0, None, [{"x": "é", "ram": {"ram": 1}}], [{"error": "e\n"}]),
+    ]  # fmt: skip
+    data = [
+        ({"instances": [{"x": 1, "ram": "[redacted]"}]}, {"predictions": [{"y": 2}]}),
+        ({"instances": [{"x": "é", "ram": "[redacted]"}]}, {"predictions": [{"error": "e\n"}]}),
+    ]
+    expected = []
+    for (request_id, model, version, when, traceparent, *_), (request, response) in zip(records, data, strict=True):
+        attributes = {
+            "specversion": "1.0", "id": request_id, "source": source, "time": timestamp(when),
+            "datacontenttype": "application/json", "inferenceservicename": model, "component": "predictor",
+            "endpoint": version, "namespace": namespace, **({"traceparent": traceparent} if traceparent else {}),
+        }  # fmt: skip
+        expected += [
+            {"type": "org.kubeflow.serving.inference.request", **attributes, "data": request},
+            {"type": "org.kubeflow.serving.inference.response", **attributes, "data": response},
+        ]
+    sink = tmp_path / "records.jsonl"
+    settings = {"target": str(sink), "mode": "binary", "timeout_s": 1, "source": source, "namespace": namespace}
+    send, close = sender({**settings, "redact": ["ram"]})
+    assert list(send(records)) == [(4, 0)]
+    close()
+    lines = sink.read_bytes().splitlines()
+    assert [json.loads(line) for line in lines] == expected
+    assert [from_dict(json.loads(line)).get_attributes() for line in lines] == [
+        {k: v for k, v in event.items() if k != "data"} for event in expected
+    ]
+    pairs = [pair(record, source, namespace, frozenset({"ram"})) for record in records]
+    assert json.loads(b"[%b]" % b",".join(structured_pairs(pairs, b","))) == expected
+    assert [json.loads(event) for event in structured(pairs)] == expected
 
 
 def test_a_stop_signal_while_the_sender_starts_loses_no_record(tmp_path):
