@@ -96,7 +96,7 @@ class ChildPipe:
     def put(self, record: Any) -> None:
         """Queue one record (dropped, reported as ``queue_full``, if the queue is full); the queue goes to the child
         as soon as ``batch`` records wait."""
-        if len(self._waiting) + len(self._unsent_records) >= self.capacity:  # has_room(), inline: once a request
+        if not self.has_room():
             self.on_dropped("queue_full", [record])
             return
         self._waiting.append(record)

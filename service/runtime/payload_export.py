@@ -135,11 +135,6 @@ def to_pairs(records: list, source: str, namespace: str | None, redacted: frozen
     return made
 
 
-def pair(record: tuple, source: str, namespace: str | None, redacted: frozenset[str] = frozenset()) -> Pair:
-    """A record's two events (see :func:`to_pairs`)."""
-    return to_pairs([record], source, namespace, redacted)[0]
-
-
 def structured(pairs: list[Pair]) -> Iterator[bytes]:
     """Each event in CloudEvents' JSON format: its attributes and ``data``, one object."""
     for attributes, *data in pairs:

@@ -184,14 +184,13 @@ class Batches:
         _, traceparent, parent_id, trace_state, name, start_ns, end_ns, attributes, request_id, failed, models = record
         trace, own = ids(traceparent)
         state = trace_state_field(trace_state)
-        server = self._servers.get((name, failed, *attributes, *attributes.values()))
-        if server is None:
-            server = self._server_prototype(name, attributes, failed)
+        key = (name, failed, *attributes, *attributes.values())
+        server = self._servers.get(key) or self._server_prototype(key, name, attributes, failed)
         parent = b"\x22\x08" + parent_id.to_bytes(8, "big") + REMOTE_FLAGS if parent_id else b""  # a caller's
-        request = request_id.encode()
+        encoded_id = request_id.encode()
         request = (
-            REQUEST_ID_PREFIXES[len(request) - 1] + request
-            if 0 < len(request) <= 64
+            REQUEST_ID_PREFIXES[len(encoded_id) - 1] + encoded_id
+            if 0 < len(encoded_id) <= 64
             else request_id_attribute(request_id)
         )
         self.spans.append(
@@ -215,8 +214,8 @@ class Batches:
         """``queue`` and ``batch`` under the request's span, ``forward`` under ``batch``, for each batch."""
         parent = b"\x22\x08" + parent_id
         for timing in timings:
-            prototypes = self._batches.get((model, version, timing))
-            batch, forward = prototypes if prototypes is not None else self._prototypes(model, version, timing)
+            key = (model, version, timing)
+            batch, forward = self._batches.get(key) or self._prototypes(key)
             made = random.getrandbits(192).to_bytes(24, "big")  # queue's, batch's and forward's span ids
             batch_id = made[8:16]
             self.spans += (
@@ -226,7 +225,7 @@ class Batches:
                 span_field(forward, trace, b"\x12\x08", made[16:], b"\x22\x08", batch_id, state),
             )  # fmt: skip
 
-    def _server_prototype(self, name: str, attributes: dict[str, Any], failed: bool) -> bytes:
+    def _server_prototype(self, key: tuple, name: str, attributes: dict[str, Any], failed: bool) -> bytes:
         """A request's span but for its ids, times and request id, encoded: the same for every request to a route
         that answered with the same status, made once. Paths a client makes up (404s) come and go: the cache is
         bounded."""
@@ -234,12 +233,12 @@ class Batches:
         set_attributes(made.attributes, attributes)
         if failed:
             made.status.code = Status.STATUS_CODE_ERROR
-        return cache(self._servers, (name, failed, *attributes, *attributes.values()), made.SerializeToString(), 10_000)
+        return cache(self._servers, key, made.SerializeToString(), 10_000)
 
-    def _prototypes(self, model: str, version: str, timing: tuple) -> tuple[bytes, bytes]:
+    def _prototypes(self, key: tuple[str, str, tuple]) -> tuple[bytes, bytes]:
         """One batch's ``batch`` and ``forward`` spans but for their ids, encoded once for every request it
         served. A chunk of records spans a few batches: the cache never holds more than 1,000."""
-        size, started_ns, run_started_ns, run_ended_ns, ended_ns = timing
+        model, version, (size, started_ns, run_started_ns, run_ended_ns, ended_ns) = key
         batch, forward = (
             Span(
                 flags=LOCAL_CHILD,
@@ -254,7 +253,7 @@ class Batches:
                 ("forward", run_started_ns, run_ended_ns, None),
             )
         )
-        return cache(self._batches, (model, version, timing), (batch, forward), 1000)
+        return cache(self._batches, key, (batch, forward), 1000)
 
     def _model_attributes(self, model: str, version: str | None, size: int) -> list[KeyValue]:
         """A model span's attributes, made once per kind (versions come and go: the cache is bounded)."""

@@ -233,8 +233,7 @@ class Tracing:
     def model_spans(self, model: str, version: str, enqueued_ns: int, batches: list) -> None:
         """The request's ``queue``, ``batch`` and ``forward`` spans under its span, from the times the batcher
         recorded (a request of several items may have run in several batches: a set for each)."""
-        call = CURRENT.get()
-        span = call.span if call is not None else None
+        span = self.current_span()
         if span is None or not span.sampled:  # an in-process caller, or the sampler said no
             return
         # a batch's times, one tuple that its requests share (pickled once in a frame, as the exporter needs it)

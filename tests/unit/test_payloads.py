@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from pydantic_core import to_json
 
 from service.runtime.offload import ChildPipe
-from service.runtime.payload_export import pair, sender, structured, structured_pairs, timestamp
+from service.runtime.payload_export import sender, structured, structured_pairs, timestamp, to_pairs
 from service.runtime.payloads import plain
 from tests.conftest import serving
 from tests.receivers import EventSink
@@ -210,7 +210,7 @@ def test_events_formatted_by_the_sender_read_as_their_attributes_and_data_would_
     assert [from_dict(json.loads(line)).get_attributes() for line in lines] == [
         {k: v for k, v in event.items() if k != "data"} for event in expected
     ]
-    pairs = [pair(record, source, namespace, frozenset({"ram"})) for record in records]
+    pairs = to_pairs(records, source, namespace, frozenset({"ram"}))
     assert json.loads(b"[%b]" % b",".join(structured_pairs(pairs, b","))) == expected
     assert [json.loads(event) for event in structured(pairs)] == expected
 
@@ -266,10 +266,10 @@ def test_records_of_objects_reach_the_sender_as_plain_values_and_read_as_pydanti
         on_dropped=lambda reason, records: None, reduce=plain,
     )  # fmt: skip
     (received,) = PlainOnly(io.BytesIO(pipe._pickled([record]))).load()
-    _, request, response = pair(received, "urn:t", None)
+    ((_, request, response),) = to_pairs([received], "urn:t", None)
     assert json.loads(request) == {"instances": [json.loads(to_json(house)), [[0, 255], [17, 3]]]}
     assert json.loads(request)["instances"][0] == {"1stFlrSF": 856, "reading": {"value": 0.5}, "note": None}
     (error, other) = json.loads(response)["predictions"]
     assert error == {"error": "x must not be negative"} and other.startswith("<object object at")
-    _, redacted, _ = pair(received, "urn:t", None, frozenset({"value"}))
+    ((_, redacted, _),) = to_pairs([received], "urn:t", None, frozenset({"value"}))
     assert json.loads(redacted)["instances"][0]["reading"] == {"value": "[redacted]"}
