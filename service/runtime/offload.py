@@ -4,9 +4,9 @@ Why a process: the server's requests, the model's worker thread and anything els
 interpreter lock. Encoding spans and CloudEvents and posting them took 30-45 µs per request under that lock
 in a sender thread, a sixth of what a small request costs, and the request path waited for it. Here a record
 (plain values) is appended to a bounded queue; every ``batch`` records, or every ``delay_s`` (the pipe's
-thread), what waits is pickled in one go (the names and strings records share, once) and goes down the
-child's stdin as one frame, written without ever blocking (what the pipe cannot take yet goes before the next
-frame). A full batch is sent by the caller that puts its last record, pickling being cheap, unless the
+thread), what waits is pickled (or marshalled) in one go (the names and strings records share, once) and goes
+down the child's stdin as one frame, written without ever blocking (what the pipe cannot take yet goes before
+the next frame). A full batch is sent by the caller that puts its last record, encoding being cheap, unless the
 records hold objects that ``reduce`` turns into plain values as they are pickled (payload records' pydantic
 models): that is the thread's. The child (a module run with ``python -m``, see :func:`serve_records`) does
 the rest at the lowest CPU priority, writing back a count of what it delivered and what it could not.
@@ -37,7 +37,7 @@ log = logging.getLogger("service.offload")
 
 STOP_S = 5.0  # what is queued at shutdown has this long to go out
 RESTART_AFTER_S = 1.0
-FRAME = struct.Struct("<I")  # a frame's header: its length (then a pickled list of records)
+FRAME = struct.Struct("<I")  # a frame's header: its length (then its list of records, encoded)
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # a child ignores them: it ends when the server closes its pipe
 PIPE_BYTES = 1 << 20  # asked of Linux for the pipe to a child (its default 64 KiB is a third of a frame)
 
@@ -67,13 +67,17 @@ class ChildPipe:
         on_dropped: Callable[[str, list], None],
         greeting: Any = None,
         reduce: Callable[[Any], Any] | None = None,
+        encode: Callable[[list], bytes] = pickle.dumps,
     ):
         """``greeting``: what the child is told first (its settings: passed down, never through the environment).
         ``reduce``: a pickler's ``reducer_override`` for the objects in records that the child should get as
         plain values (it cannot import their classes); then the pipe's thread pickles and sends each batch
-        (woken when ``batch`` records wait), rather than the caller that puts its last record."""
+        (woken when ``batch`` records wait), rather than the caller that puts its last record. ``encode``: how a frame's
+        list of records is written, otherwise (``marshal.dumps`` for records of plain values: half of pickle's
+        cost, whose memo of every object it writes is most of its; the child decodes them so, see
+        :func:`serve_records`)."""
         self.module, self.capacity, self.batch, self.delay_s = module, capacity, batch, delay_s
-        self.on_report, self.on_dropped, self.greeting = on_report, on_dropped, greeting
+        self.on_report, self.on_dropped, self.greeting, self.encode = on_report, on_dropped, greeting, encode
         # a pickler whose reducer_override is ``reduce`` (a class attribute: pickle's C pickler looks it up there)
         self._pickler = (
             None if reduce is None else type("Pickler", (pickle.Pickler,), {"reducer_override": staticmethod(reduce)})
@@ -142,16 +146,16 @@ class ChildPipe:
             while self._unsent or self._waiting:
                 if not self._unsent:
                     records = [self._waiting.popleft() for _ in range(len(self._waiting))]
-                    body = self._pickled(records)
+                    body = self._encoded(records)
                     self._unsent, self._unsent_records = memoryview(FRAME.pack(len(body)) + body), records
                     if not self._child_running():
                         return
                 if not self._write():
                     return
 
-    def _pickled(self, records: list) -> bytes:
+    def _encoded(self, records: list) -> bytes:
         if self._pickler is None:
-            return pickle.dumps(records, pickle.HIGHEST_PROTOCOL)
+            return self.encode(records)
         frame = io.BytesIO()
         self._pickler(frame, pickle.HIGHEST_PROTOCOL).dump(records)
         return frame.getvalue()
@@ -239,9 +243,12 @@ class ChildPipe:
 Handler = Callable[[list], Iterable[Any]]
 
 
-def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) -> None:
+def serve_records(
+    setup: Callable[[Any], tuple[Handler, Callable[[], None]]], decode: Callable[[bytes], list] = pickle.loads
+) -> None:
     """A child's main loop: ``setup(greeting)`` gives the handler and what to do at the end; the records of
-    each frame from stdin (its :data:`FRAME` header, then a pickled list) go through the handler,
+    each frame from stdin (its :data:`FRAME` header, then a list, as its server's ChildPipe encodes it: pickled
+    unless it says otherwise) go through the handler,
     whose reports go back on stdout, until the server closes the pipe. The records are handled at the lowest
     CPU priority: that work waits for a core the requests leave idle (a queue that fills meanwhile drops
     records, counted, rather than slowing a request). Its start (imports, clients), once, is not: on a host
@@ -269,7 +276,7 @@ def serve_records(setup: Callable[[Any], tuple[Handler, Callable[[], None]]]) ->
             if len(header) < FRAME.size:  # the server closed the pipe: it is stopping (or gone)
                 return
             (size,) = FRAME.unpack(header)
-            records = pickle.loads(source.read(size))
+            records = decode(source.read(size))
             for outcome in handle(records):
                 pickle.dump(outcome, report)
             report.flush()

@@ -3,7 +3,7 @@ sends them (``python -m service.runtime.span_export``, started by :class:`servic
 
 Why a process of its own: the SDK's Python encoder takes about 21 µs per span and the SDK's span objects as
 much again to make, four spans per request, all under the server's interpreter lock. Here the server only
-records plain tuples and pickles them down a pipe; this process encodes the OTLP messages (each span the
+records plain tuples and marshals them down a pipe; this process encodes the OTLP messages (each span the
 protobuf bytes of one made once per route and status, or per batch, with the OpenTelemetry project's own
 classes, ``opentelemetry-proto``, followed by the fields that are its own: see :class:`Batches`) and posts them
 with the SDK's OTLP/HTTP exporter, which reads its ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers, timeout,
@@ -12,7 +12,7 @@ environment's proxy settings once, at the start (see :func:`session`).
 
 Told the export batch size first (``{"batch_size": n}``), then reads lists of records
 (service/runtime/offload.py) and reports ``(sent, failed)`` spans per export (the server counts them in
-``trace_spans_*_total``). Records:
+``trace_spans_*_total``). Records (marshalled: plain values):
 
 - ``("s", traceparent, parent_id, trace_state, name, start_ns, end_ns, attributes, request_id, failed, models)``:
   a request's server span (its trace and span ids in ``traceparent``, its caller's span id in ``parent_id``, 0
@@ -25,6 +25,7 @@ Told the export batch size first (``{"batch_size": n}``), then reads lists of re
 
 from __future__ import annotations
 
+import marshal
 import os
 import random
 import struct
@@ -321,4 +322,4 @@ def exporter(settings: dict[str, int]) -> tuple[Callable[[list], Iterator[tuple[
 
 
 if __name__ == "__main__":
-    serve_records(exporter)
+    serve_records(exporter, marshal.loads)  # as the server writes them (service/runtime/tracing.py)

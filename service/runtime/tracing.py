@@ -12,7 +12,7 @@ What a span costs the server is what decides this design. The SDK's own spans co
 and 21 µs to encode, four per request, under the interpreter lock the requests need: a third of what the
 server could serve. So the request's span here is a small object of its own, sampled by the SDK's sampler
 (OTEL_TRACES_SAMPLER; a request without a caller's context is sampled without a call where the sampler
-samples every such request), and a finished span is a tuple appended to a queue, pickled down a pipe in
+samples every such request), and a finished span is a tuple appended to a queue, marshalled down a pipe in
 batches to a child process (service/runtime/offload.py, span_export.py) that builds the OTLP messages and
 posts them. The queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE records) and sent when it holds
 OTEL_BSP_MAX_EXPORT_BATCH_SIZE records or every OTEL_BSP_SCHEDULE_DELAY ms; a full queue or a dead exporter
@@ -24,6 +24,7 @@ Off (no endpoint), every method returns at its first line: the hot path pays one
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import random
 import time
@@ -84,30 +85,19 @@ class RequestSpan:
         "request_id",
         "failed",
         "models",
-        "ended",
     )
 
     def __init__(
-        self,
-        trace_id: int | None,
-        parent_id: int,
-        trace_state: str,
-        sampled: bool,
-        attributes: dict[str, Any],
-        request_id: str,
+        self, ids: bytes, parent_id: int, trace_state: str, sampled: bool, attributes: dict[str, Any], request_id: str
     ):
-        if trace_id is None:  # a new trace: its id and this span's from 192 random bits, in hex in one go
-            ids = random.getrandbits(192).to_bytes(24, "big").hex()
-        else:
-            ids = f"{trace_id:032x}{random.getrandbits(64):016x}"
-        # this span as a W3C traceparent value: every answer carries it (as traceresponse, level 2: the server's
-        # span in place of the caller's), and so does the request's payload record; its record carries its ids
-        # so too (a string pickles as a copy, a 128-bit number as a conversion)
-        self.traceparent = f"00-{ids[:32]}-{ids[32:]}-{'01' if sampled else '00'}"
+        # ``ids``: the trace id's 16 bytes, then this span's 8. This span as a W3C traceparent value: every answer
+        # carries it (as traceresponse, level 2: the server's span in place of the caller's), and so does the
+        # request's payload record; its record carries its ids so too (a string is copied as it is written)
+        self.traceparent = f"00-{ids.hex('-', -16)}-{'01' if sampled else '00'}"
         self.parent_id, self.trace_state, self.sampled = parent_id, trace_state, sampled
         self.start_ns, self.attributes, self.request_id, self.failed = time.time_ns(), attributes, request_id, False
-        self.models: list[tuple] = []  # its model's spans, sent with its own (one record per request)
-        self.ended = False
+        # its model's spans, sent with its own (one record per request); None once it has ended
+        self.models: list[tuple] | None = []
 
     @property
     def trace_id(self) -> int:
@@ -160,6 +150,7 @@ class Tracing:
             on_report=self._spans_sent,
             on_dropped=self._dropped,
             greeting={"batch_size": bsp["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"]},
+            encode=marshal.dumps,  # plain values: half of what pickling them costs (span_export reads them so)
         )
         # the headers the propagators read (traceparent, tracestate, baggage): a request with none of them has no
         # caller's context to extract
@@ -200,14 +191,14 @@ class Tracing:
         else:
             parent = propagate.extract(carrier) if not self._fields.isdisjoint(carrier) else None
         if parent is None:
-            if self._roots_sampled:
-                return RequestSpan(None, 0, "", True, attributes, request_id)
+            if self._roots_sampled:  # a new trace: its id and this span's from 192 random bits
+                return RequestSpan(random.getrandbits(192).to_bytes(24, "big"), 0, "", True, attributes, request_id)
             parent = EMPTY
         caller = trace.get_current_span(parent).get_span_context()
         trace_id = caller.trace_id if caller.is_valid else random.getrandbits(128)
         sampled = self.sampler.should_sample(parent, trace_id, name, trace.SpanKind.SERVER, attributes).decision
         return RequestSpan(
-            trace_id,
+            trace_id.to_bytes(16, "big") + random.getrandbits(64).to_bytes(8, "big"),
             caller.span_id if caller.is_valid else 0,
             caller.trace_state.to_header() if caller.is_valid else "",
             sampled.is_sampled(),
@@ -216,12 +207,12 @@ class Tracing:
         )
 
     def end_request(self, span: RequestSpan, name: str, attributes: dict[str, Any], failed: bool) -> None:
-        span.ended = True
-        if span.sampled:
+        models, span.models = span.models, None
+        if span.sampled and models is not None:  # (None: it has ended already)
             span.attributes.update(attributes)
             self._pipe.put(
                 ("s", span.traceparent, span.parent_id, span.trace_state, name, span.start_ns, time.time_ns(),
-                 span.attributes, span.request_id, failed or span.failed, span.models)
+                 span.attributes, span.request_id, failed or span.failed, models)
             )  # fmt: skip
 
     @staticmethod
@@ -236,13 +227,13 @@ class Tracing:
         span = self.current_span()
         if span is None or not span.sampled:  # an in-process caller, or the sampler said no
             return
-        # a batch's times, one tuple that its requests share (pickled once in a frame, as the exporter needs it)
-        timings = [
-            b.as_tuple()
-            for b in (batches if len(batches) == 1 else {id(b): b for b in batches}.values())
-            if b is not None
-        ]
-        if not span.ended:
+        # a batch's times, one tuple that its requests share (written once in a frame, as the exporter needs it);
+        # the usual single batch without a comprehension's frame
+        if len(batches) == 1:
+            timings = [batches[0].as_tuple()] if batches[0] is not None else []
+        else:
+            timings = [b.as_tuple() for b in {id(b): b for b in batches}.values() if b is not None]
+        if span.models is not None:
             span.models.append((model, version, enqueued_ns, timings))
         else:  # after its answer (a stream's last steps): on their own
             self._pipe.put(("m", span.traceparent, span.trace_state, model, version, enqueued_ns, timings))
