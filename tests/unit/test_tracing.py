@@ -3,6 +3,7 @@ shared by concurrent requests, a refused request's span, the OTEL_* variables th
 the start, and what is dropped (and counted) when the collector or the exporter process is down."""
 
 import asyncio
+import marshal
 import re
 import time
 
@@ -13,6 +14,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from service.runtime.batching import BatchTiming
+from service.runtime.context import CURRENT, CallContext
 from service.runtime.offload import RESTART_AFTER_S, ChildPipe
 from service.runtime.span_export import Batches, resource, session
 from service.runtime.tracing import Tracing, TracingConfigError
@@ -145,6 +148,29 @@ def test_each_request_is_sampled_as_the_configured_sampler_says(monkeypatch, sam
         TRACE_ID,
         PARENT,
     )
+
+
+def test_a_span_is_recorded_once_with_its_models_and_model_spans_after_its_end_on_their_own(monkeypatch):
+    """A request's span carries the model spans noted before it ends; one noted after (a stream's last step) goes
+    as its own record, under the same trace; a second end records nothing. Every record is one marshal writes."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    tracing = Tracing.from_environment()
+    records: list[tuple] = []
+    monkeypatch.setattr(tracing._pipe, "put", records.append)
+    span = tracing.start_request("POST", {b"host": b"x"}, {"url.path": "/doubler"}, "one")
+    CURRENT.set(CallContext("one", span=span))
+    first, last = BatchTiming(2, 10, 11, 12, 13), BatchTiming(1, 20, 21, 22, 23)
+    tracing.model_spans("doubler", "v1", 5, [first])
+    tracing.end_request(span, "POST /doubler", {"http.response.status_code": 200}, False)
+    tracing.model_spans("doubler", "v1", 15, [last, last])  # one batch named twice: its spans once
+    tracing.end_request(span, "POST /doubler", {"http.response.status_code": 200}, False)
+    assert [r[0] for r in records] == ["s", "m"] and marshal.loads(marshal.dumps(records)) == records
+    own, late = records
+    assert own[1] == late[1] == span.traceparent and own[7] == {
+        "url.path": "/doubler",
+        "http.response.status_code": 200,
+    }
+    assert own[-1] == [("doubler", "v1", 5, [(2, 10, 11, 12, 13)])] and late[-1] == [(1, 20, 21, 22, 23)]
 
 
 def test_a_dead_collector_costs_no_answer_and_its_spans_are_counted(stub_app, monkeypatch):
