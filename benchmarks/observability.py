@@ -11,8 +11,10 @@ round, and loads each route for ``--duration`` seconds; each figure is the media
 ratio is given both as the ratio of the medians and as the median of each round's ratio. With
 ``--keep-servers`` both servers start once, are warmed up, and are loaded in turn each round, one route after
 the other (a pair of figures ``--duration`` seconds apart rather than a minute: on a shared machine whose speed
-drifts, the steadier ratio). The
-"on" server's records sent and dropped (``payload_log_*_total``) are reported with it.
+drifts, the steadier ratio); each load's CPU time per request is read too (Linux's schedstat), the server's and its
+child processes' (the span exporter and payload sender, at the lowest priority: on a machine whose cores the
+load keeps busy they may run partly after it, and a figure then reads low).
+The "on" server's records sent and dropped (``payload_log_*_total``) are reported with it.
 
     python -m benchmarks.observability [--rounds 3] [--duration 5] [--payload-format binary] [--keep-servers]
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -86,6 +89,21 @@ def start_nginx(work: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("nginx did not start")
 
 
+def run_ns(pid: int) -> int:
+    """The CPU time a process has run, all its threads together (ns: Linux's schedstat, finer than clock ticks)."""
+    return sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir())
+
+
+def cpu_ns(pid: int) -> tuple[int, int]:
+    """The CPU time of a server process, and of its child processes (the span exporter and the payload sender)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return run_ns(pid), sum(run_ns(child) for child in children)
+
+
+def standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
 def counter(text: str, name: str, **labels: str) -> float:
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
     found = re.search(rf"^{name}{{{wanted}}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
@@ -146,14 +164,23 @@ def main() -> None:
             },
         }
         samples: dict[str, dict[str, list[float]]] = {side: {r: [] for r in ROUTES} for side in sides}
+        # with --keep-servers: each load's CPU µs per request, the server's and its children's
+        cpu_us: dict[str, dict[str, dict[str, list[float]]]] = {
+            side: {r: {"server": [], "children": []} for r in ROUTES} for side in sides
+        }
         payload_reasons = ("queue_full", "sink_error", "sender_down")  # payload_log_dropped_total's
         records = {"sent": 0.0, **{f"dropped_{reason}": 0.0 for reason in payload_reasons}, "requests": 0}
         spans = {"sent": 0.0, "dropped": 0.0}
 
-        def load(side: str, port: int, routes: tuple[str, ...] = ROUTES) -> None:
+        def load(side: str, port: int, routes: tuple[str, ...] = ROUTES, pid: int | None = None) -> None:
             for name in routes:
+                before = cpu_ns(pid) if pid else (0, 0)
                 result = wrk(f"http://127.0.0.1:{port}/{name}", bodies[name], script, CLIENTS, args.duration)
                 samples[side][name].append(result["req_per_s"])
+                if pid:  # CPU per request: the server's, and its children's (the exporter's and the sender's)
+                    after = cpu_ns(pid)
+                    for part, spent in zip(("server", "children"), (b - a for a, b in zip(before, after)), strict=True):
+                        cpu_us[side][name][part].append(round(spent / 1000 / result["requests"], 1))
                 if side == "on":
                     records["requests"] += result["requests"]
                 print(f"{side:>3} /{name}: {result['req_per_s']:.0f} req/s", flush=True)
@@ -190,7 +217,7 @@ def main() -> None:
                         print(f"round {round_ + 1}", flush=True)
                         for name in ROUTES:  # each route's pair back to back: seconds apart, not a route's length
                             for side in order(round_):
-                                load(side, servers[side][0], (name,))
+                                load(side, servers[side][0], (name,), servers[side][1].pid)
                     count(servers["on"][0])
                 finally:
                     for _, server in servers.values():
@@ -219,6 +246,18 @@ def main() -> None:
         r: round(statistics.median(on / off for on, off in zip(samples["on"][r], samples["off"][r], strict=True)), 3)
         for r in ROUTES
     }
+    # the geometric mean of the rounds' on/off, with its standard error: what several runs' rounds pool into
+    logs = {
+        r: [math.log(on / off) for on, off in zip(samples["on"][r], samples["off"][r], strict=True)] for r in ROUTES
+    }
+    geometric = {
+        r: [round(math.exp(statistics.mean(v)), 3), round(math.exp(statistics.mean(v)) * standard_error(v), 3)]
+        for r, v in logs.items()
+    }
+    cpu = {
+        side: {r: {part: statistics.median(v) for part, v in parts_.items() if v} for r, parts_ in routes.items()}
+        for side, routes in cpu_us.items()
+    }
     summary = {
         "command": " ".join(["python -m benchmarks.observability", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -231,6 +270,11 @@ def main() -> None:
         "median_req_per_s": medians,
         "on_over_off": ratios,
         "median_round_on_over_off": round_ratios,
+        "geometric_mean_round_on_over_off": geometric,
+        # the median load's CPU µs per request (--keep-servers only): what traces and records cost in CPU, a figure
+        # the machine's drifting speed moves less than requests a second
+        "cpu_us_per_request": cpu if args.keep_servers else None,
+        "cpu_us_per_request_rounds": cpu_us if args.keep_servers else None,
         "payload_records": {**records, "expected": 2 * records["requests"]},
         # four spans per request (its own, queue, batch, forward) when every request is traced
         "spans": {**spans, "requests": records["requests"]},
@@ -241,9 +285,20 @@ def main() -> None:
     (RESULTS / f"observability-{'-'.join(sorted(parts))}-{args.payload_format}{ratio}{kept}.json").write_text(
         json.dumps(summary, indent=2) + "\n"
     )
-    print("\n| route | off req/s | on req/s | on / off | median round's on / off |\n|---|---:|---:|---:|---:|")
+    print(
+        "\n| route | off req/s | on req/s | on / off | median round's on / off | geometric mean |"
+        "\n|---|---:|---:|---:|---:|---:|"
+    )
     for r in ROUTES:
-        print(f"| /{r} | {medians['off'][r]:.0f} | {medians['on'][r]:.0f} | {ratios[r]:.2f} | {round_ratios[r]:.2f} |")
+        print(
+            f"| /{r} | {medians['off'][r]:.0f} | {medians['on'][r]:.0f} | {ratios[r]:.2f} | {round_ratios[r]:.2f} "
+            f"| {geometric[r][0]:.3f} ± {geometric[r][1]:.3f} |"
+        )
+    if args.keep_servers:
+        print("\nCPU µs per request (medians): server, children (exporter and sender)")
+        for r in ROUTES:
+            off, on = cpu["off"][r], cpu["on"][r]
+            print(f"/{r}: off {off['server']:.0f}, {off['children']:.0f} · on {on['server']:.0f}, {on['children']:.0f}")
     print(f"\npayload records (on): {json.dumps(summary['payload_records'])}")
     print(f"spans (on): {json.dumps(summary['spans'])}")
 
