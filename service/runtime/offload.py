@@ -72,10 +72,10 @@ class ChildPipe:
         """``greeting``: what the child is told first (its settings: passed down, never through the environment).
         ``reduce``: a pickler's ``reducer_override`` for the objects in records that the child should get as
         plain values (it cannot import their classes); then the pipe's thread pickles and sends each batch
-        (woken when ``batch`` records wait), rather than the caller that puts its last record. ``encode``: how a frame's
-        list of records is written, otherwise (``marshal.dumps`` for records of plain values: half of pickle's
-        cost, whose memo of every object it writes is most of its; the child decodes them so, see
-        :func:`serve_records`)."""
+        (woken when ``batch`` records wait), rather than the caller that puts its last record. ``encode``: how a
+        frame's list of records is written where there is no ``reduce`` (``marshal.dumps`` for records of plain
+        values: half of pickle's cost, whose memo of every object it writes is most of its; the child then
+        decodes them so, see :func:`serve_records`)."""
         self.module, self.capacity, self.batch, self.delay_s = module, capacity, batch, delay_s
         self.on_report, self.on_dropped, self.greeting, self.encode = on_report, on_dropped, greeting, encode
         # a pickler whose reducer_override is ``reduce`` (a class attribute: pickle's C pickler looks it up there)

@@ -159,7 +159,7 @@ class Batches:
     protobuf reads a field given twice as the last one given, and a repeated one (attributes) as all of them,
     so the bytes read as the prototype with those fields set. A request's spans are pieces of bytes added to a
     list, joined once per export request: building the messages (and serialising them) took about 70 % of this
-    process's CPU; a span made of bytes joined on its own, half of what is left."""
+    process's CPU; joining each span on its own, then all of them again, a fifth of what was left."""
 
     def __init__(self, resource: ResourceMessage, size: int):
         self.size = size
