@@ -55,6 +55,19 @@ class LogLimiter:
             self.logger.warning(message, *args)
 
 
+def _reducing_pickle(reduce: Callable[[Any], Any]) -> Callable[[list], bytes]:
+    """Pickles records with ``reduce`` as the pickler's ``reducer_override`` (a class attribute: pickle's C
+    pickler looks it up there)."""
+    pickler = type("Pickler", (pickle.Pickler,), {"reducer_override": staticmethod(reduce)})
+
+    def encode(records: list) -> bytes:
+        frame = io.BytesIO()
+        pickler(frame, pickle.HIGHEST_PROTOCOL).dump(records)
+        return frame.getvalue()
+
+    return encode
+
+
 class ChildPipe:
     def __init__(
         self,
@@ -77,11 +90,9 @@ class ChildPipe:
         values: half of pickle's cost, whose memo of every object it writes is most of its; the child then
         decodes them so, see :func:`serve_records`)."""
         self.module, self.capacity, self.batch, self.delay_s = module, capacity, batch, delay_s
-        self.on_report, self.on_dropped, self.greeting, self.encode = on_report, on_dropped, greeting, encode
-        # a pickler whose reducer_override is ``reduce`` (a class attribute: pickle's C pickler looks it up there)
-        self._pickler = (
-            None if reduce is None else type("Pickler", (pickle.Pickler,), {"reducer_override": staticmethod(reduce)})
-        )
+        self.on_report, self.on_dropped, self.greeting = on_report, on_dropped, greeting
+        self._in_thread = reduce is not None  # reducing is the pipe's thread's work, not a request's
+        self.encode = encode if reduce is None else _reducing_pickle(reduce)
         self._wake = threading.Event()
         self._waiting: deque[Any] = deque()  # records not yet in a frame
         self._unsent = memoryview(b"")  # what the pipe has not taken yet of the last frame
@@ -105,7 +116,7 @@ class ChildPipe:
             return
         self._waiting.append(record)
         if len(self._waiting) >= self.batch and self._ticker is not None:
-            if self._pickler is not None:
+            if self._in_thread:
                 self._wake.set()
             else:
                 self.flush()
@@ -146,19 +157,12 @@ class ChildPipe:
             while self._unsent or self._waiting:
                 if not self._unsent:
                     records = [self._waiting.popleft() for _ in range(len(self._waiting))]
-                    body = self._encoded(records)
+                    body = self.encode(records)
                     self._unsent, self._unsent_records = memoryview(FRAME.pack(len(body)) + body), records
                     if not self._child_running():
                         return
                 if not self._write():
                     return
-
-    def _encoded(self, records: list) -> bytes:
-        if self._pickler is None:
-            return self.encode(records)
-        frame = io.BytesIO()
-        self._pickler(frame, pickle.HIGHEST_PROTOCOL).dump(records)
-        return frame.getvalue()
 
     def _child_running(self) -> bool:
         """Whether the child is there for the new frame: started again if it exited (the frame is dropped if it

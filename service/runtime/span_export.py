@@ -87,7 +87,7 @@ def spans_in(record: tuple) -> int:
     if record[0] == "m":
         return 3 * len(record[-1])
     models = record[-1]
-    if len(models) == 1:  # the usual (without a generator's frame)
+    if len(models) == 1:  # the usual: without a generator's frame (2 k of this process's 38 k instructions a request)
         return 1 + 3 * len(models[0][-1])
     return 1 + 3 * sum(len(model[-1]) for model in models)
 
@@ -107,10 +107,14 @@ TIMES = struct.Struct("<BQBQ")  # a span's start_time_unix_nano (field 7) and en
 REMOTE_FLAGS = b"\x85\x01" + struct.pack("<I", LOCAL_CHILD | IS_REMOTE)  # field 16 (fixed32), after the prototype's
 
 
+def length(size: int) -> bytes:
+    """A length-delimited field's length, encoded (from the table up to two bytes)."""
+    return VARINTS[size] if size < len(VARINTS) else varint(size)
+
+
 def delimited(tag: bytes, body: bytes) -> bytes:
     """A length-delimited protobuf field: its tag, the body's length (varint), the body."""
-    size = len(body)
-    return tag + (VARINTS[size] if size < 1 << 14 else varint(size)) + body
+    return tag + length(len(body)) + body
 
 
 def trace_state_field(trace_state: str) -> bytes:
@@ -148,7 +152,7 @@ def head(prototype: bytes, size: int) -> bytes:
     """The start of a span of ``size`` bytes in ScopeSpans.spans (field 2) made from ``prototype`` (the fields
     that it shares with others, encoded): its tag, its length, the prototype, then the tag of its trace id, which
     comes next."""
-    return b"\x12" + (VARINTS[size] if size < 1 << 14 else varint(size)) + prototype + TRACE_ID
+    return b"\x12" + length(size) + prototype + TRACE_ID
 
 
 class Batches:
@@ -201,7 +205,7 @@ class Batches:
             return
         _, traceparent, parent_id, trace_state, name, start_ns, end_ns, attributes, request_id, failed, models = record
         trace, own = ids(traceparent)
-        state = trace_state_field(trace_state) if trace_state else b""
+        state = trace_state_field(trace_state)
         key = (name, failed, *attributes, *attributes.values())
         server = self._servers.get(key) or self._server_prototype(key, name, attributes, failed)
         encoded_id = request_id.encode()

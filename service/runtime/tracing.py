@@ -103,10 +103,6 @@ class RequestSpan:
     def trace_id(self) -> int:
         return int(self.traceparent[3:35], 16)
 
-    @property
-    def span_id(self) -> int:
-        return int(self.traceparent[36:52], 16)
-
     def set_attribute(self, key: str, value: Any) -> None:
         self.attributes[key] = value
 
@@ -227,12 +223,12 @@ class Tracing:
         span = self.current_span()
         if span is None or not span.sampled:  # an in-process caller, or the sampler said no
             return
-        # a batch's times, one tuple that its requests share (written once in a frame, as the exporter needs it);
-        # the usual single batch without a comprehension's frame
-        if len(batches) == 1:
-            timings = [batches[0].as_tuple()] if batches[0] is not None else []
-        else:
-            timings = [b.as_tuple() for b in {id(b): b for b in batches}.values() if b is not None]
+        # a batch's times, one tuple that its requests share (written once in a frame, as the exporter needs it)
+        timings = [
+            b.as_tuple()
+            for b in (batches if len(batches) == 1 else {id(b): b for b in batches}.values())
+            if b is not None
+        ]
         if span.models is not None:
             span.models.append((model, version, enqueued_ns, timings))
         else:  # after its answer (a stream's last steps): on their own

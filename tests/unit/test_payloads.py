@@ -265,7 +265,7 @@ def test_records_of_objects_reach_the_sender_as_plain_values_and_read_as_pydanti
         "service.runtime.payload_export", capacity=4, batch=4, delay_s=1, on_report=print,
         on_dropped=lambda reason, records: None, reduce=plain,
     )  # fmt: skip
-    (received,) = PlainOnly(io.BytesIO(pipe._encoded([record]))).load()
+    (received,) = PlainOnly(io.BytesIO(pipe.encode([record]))).load()
     ((_, request, response),) = to_pairs([received], "urn:t", None)
     assert json.loads(request) == {"instances": [json.loads(to_json(house)), [[0, 255], [17, 3]]]}
     assert json.loads(request)["instances"][0] == {"1stFlrSF": 856, "reading": {"value": 0.5}, "note": None}
