@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import io
 import logging
 import os
@@ -270,6 +271,11 @@ def serve_records(
         handle, close = setup(pickle.load(source))
     except EOFError:
         return
+    # What the child keeps (modules, clients, caches) is made by now, and its records hold no cycles: they are freed
+    # as they go. Left to the default collector, its passes over a frame's young records took a tenth of its CPU.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
     try:  # Linux: from now on, run only when a core would otherwise idle
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):

@@ -40,12 +40,16 @@ from service.models.base import Upload
 from service.runtime.context import CURRENT, CallContext
 from service.runtime.metrics import Metrics
 from service.runtime.offload import ChildPipe
+from service.runtime.payload_export import BATCH_PAIRS
 from service.settings import Settings
 
 log = logging.getLogger("service.payloads")
 
-IDLE_S = 0.05  # records go to the sender process this often, or ...
-SEND_AT = 256  # ... as soon as this many wait
+# Records go to the sender process this often, or as soon as a batch-mode POST's worth waits. Each frame costs
+# the server a wake-up of its pipe's thread and the sender a POST: frames of about 110 records (every 50 ms at
+# 2,500 requests a second) cost the sender 10.5-11.5 µs a record, frames of 500 7.4-7.7.
+IDLE_S = 0.5
+SEND_AT = BATCH_PAIRS
 
 
 @functools.cache

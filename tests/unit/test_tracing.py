@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from service.runtime.batching import BatchTiming
 from service.runtime.context import CURRENT, CallContext
 from service.runtime.offload import RESTART_AFTER_S, ChildPipe
-from service.runtime.span_export import Batches, resource, session
+from service.runtime.span_export import Batches, http_client, resource
 from service.runtime.tracing import Tracing, TracingConfigError
 from tests.conftest import free_port, serving
 from tests.receivers import OtlpReceiver
@@ -281,14 +281,20 @@ def test_spans_copied_from_a_routes_prototype_keep_their_own_ids_times_caller_an
         assert len({s.span_id for s in (server, queue, batch, forward)}) == 4
 
 
-def test_the_exporters_session_reads_the_proxy_once_and_leaves_a_credential_providers_alone(monkeypatch):
-    for name in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+def test_the_exporter_posts_over_urllib3_unless_a_proxy_tls_or_a_credential_provider_needs_a_requests_session(
+    monkeypatch,
+):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector.example:4318")
+    assert type(http_client()["_transport"]).__name__ == "Urllib3HTTPTransport"  # a plain http:// collector
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
-    made = session()
-    assert made is not None and made.proxies["http"] == "http://proxy.example:3128" and not made.trust_env
+    made = http_client()["session"]  # the proxy read once, and only then
+    assert made.proxies["http"] == "http://proxy.example:3128" and not made.trust_env
     monkeypatch.setenv("NO_PROXY", "collector.example")
-    assert "http" not in session().proxies  # type: ignore[union-attr]
+    assert "_transport" in http_client()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4318")
+    assert "session" in http_client()  # TLS: requests reads the certificate variables (OTEL_*, REQUESTS_CA_BUNDLE)
     monkeypatch.setenv("OTEL_PYTHON_EXPORTER_OTLP_HTTP_CREDENTIAL_PROVIDER", "a-provider")
-    assert session() is None  # the SDK loads the provider's session itself
+    assert http_client() == {}  # the SDK loads the provider's session itself
