@@ -8,8 +8,8 @@ requests are sent by ``--clients`` concurrent clients, and the counts are dumped
 each of the server's threads (the event loop's, the model's, the pipes' threads; the exporter and sender
 processes are not counted: they do not hold the server's interpreter lock). Under valgrind a server answers
 about 30 requests a second, so spans are sent per 512 as under load (OTEL_BSP_SCHEDULE_DELAY is raised) while
-payload records still go every 50 ms, a few at a time: their thread's count per request is higher than under
-load.
+payload records still go every 0.5 s, about 15 at a time: their thread's count per request is higher than under
+load (frames of 500).
 
     python -m benchmarks.instructions [--route phone-price] [--requests 1024] [--clients 16]
 
