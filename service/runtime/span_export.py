@@ -307,14 +307,15 @@ def resource() -> ResourceMessage:
 
 
 def http_client() -> dict[str, Any]:
-    """How the SDK's exporter posts, as its keyword argument. A plain ``http://`` endpoint that no proxy applies to
-    gets the SDK's urllib3 transport (taken through its private ``_transport``: the SDK builds a ``requests``
-    session itself): under load a 512-span POST cost it 4.6 µs of this process's CPU per traced request, the
-    session 7.4. Others keep a ``requests`` session, which knows proxies and reads the certificate variables:
-    one with the environment's proxy settings read once rather than at every POST (as ``requests`` does: its two
-    scans of the whole environment were about a quarter of what a POST cost; the CA bundle variables are read
-    once too, in :func:`exporter`), or none where a credential provider
-    (OTEL_PYTHON_EXPORTER_OTLP_HTTP_*CREDENTIAL_PROVIDER) makes the SDK's session."""
+    """How the SDK's exporter posts, as its keyword argument for :class:`OTLPSpanExporter`:
+    - to a plain ``http://`` endpoint that no proxy applies to, the SDK's urllib3 transport (its private
+      ``_transport``): a 512-span POST cost 4.6 µs of this process's CPU per traced request under load, against 7.4
+      through ``requests``;
+    - otherwise a ``requests`` session (proxies, certificates), the environment's proxy settings read once rather
+      than at every POST as ``requests`` does (its two scans of the whole environment were about a quarter of a
+      POST; the CA bundle variables are read once too, in :func:`exporter`);
+    - nothing where a credential provider (OTEL_PYTHON_EXPORTER_OTLP_HTTP_*CREDENTIAL_PROVIDER) makes the SDK's
+      own session."""
     if any(name.endswith("_CREDENTIAL_PROVIDER") for name in os.environ if name.startswith("OTEL_PYTHON_EXPORTER_")):
         return {}
     import requests
