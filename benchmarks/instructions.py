@@ -11,7 +11,11 @@ about 30 requests a second, so spans are sent per 512 as under load (OTEL_BSP_SC
 payload records still go every 0.5 s, about 15 at a time: their thread's count per request is higher than under
 load (frames of 500).
 
-    python -m benchmarks.instructions [--route phone-price] [--requests 1024] [--clients 16]
+With ``--cache-sim`` callgrind also simulates a core's caches (its first-level caches, and as its last level
+this machine's L2, each core's own): the misses per request of each, where a request's time goes beyond its
+instructions (writes benchmarks/results/instructions-<route>-cache.json).
+
+    python -m benchmarks.instructions [--route phone-price] [--requests 1024] [--clients 16] [--cache-sim]
 
 Needs valgrind and nginx. Writes benchmarks/results/instructions-<route>.json.
 """
@@ -36,6 +40,8 @@ from benchmarks.observability import free_port, start_nginx
 from service.catalog import get
 
 RESULTS = Path(__file__).parent / "results"
+# callgrind's miss counts, by cache: the first level's (instructions; data read and written) and the core's L2
+MISSES = {"I1": ("I1mr",), "D1": ("D1mr", "D1mw"), "L2": ("ILmr", "DLmr", "DLmw")}
 
 
 async def send(url: str, body: bytes, requests: int, clients: int) -> None:
@@ -53,21 +59,38 @@ async def send(url: str, body: bytes, requests: int, clients: int) -> None:
         await asyncio.gather(*(one_client() for _ in range(clients)))
 
 
-def thread_counts(prefix: Path) -> list[int]:
-    """Instructions per thread in the dump callgrind wrote when asked (part 1), most first."""
-    counts = []
+def thread_events(prefix: Path) -> list[dict[str, int]]:
+    """Each thread's counts (``Ir``: instructions; with the cache simulated, its misses too) in the dump callgrind
+    wrote when asked (part 1), most instructions first."""
+    threads = []
     for dump in prefix.parent.glob(prefix.name + ".1-*"):
-        found = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
-        counts.append(int(found.group(1)) if found else 0)
-    return sorted(counts, reverse=True)
+        text = dump.read_text(errors="replace")
+        events, totals = (re.search(rf"^{field}: (.+)$", text, re.M) for field in ("events", "totals"))
+        if events and totals:
+            threads.append(dict(zip(events.group(1).split(), map(int, totals.group(1).split()), strict=False)))
+    return sorted(threads, key=lambda counts: -counts.get("Ir", 0))
 
 
-def count(route: str, env: dict[str, str], requests: int, clients: int, work: Path, name: str) -> list[int]:
+def core_cache() -> str:
+    """This machine's L2 (each core's own: what a miss past it costs is a trip to the shared L3) as valgrind's
+    ``--LL`` reads it: size, ways, line."""
+    index = Path("/sys/devices/system/cpu/cpu0/cache/index2")
+    size = (index / "size").read_text().strip()
+    size_bytes = int(size.rstrip("KM")) << (20 if size.endswith("M") else 10 if size.endswith("K") else 0)
+    ways, line = ((index / name).read_text().strip() for name in ("ways_of_associativity", "coherency_line_size"))
+    return f"--LL={size_bytes},{ways},{line}"
+
+
+def count(
+    route: str, env: dict[str, str], requests: int, clients: int, work: Path, name: str, cache_sim: bool
+) -> list[dict[str, int]]:
+    """Per request, each busy thread's counts (:func:`thread_events`)."""
     port = free_port()
     prefix = work / f"callgrind-{name}"
+    cache = ["--cache-sim=yes", core_cache()] if cache_sim else []
     server = subprocess.Popen(
         [
-            "valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={prefix}",
+            "valgrind", "--tool=callgrind", "--separate-threads=yes", *cache, f"--callgrind-out-file={prefix}",
             sys.executable, "-m", "uvicorn", "service.app:app", "--port", str(port), "--log-level", "warning",
             "--no-access-log", "--http", "service.api.server:GuardedHttpProtocol",
         ],
@@ -88,7 +111,11 @@ def count(route: str, env: dict[str, str], requests: int, clients: int, work: Pa
         asyncio.run(send(url, body, requests, clients))
         subprocess.run(["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True)
         time.sleep(1)
-        return [round(c / requests) for c in thread_counts(prefix) if c > requests * 100]  # threads that worked
+        return [  # the threads that worked
+            {event: round(total / requests) for event, total in counts.items()}
+            for counts in thread_events(prefix)
+            if counts.get("Ir", 0) > requests * 100
+        ]
     finally:
         server.terminate()
         server.wait(120)
@@ -99,6 +126,11 @@ def main() -> None:
     parser.add_argument("--route", default="phone-price")
     parser.add_argument("--requests", type=int, default=1024)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="simulate the caches too (a core's L1s and its own L2): misses per request, next to instructions",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
         work = Path(tmp)
@@ -115,14 +147,16 @@ def main() -> None:
                     "SERVE_PAYLOAD_LOG_FORMAT": "batch",
                 },
             }
-            threads = {
-                side: count(args.route, env, args.requests, args.clients, work, side) for side, env in sides.items()
+            events = {
+                side: count(args.route, env, args.requests, args.clients, work, side, args.cache_sim)
+                for side, env in sides.items()
             }
         finally:
             nginx.terminate()
             nginx.wait(10)
+    threads = {side: [counts["Ir"] for counts in by_thread] for side, by_thread in events.items()}
     totals = {side: sum(counts) for side, counts in threads.items()}
-    summary = {
+    summary: dict = {
         "command": " ".join(["python -m benchmarks.instructions", *sys.argv[1:]]),
         "route": args.route,
         "requests": args.requests,
@@ -131,12 +165,26 @@ def main() -> None:
         "instructions_per_request": totals,
         "off_over_on": round(totals["off"] / totals["on"], 3),
     }
+    if args.cache_sim:  # the event loop's thread (the busiest), and all threads: misses of each cache per request
+        summary["misses_per_request"] = {
+            side: {
+                scope: {cache: sum(t.get(e, 0) for t in counted for e in names) for cache, names in MISSES.items()}
+                for scope, counted in (("event_loop", by_thread[:1]), ("all_threads", by_thread))
+            }
+            for side, by_thread in events.items()
+        }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"instructions-{args.route}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    name = f"instructions-{args.route}{'-cache' if args.cache_sim else ''}.json"
+    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"/{args.route}, instructions per request (threads, most first):")
     for side, counts in threads.items():
         print(f"  {side:>3}: {totals[side]:>9,} = {' + '.join(f'{c:,}' for c in counts)}")
     print(f"off / on: {summary['off_over_on']:.3f} (the share of the throughput kept, were time proportional)")
+    if args.cache_sim:
+        print("misses per request, the event loop's thread (all threads):")
+        for side, scopes in summary["misses_per_request"].items():
+            loop, every = scopes["event_loop"], scopes["all_threads"]
+            print("  " + f"{side:>3}: " + ", ".join(f"{c} {loop[c]:,} ({every[c]:,})" for c in MISSES))
 
 
 if __name__ == "__main__":

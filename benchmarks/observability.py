@@ -14,9 +14,12 @@ the other (a pair of figures ``--duration`` seconds apart rather than a minute: 
 drifts, the steadier ratio); each load's CPU time per request is read too (Linux's schedstat), the server's and its
 child processes' (the span exporter and payload sender, at the lowest priority: on a machine whose cores the
 load keeps busy they may run partly after it, and a figure then reads low).
-The "on" server's records sent and dropped (``payload_log_*_total``) are reported with it.
+The "on" server's records sent and dropped (``payload_log_*_total``) are reported with it. With ``--pin`` each
+server process (all its threads) has CPU 0 to itself, and wrk, nginx and the servers' child processes share the
+others: what the server itself adds, where its children and the load have room of their own.
 
     python -m benchmarks.observability [--rounds 3] [--duration 5] [--payload-format binary] [--keep-servers]
+        [--routes phone-price,fashion] [--pin]
 
 Needs nginx (``apt-get install nginx-light``) and wrk. Writes benchmarks/results/observability.json.
 """
@@ -42,7 +45,7 @@ from benchmarks.load import LUA, start_server, wrk
 from service.catalog import get
 
 RESULTS = Path(__file__).parent / "results"
-ROUTES = ("phone-price", "fashion")
+ROUTES = ("phone-price", "fashion")  # the default --routes
 CLIENTS = 64
 
 NGINX_CONF = """
@@ -94,10 +97,20 @@ def run_ns(pid: int) -> int:
     return sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir())
 
 
+def children(pid: int) -> list[int]:
+    """A server process's child processes (the span exporter and the payload sender)."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
 def cpu_ns(pid: int) -> tuple[int, int]:
-    """The CPU time of a server process, and of its child processes (the span exporter and the payload sender)."""
-    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
-    return run_ns(pid), sum(run_ns(child) for child in children)
+    """The CPU time of a server process, and of its child processes."""
+    return run_ns(pid), sum(run_ns(child) for child in children(pid))
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process on ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
 
 
 def standard_error(values: list[float]) -> float:
@@ -127,8 +140,18 @@ def main() -> None:
         action="store_true",
         help="start each side's server once and load them in turn every round (default: fresh servers each round)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server process on CPU 0 alone; wrk, nginx and the server's child processes on the others",
+    )
+    parser.add_argument("--routes", default=",".join(ROUTES), help="the routes loaded, each server serving them all")
     args = parser.parse_args()
+    routes = tuple(args.routes.split(","))
     parts = set(args.parts.split(","))
+    others = set(range(os.cpu_count() or 1)) - {0}
+    if args.pin:  # this process's children (nginx, wrk, the servers until they are pinned) inherit it
+        os.sched_setaffinity(0, others)
 
     with tempfile.TemporaryDirectory(prefix="bench-observability-") as tmp:
         work = Path(tmp)
@@ -136,7 +159,7 @@ def main() -> None:
         script = work / "post.lua"
         script.write_text(LUA)
         bodies = {}
-        for name in ROUTES:
+        for name in routes:
             bodies[name] = work / f"{name}.json"
             bodies[name].write_text(json.dumps(get(name).predictor_class().example))
         nginx, sink = start_nginx(work)
@@ -163,17 +186,17 @@ def main() -> None:
                 ),
             },
         }
-        samples: dict[str, dict[str, list[float]]] = {side: {r: [] for r in ROUTES} for side in sides}
+        samples: dict[str, dict[str, list[float]]] = {side: {r: [] for r in routes} for side in sides}
         # with --keep-servers: each load's CPU µs per request, the server's and its children's
         cpu_us: dict[str, dict[str, dict[str, list[float]]]] = {
-            side: {r: {"server": [], "children": []} for r in ROUTES} for side in sides
+            side: {r: {"server": [], "children": []} for r in routes} for side in sides
         }
         payload_reasons = ("queue_full", "sink_error", "sender_down")  # payload_log_dropped_total's
         records = {"sent": 0.0, **{f"dropped_{reason}": 0.0 for reason in payload_reasons}, "requests": 0}
         spans = {"sent": 0.0, "dropped": 0.0}
 
-        def load(side: str, port: int, routes: tuple[str, ...] = ROUTES, pid: int | None = None) -> None:
-            for name in routes:
+        def load(side: str, port: int, names: tuple[str, ...] = routes, pid: int | None = None) -> None:
+            for name in names:
                 before = cpu_ns(pid) if pid else (0, 0)
                 result = wrk(f"http://127.0.0.1:{port}/{name}", bodies[name], script, CLIENTS, args.duration)
                 samples[side][name].append(result["req_per_s"])
@@ -200,7 +223,12 @@ def main() -> None:
 
         def start(side: str) -> tuple[int, subprocess.Popen]:
             port = free_port()
-            return port, start_server(port, env={"SERVE_MODELS": json.dumps(list(ROUTES)), **sides[side]})
+            server = start_server(port, env={"SERVE_MODELS": json.dumps(list(routes)), **sides[side]})
+            if args.pin:
+                pin(server.pid, {0})
+                for child in children(server.pid):
+                    pin(child, others)
+            return port, server
 
         def order(round_: int) -> list[str]:
             return list(sides) if round_ % 2 == 0 else list(reversed(list(sides)))
@@ -210,12 +238,12 @@ def main() -> None:
                 servers = {side: start(side) for side in sides}
                 try:
                     for side, (port, _) in servers.items():  # warm-up, not sampled (its records are counted)
-                        for name in ROUTES:
+                        for name in routes:
                             warm = wrk(f"http://127.0.0.1:{port}/{name}", bodies[name], script, CLIENTS, 2)
                             records["requests"] += warm["requests"] if side == "on" else 0
                     for round_ in range(args.rounds):
                         print(f"round {round_ + 1}", flush=True)
-                        for name in ROUTES:  # each route's pair back to back: seconds apart, not a route's length
+                        for name in routes:  # each route's pair back to back: seconds apart, not a route's length
                             for side in order(round_):
                                 load(side, servers[side][0], (name,), servers[side][1].pid)
                     count(servers["on"][0])
@@ -239,30 +267,31 @@ def main() -> None:
             nginx.terminate()
             nginx.wait(10)
 
-    medians = {side: {r: statistics.median(v) for r, v in routes.items()} for side, routes in samples.items()}
-    ratios = {r: round(medians["on"][r] / medians["off"][r], 3) for r in ROUTES}
+    medians = {side: {r: statistics.median(v) for r, v in by_route.items()} for side, by_route in samples.items()}
+    ratios = {r: round(medians["on"][r] / medians["off"][r], 3) for r in routes}
     # each round's on/off, measured a minute apart at most: steadier than the ratio of medians where the machine drifts
     round_ratios = {
         r: round(statistics.median(on / off for on, off in zip(samples["on"][r], samples["off"][r], strict=True)), 3)
-        for r in ROUTES
+        for r in routes
     }
     # the geometric mean of the rounds' on/off, with its standard error: what several runs' rounds pool into
     logs = {
-        r: [math.log(on / off) for on, off in zip(samples["on"][r], samples["off"][r], strict=True)] for r in ROUTES
+        r: [math.log(on / off) for on, off in zip(samples["on"][r], samples["off"][r], strict=True)] for r in routes
     }
     geometric = {
         r: [round(math.exp(statistics.mean(v)), 3), round(math.exp(statistics.mean(v)) * standard_error(v), 3)]
         for r, v in logs.items()
     }
     cpu = {
-        side: {r: {part: statistics.median(v) for part, v in parts_.items() if v} for r, parts_ in routes.items()}
-        for side, routes in cpu_us.items()
+        side: {r: {part: statistics.median(v) for part, v in parts_.items() if v} for r, parts_ in by_route.items()}
+        for side, by_route in cpu_us.items()
     }
     summary = {
         "command": " ".join(["python -m benchmarks.observability", *sys.argv[1:]]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "clients": CLIENTS,
         "duration_s": args.duration,
+        "pinned": args.pin,
         "on": sorted(parts),
         "payload_format": args.payload_format,
         "trace_ratio": args.trace_ratio if args.trace_ratio is not None else 1.0,
@@ -282,21 +311,22 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     ratio = "" if args.trace_ratio is None else f"-ratio{args.trace_ratio:g}"
     kept = "-kept" if args.keep_servers else ""
-    (RESULTS / f"observability-{'-'.join(sorted(parts))}-{args.payload_format}{ratio}{kept}.json").write_text(
-        json.dumps(summary, indent=2) + "\n"
-    )
+    pinned = "-pinned" if args.pin else ""
+    some = "" if routes == ROUTES else "-" + "-".join(routes)
+    name = f"observability-{'-'.join(sorted(parts))}-{args.payload_format}{ratio}{kept}{pinned}{some}.json"
+    (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
     print(
         "\n| route | off req/s | on req/s | on / off | median round's on / off | geometric mean |"
         "\n|---|---:|---:|---:|---:|---:|"
     )
-    for r in ROUTES:
+    for r in routes:
         print(
             f"| /{r} | {medians['off'][r]:.0f} | {medians['on'][r]:.0f} | {ratios[r]:.2f} | {round_ratios[r]:.2f} "
             f"| {geometric[r][0]:.3f} ± {geometric[r][1]:.3f} |"
         )
     if args.keep_servers:
         print("\nCPU µs per request (medians): server, children (exporter and sender)")
-        for r in ROUTES:
+        for r in routes:
             off, on = cpu["off"][r], cpu["on"][r]
             print(f"/{r}: off {off['server']:.0f}, {off['children']:.0f} · on {on['server']:.0f}, {on['children']:.0f}")
     print(f"\npayload records (on): {json.dumps(summary['payload_records'])}")
