@@ -21,7 +21,8 @@ others: what the server itself adds, where its children and the load have room o
     python -m benchmarks.observability [--rounds 3] [--duration 5] [--payload-format binary] [--keep-servers]
         [--routes phone-price,fashion] [--pin]
 
-Needs nginx (``apt-get install nginx-light``) and wrk. Writes benchmarks/results/observability.json.
+Needs nginx (``apt-get install nginx-light``) and wrk. Writes
+benchmarks/results/observability-<parts>-<format>[-ratio<r>][-kept][-pinned][-<routes>].json.
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def main() -> None:
     routes = tuple(args.routes.split(","))
     parts = set(args.parts.split(","))
     others = set(range(os.cpu_count() or 1)) - {0}
+    if args.pin and not others:
+        parser.error("--pin needs at least two CPUs: the server on one, the rest on the others")
     if args.pin:  # this process's children (nginx, wrk, the servers until they are pinned) inherit it
         os.sched_setaffinity(0, others)
 
