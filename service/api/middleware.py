@@ -180,14 +180,9 @@ class RequestContextMiddleware:
         CURRENT.set(call)  # the registry reads the caller's key, deadline and id there
         span = trace_id = None
         if self.tracing is not None:  # the request's span, a child of the caller's traceparent if it sent one
-            call.span = span = self.tracing.start_request(
-                scope["method"],
-                headers,
-                {"http.request.method": scope["method"], "url.path": scope["path"]},
-                request_id,
-            )
-            trace_id, traceresponse = span.ids()
-            id_headers.append((b"traceresponse", traceresponse.encode()))
+            call.span = span = self.tracing.start_request(scope["method"], headers, None, request_id)
+            trace_id = span.traceparent[3:35]
+            id_headers.append((b"traceresponse", span.traceparent.encode()))
         status = 500
         refused = False  # set once this middleware has answered 413 itself
         limit = self.gate.body_limit(scope["path"])
@@ -295,7 +290,12 @@ class RequestContextMiddleware:
                 self.tracing.end_request(
                     span,
                     f"{scope['method']} {label}",
-                    {"http.route": label, "http.response.status_code": status},
+                    {
+                        "http.request.method": scope["method"],
+                        "url.path": scope["path"],
+                        "http.route": label,
+                        "http.response.status_code": status,
+                    },
                     status >= 500,
                 )
             log.info(

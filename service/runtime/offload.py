@@ -112,7 +112,7 @@ class ChildPipe:
     def put(self, record: Any) -> None:
         """Queue one record (dropped, reported as ``queue_full``, if the queue is full); the queue goes to the child
         as soon as ``batch`` records wait."""
-        if not self.has_room():
+        if len(self._waiting) + len(self._unsent_records) >= self.capacity:  # (has_room, inline: once per request)
             self.on_dropped("queue_full", [record])
             return
         self._waiting.append(record)

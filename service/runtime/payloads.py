@@ -133,13 +133,13 @@ class PayloadLog:
         cost their pickling, or their JSON. A batch's body (and an error's) goes as the event's data; one
         instance's (one prediction's) in a 1-tuple, put in ``{"instances": [...]}`` by the sender, which also makes
         any body one line of UTF-8."""
-        if not self._drawn():
+        if self.sample < 1 and random.random() >= self.sample:  # (_drawn and _put, inline: once per request)
             return
-        assert call.sent is not None and call.answered_by is not None
-        (body, batch), (model, version) = call.sent, call.answered_by
-        instances = body if batch else (body,)
-        predictions = answer if batch or status >= 300 else (answer,)
-        self._put(call, model, version, instances, predictions)
+        (body, batch), (model, version), span = call.sent, call.answered_by, call.span  # type: ignore[misc]
+        self._pipe.put(
+            (call.request_id, model, version, time.time(), span.traceparent if span is not None else None,
+             body if batch else (body,), answer if batch or status >= 300 else (answer,))
+        )  # fmt: skip
 
     def _drawn(self) -> bool:
         """Whether this request is recorded (SERVE_PAYLOAD_LOG_SAMPLE)."""

@@ -51,6 +51,7 @@ SUPPORTED_PROTOCOL = "http/protobuf"
 # own span, or its model's three)
 BSP_DEFAULTS = {"OTEL_BSP_MAX_QUEUE_SIZE": 2048, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": 512, "OTEL_BSP_SCHEDULE_DELAY": 5000}
 EMPTY = Context()
+IDS_AT_ONCE = 256  # new traces whose ids are drawn at once (see Tracing._draw_ids)
 
 
 class _RawHeaders(Getter[Mapping[bytes, bytes]]):
@@ -88,13 +89,18 @@ class RequestSpan:
     )
 
     def __init__(
-        self, ids: bytes, parent_id: int, trace_state: str, sampled: bool, attributes: dict[str, Any], request_id: str
+        self,
+        traceparent: str,
+        parent_id: int,
+        trace_state: str,
+        sampled: bool,
+        attributes: dict[str, Any] | None,
+        request_id: str,
     ):
-        # ``ids``: the trace id's 16 bytes, then this span's 8. This span as a W3C traceparent value: every answer
-        # carries it (as traceresponse, level 2: the server's span in place of the caller's), and so does the
-        # request's payload record; its record carries its ids so too (a string is copied as it is written)
-        self.traceparent = f"00-{ids.hex('-', -16)}-{'01' if sampled else '00'}"
-        self.parent_id, self.trace_state, self.sampled = parent_id, trace_state, sampled
+        # ``traceparent``: this span as a W3C traceparent value. Every answer carries it (as traceresponse, level
+        # 2: the server's span in place of the caller's), and so does the request's payload record. ``attributes``:
+        # those known at its start (None: the HTTP middleware gives them all at its end)
+        self.traceparent, self.parent_id, self.trace_state, self.sampled = traceparent, parent_id, trace_state, sampled
         self.start_ns, self.attributes, self.request_id, self.failed = time.time_ns(), attributes, request_id, False
         # its model's spans, sent with its own (one record per request); None once it has ended
         self.models: list[tuple] | None = []
@@ -104,6 +110,8 @@ class RequestSpan:
         return int(self.traceparent[3:35], 16)
 
     def set_attribute(self, key: str, value: Any) -> None:
+        if self.attributes is None:
+            self.attributes = {}
         self.attributes[key] = value
 
     def ids(self) -> tuple[str, str]:
@@ -127,6 +135,7 @@ class Tracing:
         # request is sampled without asking (the sampler's call was a tenth of what tracing cost a request)
         sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
         self._roots_sampled = sampler in ("always_on", "parentbased_always_on")
+        self._new_ids: list[str] = []  # traceparents for new traces, drawn in advance (_draw_ids)
         if not self.on:
             return
         if exporter != "otlp":
@@ -164,6 +173,7 @@ class Tracing:
         from opentelemetry.sdk.trace import TracerProvider
 
         self.sampler = TracerProvider(shutdown_on_exit=False).sampler
+        self._new_ids = []  # none drawn before a fork: each worker draws its own
         self._pipe.start()
         log.info("tracing: spans go to %s over OTLP/HTTP (sampler %s)", self.endpoint, self.sampler.get_description())
 
@@ -174,12 +184,13 @@ class Tracing:
     # -- one request (on the event loop) ------------------------------------------------------------------
 
     def start_request(
-        self, name: str, carrier: Mapping, attributes: dict[str, Any], request_id: str, raw: bool = True
+        self, name: str, carrier: Mapping, attributes: dict[str, Any] | None, request_id: str, raw: bool = True
     ) -> RequestSpan:
         """A server span for one request, a child of the caller's context if it sent one (``carrier``: the
         request's headers, raw (bytes) as ASGI has them, or else gRPC's metadata). ``attributes``: those its
-        route shares with other requests (the exporter encodes them once per route), ``request_id`` its own. The
-        caller keeps it on the request's CallContext, where the model's spans and the payload record find it."""
+        route shares with other requests (the exporter encodes them once per route), or None where they all come
+        with :meth:`end_request`; ``request_id`` its own. The caller keeps it on the request's CallContext, where the
+        model's spans and the payload record find it."""
         if raw:
             parent = (
                 propagate.extract(carrier, getter=RAW_HEADERS) if not self._raw_fields.isdisjoint(carrier) else None
@@ -187,14 +198,16 @@ class Tracing:
         else:
             parent = propagate.extract(carrier) if not self._fields.isdisjoint(carrier) else None
         if parent is None:
-            if self._roots_sampled:  # a new trace: its id and this span's from 192 random bits
-                return RequestSpan(random.getrandbits(192).to_bytes(24, "big"), 0, "", True, attributes, request_id)
+            if self._roots_sampled:  # a new trace, sampled: its ids drawn in advance
+                if not self._new_ids:
+                    self._draw_ids()
+                return RequestSpan(self._new_ids.pop(), 0, "", True, attributes, request_id)
             parent = EMPTY
         caller = trace.get_current_span(parent).get_span_context()
         trace_id = caller.trace_id if caller.is_valid else random.getrandbits(128)
         sampled = self.sampler.should_sample(parent, trace_id, name, trace.SpanKind.SERVER, attributes).decision
         return RequestSpan(
-            trace_id.to_bytes(16, "big") + random.getrandbits(64).to_bytes(8, "big"),
+            f"00-{trace_id:032x}-{random.getrandbits(64):016x}-{'01' if sampled.is_sampled() else '00'}",
             caller.span_id if caller.is_valid else 0,
             caller.trace_state.to_header() if caller.is_valid else "",
             sampled.is_sampled(),
@@ -202,13 +215,21 @@ class Tracing:
             request_id,
         )
 
+    def _draw_ids(self) -> None:
+        """The traceparents of the next IDS_AT_ONCE new traces (a trace id and a span id each, sampled): one random
+        number and one hex encoding for all of them, where drawing and encoding each request's was a sixth of what
+        its span cost the server."""
+        digits = random.getrandbits(IDS_AT_ONCE * 192).to_bytes(IDS_AT_ONCE * 24, "big").hex()
+        self._new_ids = [f"00-{digits[i : i + 32]}-{digits[i + 32 : i + 48]}-01" for i in range(0, len(digits), 48)]
+
     def end_request(self, span: RequestSpan, name: str, attributes: dict[str, Any], failed: bool) -> None:
         models, span.models = span.models, None
         if span.sampled and models is not None:  # (None: it has ended already)
-            span.attributes.update(attributes)
+            if span.attributes:
+                attributes = {**span.attributes, **attributes}
             self._pipe.put(
                 ("s", span.traceparent, span.parent_id, span.trace_state, name, span.start_ns, time.time_ns(),
-                 span.attributes, span.request_id, failed or span.failed, models)
+                 attributes, span.request_id, failed or span.failed, models)
             )  # fmt: skip
 
     @staticmethod
@@ -220,15 +241,15 @@ class Tracing:
     def model_spans(self, model: str, version: str, enqueued_ns: int, batches: list) -> None:
         """The request's ``queue``, ``batch`` and ``forward`` spans under its span, from the times the batcher
         recorded (a request of several items may have run in several batches: a set for each)."""
-        span = self.current_span()
+        call = CURRENT.get()
+        span = call.span if call is not None else None
         if span is None or not span.sampled:  # an in-process caller, or the sampler said no
             return
         # a batch's times, one tuple that its requests share (written once in a frame, as the exporter needs it)
-        timings = [
-            b.as_tuple()
-            for b in (batches if len(batches) == 1 else {id(b): b for b in batches}.values())
-            if b is not None
-        ]
+        if len(batches) == 1:
+            timings = [batches[0].as_tuple()] if batches[0] is not None else []
+        else:
+            timings = [b.as_tuple() for b in {id(b): b for b in batches}.values() if b is not None]
         if span.models is not None:
             span.models.append((model, version, enqueued_ns, timings))
         else:  # after its answer (a stream's last steps): on their own

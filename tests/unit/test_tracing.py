@@ -4,6 +4,7 @@ the start, and what is dropped (and counted) when the collector or the exporter 
 
 import asyncio
 import marshal
+import os
 import re
 import time
 
@@ -18,7 +19,7 @@ from service.runtime.batching import BatchTiming
 from service.runtime.context import CURRENT, CallContext
 from service.runtime.offload import RESTART_AFTER_S, ChildPipe
 from service.runtime.span_export import Batches, http_client, resource
-from service.runtime.tracing import Tracing, TracingConfigError
+from service.runtime.tracing import IDS_AT_ONCE, Tracing, TracingConfigError
 from tests.conftest import free_port, serving
 from tests.receivers import OtlpReceiver
 from tests.unit.test_payloads import metric
@@ -148,6 +149,28 @@ def test_each_request_is_sampled_as_the_configured_sampler_says(monkeypatch, sam
         TRACE_ID,
         PARENT,
     )
+
+
+def test_new_traces_ids_drawn_in_advance_are_unique_and_each_worker_draws_its_own(monkeypatch):
+    """New traces take ids drawn a few hundred at a time: each request's are its own, past the first draw too, and a
+    worker forked after a draw draws afresh rather than repeating its parent's."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    tracing = Tracing.from_environment()
+    monkeypatch.setattr(tracing._pipe, "start", lambda: None)  # no exporter process: only the ids are looked at
+    spans = [tracing.start_request("POST", {b"host": b"x"}, None, str(n)) for n in range(3 * IDS_AT_ONCE + 1)]
+    parents = [span.traceparent for span in spans]
+    assert all(re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-01", p) for p in parents)
+    assert len({p[3:35] for p in parents}) == len({p[36:52] for p in parents}) == len(parents)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker: what the lifespan does after the fork, then one request
+        tracing.start()
+        os.write(writer, tracing.start_request("POST", {b"host": b"x"}, None, "worker").traceparent.encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    in_worker = os.read(reader, 100).decode()
+    in_parent = tracing.start_request("POST", {b"host": b"x"}, None, "parent").traceparent
+    assert in_worker[3:35] != in_parent[3:35] and in_worker not in parents
 
 
 def test_a_span_is_recorded_once_with_its_models_and_model_spans_after_its_end_on_their_own(monkeypatch):
