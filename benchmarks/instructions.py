@@ -15,7 +15,13 @@ With ``--cache-sim`` callgrind also simulates a core's caches (its first-level c
 this machine's L2, each core's own): the misses per request of each, where a request's time goes beyond its
 instructions (writes benchmarks/results/instructions-<route>-cache.json).
 
+With ``--in-process`` the requests go straight to the app (its ASGI entry point, ``--clients`` at a time, in the
+process that callgrind runs: no HTTP server and no client), so what is counted is the app's own work per request,
+and a count repeats within about 3 k per request where one through uvicorn moves by 5-10 k (run it with
+``--requests 2048``: the dump's own cost is spread over them; writes instructions-<route>-in-process.json).
+
     python -m benchmarks.instructions [--route phone-price] [--requests 1024] [--clients 16] [--cache-sim]
+        [--in-process]
 
 Needs valgrind and nginx. Writes benchmarks/results/instructions-<route>.json.
 """
@@ -59,6 +65,50 @@ async def send(url: str, body: bytes, requests: int, clients: int) -> None:
         await asyncio.gather(*(one_client() for _ in range(clients)))
 
 
+def callgrind_control(option: str, pid: int) -> None:
+    """Asks callgrind to zero (``-z``) or dump (``-d``) its counters in process ``pid``."""
+    subprocess.run(["callgrind_control", option, str(pid)], check=True, capture_output=True)
+
+
+async def drive_in_process(route: str, requests: int, clients: int) -> None:
+    """What runs under callgrind with ``--in-process``: the app built as uvicorn would, its lifespan started, a
+    warm-up, then ``requests`` POSTs to ``/route`` straight to its ASGI entry point, ``clients`` at a time, counted
+    between a zero and a dump of callgrind's counters (asked of it by this process, as it waits)."""
+    from service.app import create_app
+
+    app = create_app()
+    body = json.dumps(get(route).predictor_class().example).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+
+    async def one() -> None:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": f"/{route}", "raw_path": f"/{route}".encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"127.0.0.1"), *head], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        }  # fmt: skip
+        answer: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict) -> None:
+            answer.append(message)
+
+        await app(scope, receive, send)
+        if answer[0]["status"] != 200:
+            raise RuntimeError(f"/{route} answered {answer[0]['status']}: {answer[1:]}")
+
+    async def load(count: int) -> None:
+        for _ in range(count // clients):
+            await asyncio.gather(*(one() for _ in range(clients)))
+
+    async with app.router.lifespan_context(app):
+        await load(8 * clients)  # warm-up, not counted
+        await asyncio.to_thread(callgrind_control, "-z", os.getpid())
+        await load(requests)
+        await asyncio.to_thread(callgrind_control, "-d", os.getpid())
+
+
 def thread_events(prefix: Path) -> list[dict[str, int]]:
     """Each thread's counts (``Ir``: instructions; with the cache simulated, its misses too) in the dump callgrind
     wrote when asked (part 1), most instructions first."""
@@ -82,43 +132,71 @@ def core_cache() -> str:
 
 
 def count(
-    route: str, env: dict[str, str], requests: int, clients: int, work: Path, name: str, cache_sim: bool
+    route: str,
+    env: dict[str, str],
+    requests: int,
+    clients: int,
+    work: Path,
+    name: str,
+    cache_sim: bool,
+    in_process: bool = False,
 ) -> list[dict[str, int]]:
     """Per request, each busy thread's counts (:func:`thread_events`)."""
-    port = free_port()
     prefix = work / f"callgrind-{name}"
     cache = ["--cache-sim=yes", core_cache()] if cache_sim else []
+    if in_process:
+        subprocess.run(
+            [
+                "valgrind", "--tool=callgrind", "--separate-threads=yes", *cache, f"--callgrind-out-file={prefix}",
+                sys.executable, "-m", "benchmarks.instructions", "--drive", route, str(requests), str(clients),
+            ],
+            env={**server_environment(route), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )  # fmt: skip
+        return busy_threads(prefix, requests)
+    port = free_port()
     server = subprocess.Popen(
         [
             "valgrind", "--tool=callgrind", "--separate-threads=yes", *cache, f"--callgrind-out-file={prefix}",
             sys.executable, "-m", "uvicorn", "service.app:app", "--port", str(port), "--log-level", "warning",
             "--no-access-log", "--http", "service.api.server:GuardedHttpProtocol",
         ],
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SERVE_PAYLOAD"))},
-            "SERVE_MODELS": json.dumps([route]),
-            "SERVE_LOG_LEVEL": "WARNING",
-            "SERVE_MAX_QUEUE": "4096",
-            **env,
-        },
+        env={**server_environment(route), **env},
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         wait_ready(server, f"http://127.0.0.1:{port}/readyz", seconds=900)
         url, body = f"http://127.0.0.1:{port}/{route}", json.dumps(get(route).predictor_class().example).encode()
         asyncio.run(send(url, body, 200, clients))  # warm-up, not counted
-        subprocess.run(["callgrind_control", "-z", str(server.pid)], check=True, capture_output=True)
+        callgrind_control("-z", server.pid)
         asyncio.run(send(url, body, requests, clients))
-        subprocess.run(["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True)
+        callgrind_control("-d", server.pid)
         time.sleep(1)
-        return [  # the threads that worked
-            {event: round(total / requests) for event, total in counts.items()}
-            for counts in thread_events(prefix)
-            if counts.get("Ir", 0) > requests * 100
-        ]
+        return busy_threads(prefix, requests)
     finally:
         server.terminate()
         server.wait(120)
+
+
+def server_environment(route: str) -> dict[str, str]:
+    """The environment a counted server runs in (its own OTEL_* and payload-record settings left out)."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SERVE_PAYLOAD"))},
+        "SERVE_MODELS": json.dumps([route]),
+        "SERVE_LOG_LEVEL": "WARNING",
+        "SERVE_MAX_QUEUE": "4096",
+    }
+
+
+def busy_threads(prefix: Path, requests: int) -> list[dict[str, int]]:
+    """The counts per request of the threads that worked (:func:`thread_events`)."""
+    return [
+        {event: round(total / requests) for event, total in counts.items()}
+        for counts in thread_events(prefix)
+        if counts.get("Ir", 0) > requests * 100
+    ]
 
 
 def main() -> None:
@@ -131,7 +209,15 @@ def main() -> None:
         action="store_true",
         help="simulate the caches too (a core's L1s and its own L2): misses per request, next to instructions",
     )
+    parser.add_argument(
+        "--in-process", action="store_true", help="send the requests straight to the app, without an HTTP server"
+    )
+    parser.add_argument("--drive", nargs=3, metavar=("ROUTE", "REQUESTS", "CLIENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.drive:  # the process callgrind runs with --in-process
+        route, requests, clients = args.drive
+        asyncio.run(drive_in_process(route, int(requests), int(clients)))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
         work = Path(tmp)
         (work / "body").mkdir()
@@ -148,7 +234,7 @@ def main() -> None:
                 },
             }
             events = {
-                side: count(args.route, env, args.requests, args.clients, work, side, args.cache_sim)
+                side: count(args.route, env, args.requests, args.clients, work, side, args.cache_sim, args.in_process)
                 for side, env in sides.items()
             }
         finally:
@@ -174,7 +260,8 @@ def main() -> None:
             for side, by_thread in events.items()
         }
     RESULTS.mkdir(exist_ok=True)
-    name = f"instructions-{args.route}{'-cache' if args.cache_sim else ''}.json"
+    kinds = ("-cache" if args.cache_sim else "") + ("-in-process" if args.in_process else "")
+    name = f"instructions-{args.route}{kinds}.json"
     (RESULTS / name).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"/{args.route}, instructions per request (threads, most first):")
     for side, counts in threads.items():
