@@ -217,8 +217,8 @@ class Tracing:
 
     def _draw_ids(self) -> None:
         """The traceparents of the next IDS_AT_ONCE new traces (a trace id and a span id each, sampled): one random
-        number and one hex encoding for all of them, where drawing and encoding each request's was a sixth of what
-        its span cost the server."""
+        number and one hex encoding for all of them, rather than a draw, a conversion to bytes and an encoding per
+        request on the event loop."""
         digits = random.getrandbits(IDS_AT_ONCE * 192).to_bytes(IDS_AT_ONCE * 24, "big").hex()
         self._new_ids = [f"00-{digits[i : i + 32]}-{digits[i + 32 : i + 48]}-01" for i in range(0, len(digits), 48)]
 
