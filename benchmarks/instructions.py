@@ -99,8 +99,8 @@ async def drive_in_process(route: str, requests: int, clients: int) -> None:
             raise RuntimeError(f"/{route} answered {answer[0]['status']}: {answer[1:]}")
 
     async def load(count: int) -> None:
-        for _ in range(count // clients):
-            await asyncio.gather(*(one() for _ in range(clients)))
+        for start in range(0, count, clients):  # exactly ``count``: the counts are divided by it
+            await asyncio.gather(*(one() for _ in range(min(clients, count - start))))
 
     async with app.router.lifespan_context(app):
         await load(8 * clients)  # warm-up, not counted
@@ -144,12 +144,13 @@ def count(
     """Per request, each busy thread's counts (:func:`thread_events`)."""
     prefix = work / f"callgrind-{name}"
     cache = ["--cache-sim=yes", core_cache()] if cache_sim else []
+    under_callgrind = [
+        "valgrind", "--tool=callgrind", "--separate-threads=yes", *cache, f"--callgrind-out-file={prefix}",
+        sys.executable, "-m",
+    ]  # fmt: skip
     if in_process:
         subprocess.run(
-            [
-                "valgrind", "--tool=callgrind", "--separate-threads=yes", *cache, f"--callgrind-out-file={prefix}",
-                sys.executable, "-m", "benchmarks.instructions", "--drive", route, str(requests), str(clients),
-            ],
+            [*under_callgrind, "benchmarks.instructions", "--drive", route, str(requests), str(clients)],
             env={**server_environment(route), **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -159,8 +160,7 @@ def count(
     port = free_port()
     server = subprocess.Popen(
         [
-            "valgrind", "--tool=callgrind", "--separate-threads=yes", *cache, f"--callgrind-out-file={prefix}",
-            sys.executable, "-m", "uvicorn", "service.app:app", "--port", str(port), "--log-level", "warning",
+            *under_callgrind, "uvicorn", "service.app:app", "--port", str(port), "--log-level", "warning",
             "--no-access-log", "--http", "service.api.server:GuardedHttpProtocol",
         ],
         env={**server_environment(route), **env},
